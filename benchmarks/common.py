@@ -1,0 +1,75 @@
+"""Shared benchmark plumbing: interleaved ratios, environment, JSON results.
+
+Protocol (../shared/BENCHMARKS.md): ratios measured side by side in one run,
+interleaved A B A B ..., >= 5 rounds, median of per-round ratios with min and
+max; warm-up excluded; say what was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment(**extra) -> dict:
+    """What was measured on: versions, cores, plus benchmark specifics."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **extra,
+    }
+
+
+def ratio_stats(ratios: list[float]) -> dict:
+    """Median, min and max of per-round ratios."""
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rounds": len(ratios),
+        "per_round": ratios,
+    }
+
+
+def interleaved(
+    a: Callable[[], float],
+    b: Callable[[], float],
+    rounds: int = 5,
+) -> tuple[dict, list[float], list[float]]:
+    """Runs a, b, a, b, ... `rounds` times; each returns a measured time.
+
+    Returns:
+        (stats of b/a per round, a's times, b's times).
+    """
+    ta, tb = [], []
+    for i in range(rounds):
+        # Alternate who goes first so drift favours neither.
+        if i % 2:
+            tb.append(b())
+            ta.append(a())
+        else:
+            ta.append(a())
+            tb.append(b())
+    return ratio_stats([y / x for x, y in zip(ta, tb, strict=True)]), ta, tb
+
+
+def write_result(name: str, result: dict) -> Path:
+    """Writes benchmarks/results/NAME.json and returns its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return path

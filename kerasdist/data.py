@@ -1,0 +1,225 @@
+"""Input pipelines for data parallelism: global batch, sharding.
+
+Keras under `tf.distribute` treats every batch of a `tf.data.Dataset` as a
+*global* batch and splits it across replicas. `distribute` batches a dataset
+of single examples to the global batch, checks that the batch divides over
+the replicas, and sets the auto-shard policy explicitly so that each worker
+reads its part without TensorFlow's "unshardable source" warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import tensorflow as tf
+
+__all__ = ["SHARD_POLICIES", "distribute", "per_replica_batch_size"]
+
+SHARD_POLICIES = ("auto", "file", "data", "off")
+_READER_OPS = (
+    "TFRecordDataset",
+    "TFRecordDatasetV2",
+    "TextLineDataset",
+    "FixedLengthRecordDatasetV2",
+    "FixedLengthRecordDataset",
+    "ArrayRecordDataset",
+)
+
+
+def _num_workers(strategy: tf.distribute.Strategy) -> int:
+    extended = strategy.extended
+    if getattr(extended, "_in_multi_worker_mode", lambda: False)():
+        return int(extended._num_workers)  # noqa: SLF001 (no public API)
+    return 1
+
+
+def per_replica_batch_size(
+    global_batch_size: int, strategy: tf.distribute.Strategy
+) -> int:
+    """The batch each replica computes on, given the global batch.
+
+    Args:
+        global_batch_size: int. Examples per training step over all
+            replicas of all workers.
+        strategy: `tf.distribute.Strategy`.
+
+    Returns:
+        int: `global_batch_size // strategy.num_replicas_in_sync`.
+
+    Raises:
+        ValueError: if `global_batch_size` is not a positive integer divisible
+            by the number of replicas.
+
+    Example:
+
+    >>> per_replica_batch_size(64, tf.distribute.get_strategy())
+    64
+    """
+    replicas = strategy.num_replicas_in_sync
+    if (
+        isinstance(global_batch_size, bool)
+        or not isinstance(global_batch_size, int)
+        or global_batch_size < 1
+    ):
+        raise ValueError(
+            "Invalid value for argument `global_batch_size`. Received: "
+            f"global_batch_size={global_batch_size!r}. Expected a positive "
+            "integer."
+        )
+    if global_batch_size % replicas:
+        lower = global_batch_size // replicas * replicas
+        raise ValueError(
+            "Invalid value for argument `global_batch_size`. Received: "
+            f"global_batch_size={global_batch_size}, which does not divide "
+            f"over the {replicas} replicas in sync. Use a multiple of "
+            f"{replicas}, e.g. {lower or replicas} or {lower + replicas}."
+        )
+    return global_batch_size // replicas
+
+
+def _input_files(dataset: tf.data.Dataset) -> list[str] | None:
+    """Files read by `dataset` if it reads files, else None."""
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString(dataset._as_serialized_graph().numpy())  # noqa: SLF001
+    nodes = list(graph.node)
+    for f in graph.library.function:
+        nodes.extend(f.node_def)
+    if not any(n.op in _READER_OPS for n in nodes):
+        return None
+    files = []
+    for n in nodes:
+        if n.op != "Const" or "value" not in n.attr:
+            continue
+        tensor = n.attr["value"].tensor
+        if tensor.dtype != tf.string.as_datatype_enum:
+            continue
+        # tf.make_ndarray cannot decode packed string `tensor_content`.
+        value = tf.io.parse_tensor(tensor.SerializeToString(), tf.string)
+        for s in tf.reshape(value, [-1]).numpy():
+            path = s.decode("utf-8", "replace")
+            if os.path.isfile(path):
+                files.append(path)
+    return files
+
+
+def _choose_policy(
+    dataset: tf.data.Dataset, shard_policy: str, num_workers: int
+) -> tf.data.experimental.AutoShardPolicy:
+    policy = tf.data.experimental.AutoShardPolicy
+    if num_workers == 1 or shard_policy == "off":
+        return policy.OFF
+    if shard_policy == "data":
+        return policy.DATA
+    files = _input_files(dataset)
+    if shard_policy == "file":
+        if files is not None and 0 < len(files) < num_workers:
+            raise ValueError(
+                f"shard_policy='file' needs at least one input file per "
+                f"worker, but the dataset reads {len(files)} file(s) and there "
+                f"are {num_workers} workers. Use shard_policy='data' or "
+                "split the data into more files."
+            )
+        return policy.FILE
+    # "auto": FILE when every worker gets at least one file, else DATA.
+    if files and len(files) >= num_workers:
+        return policy.FILE
+    return policy.DATA
+
+
+def distribute(
+    dataset: tf.data.Dataset,
+    strategy: tf.distribute.Strategy,
+    *,
+    global_batch_size: int | None,
+    shard_policy: str = "auto",
+    drop_remainder: bool = False,
+    prefetch: bool = True,
+) -> tf.data.Dataset:
+    """Prepares a dataset of examples for data-parallel `fit`.
+
+    Batches to the global batch (split over replicas by the strategy), sets
+    the auto-shard policy and prefetches. Pass the result to `model.fit`,
+    `evaluate` or `predict`. The order of examples within each global batch
+    is kept, so with a deterministic pipeline every step sees the same
+    examples as on a single device.
+
+    Args:
+        dataset: `tf.data.Dataset` of single examples (not batched), or of
+            global batches when `global_batch_size=None`.
+        strategy: `tf.distribute.Strategy` the model is built under.
+        global_batch_size: int or None. Examples per step over all replicas;
+            must divide by `strategy.num_replicas_in_sync`. None if
+            `dataset` is already batched to the global batch.
+        shard_policy: str. How workers split the input:
+            - `"auto"` (default): `"file"` when the dataset reads at least
+              one file per worker (TFRecord, text lines, fixed-length
+              records), else `"data"`.
+            - `"file"`: each worker reads its own subset of the files.
+            - `"data"`: every worker reads all data and keeps its part of
+              each global batch.
+            - `"off"`: no sharding (each worker must feed different data
+              itself).
+            Single-worker strategies never shard.
+        drop_remainder: bool. Drop a last partial global batch. Defaults to
+            False.
+        prefetch: bool. Append `prefetch(AUTOTUNE)`. Defaults to True.
+
+    Returns:
+        `tf.data.Dataset` of global batches.
+
+    Raises:
+        ValueError: if `global_batch_size` does not divide over the replicas,
+            `shard_policy` is unknown, or the dataset has fewer global
+            batches than there are workers (some worker would have no data).
+
+    Example:
+
+    ```python
+    strategy = kd.get_strategy()
+    train = kd.data.distribute(
+        tf.data.Dataset.from_tensor_slices((x, y)).shuffle(1000, seed=1),
+        strategy, global_batch_size=256)
+    model.fit(train, epochs=3)
+    ```
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(
+            "Invalid value for argument `dataset`. Received: "
+            f"{type(dataset).__name__}. Expected a tf.data.Dataset (wrap "
+            "arrays with tf.data.Dataset.from_tensor_slices((x, y)))."
+        )
+    if shard_policy not in SHARD_POLICIES:
+        raise ValueError(
+            "Invalid value for argument `shard_policy`. Received: "
+            f"shard_policy={shard_policy!r}. Expected one of "
+            f"{list(SHARD_POLICIES)}."
+        )
+    num_workers = _num_workers(strategy)
+    if global_batch_size is not None:
+        per_replica_batch_size(global_batch_size, strategy)
+        dataset = dataset.batch(
+            global_batch_size, drop_remainder=drop_remainder
+        )
+    batches = int(dataset.cardinality())
+    if 0 <= batches < num_workers:
+        raise ValueError(
+            f"The dataset has {batches} global batch(es) but there are "
+            f"{num_workers} workers, so some worker would have nothing to "
+            "train on. Use more data, a smaller `global_batch_size`, or "
+            "`.repeat()` with `steps_per_epoch`."
+        )
+    if batches >= 0 and global_batch_size is None and num_workers > 1:
+        warnings.warn(
+            "kd.data.distribute(global_batch_size=None): the dataset is "
+            "taken to be batched to the global batch already.",
+            stacklevel=2,
+        )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = _choose_policy(
+        dataset, shard_policy, num_workers
+    )
+    dataset = dataset.with_options(options)
+    if prefetch:
+        dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset

@@ -1,0 +1,93 @@
+"""Worker script for the multi-worker tests (run by kerasdist.testing).
+
+    python tests/mw_worker.py OUT_DIR MODE
+
+MODE `kd` trains every parity case under kd.MultiWorkerMirroredStrategy and
+saves `CASE-workerRANK.npz`. MODE `upstream_fit` / `upstream_reduce` runs
+the failing Keras 3 code paths under tf.distribute's own strategy and records
+the error in `upstream-workerRANK.json` (exit 0 either way).
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from dp_cases import CASES, run  # noqa: E402
+
+import kerasdist as kd  # noqa: E402
+
+
+def _record(out, rank, fn):
+    try:
+        fn()
+        result = {"error": None}
+    except Exception as e:  # noqa: BLE001 (recording any upstream failure)
+        result = {"error": type(e).__name__, "message": str(e)[:2000]}
+    with open(os.path.join(out, f"upstream-worker{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _sharding_check(out, rank, strategy):
+    """One TFRecord file, two workers: kd.data shards by data.
+
+    (TF's own AUTO policy fails on this input with "Could not apply FILE based
+    sharding: the dataset only has 1 file(s)", which also aborts the
+    collective executor, so it is not run here.)
+    """
+    path = os.path.join(out, f"records-{rank}.tfrecord")
+    with tf.io.TFRecordWriter(path) as w:
+        for i in range(16):
+            w.write(str(i).encode())
+
+    def records():
+        return tf.data.TFRecordDataset([path]).map(
+            lambda r: tf.strings.to_number(r, tf.int64))
+
+    ours = kd.data.distribute(records(), strategy, global_batch_size=4)
+    seen = [int(v) for batch in strategy.experimental_distribute_dataset(ours)
+            for v in strategy.experimental_local_results(batch)[0].numpy()]
+    with open(os.path.join(out, f"sharding-worker{rank}.json"), "w") as f:
+        json.dump({"seen": seen}, f)
+
+
+def main(out, mode):
+    rank = kd.cluster.from_env().worker_rank
+    if mode == "kd":
+        strategy = kd.get_strategy("auto", timeout_seconds=60)
+        assert isinstance(strategy, kd.MultiWorkerMirroredStrategy)
+        for case in CASES:
+            np.savez(os.path.join(out, f"{case}-worker{rank}.npz"),
+                     **run(case, strategy))
+        try:  # 1 global batch for 2 workers.
+            kd.data.distribute(tf.data.Dataset.range(4), strategy,
+                               global_batch_size=4)
+            error = None
+        except ValueError as e:
+            error = str(e)
+        with open(os.path.join(out, f"few-batches-worker{rank}.txt"),
+                  "w") as f:
+            f.write(str(error))
+        _sharding_check(out, rank, strategy)
+        return
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    if mode == "upstream_fit":
+        _record(out, rank, lambda: run("adam_dict", strategy))
+    elif mode == "upstream_reduce":
+        # Keras's own reduction of a scalar log under MWMS: the code path
+        # model.fit reaches once bug 1 is out of the way.
+        from keras.src.backend.tensorflow import trainer
+
+        def reduce_logs():
+            per_replica = strategy.run(lambda: tf.constant(1.0))
+            trainer.reduce_per_replica({"loss": per_replica}, strategy,
+                                       reduction="auto")
+
+        _record(out, rank, reduce_logs)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
