@@ -1,0 +1,23 @@
+"""Keras callbacks for distributed training (one concept per module)."""
+
+from kerasdist.callbacks.backup_and_restore import (
+    BackupAndRestore,
+    BackupMismatchError,
+)
+from kerasdist.callbacks.chief_only import ChiefOnly, RunSummary, chief_verbose
+from kerasdist.callbacks.metric_average import MetricAverage, MetricAverageError
+from kerasdist.callbacks.throughput import Throughput
+from kerasdist.callbacks.warmup import LearningRateWarmup, WarmupSchedule
+
+__all__ = [
+    "BackupAndRestore",
+    "BackupMismatchError",
+    "ChiefOnly",
+    "LearningRateWarmup",
+    "MetricAverage",
+    "MetricAverageError",
+    "RunSummary",
+    "Throughput",
+    "WarmupSchedule",
+    "chief_verbose",
+]

@@ -1,0 +1,73 @@
+"""The contract between `kerasdist-run` and the workers it starts.
+
+Kept in one place so the launcher and `kd.callbacks.BackupAndRestore` agree:
+
+- `RESTART_EXIT_CODE` (75, `EX_TEMPFAIL` in `sysexits.h`): a worker exiting
+  with it asks to be restarted, not failed. `BackupAndRestore` exits with it
+  after saving on SIGTERM (preemption). The launcher restarts the group and
+  does **not** count it toward `--max_restarts` (it has its own bound,
+  `--max_preemptions`), because the state was saved and nothing was lost.
+- Environment variables the launcher sets in every worker:
+  `KERASDIST_RESTART_COUNT` (0 on the first attempt), `KERASDIST_WORKER_INDEX`,
+  `KERASDIST_NUM_WORKERS`, `KERASDIST_HEARTBEAT_FILE` (a file the worker
+  touches to show progress; see `touch_heartbeat`) and `TF_CONFIG`.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "ENV_HEARTBEAT_FILE",
+    "ENV_NUM_WORKERS",
+    "ENV_RESTART_COUNT",
+    "ENV_WORKER_INDEX",
+    "RESTART_EXIT_CODE",
+    "restart_count",
+    "touch_heartbeat",
+]
+
+RESTART_EXIT_CODE = 75
+ENV_RESTART_COUNT = "KERASDIST_RESTART_COUNT"
+ENV_WORKER_INDEX = "KERASDIST_WORKER_INDEX"
+ENV_NUM_WORKERS = "KERASDIST_NUM_WORKERS"
+ENV_HEARTBEAT_FILE = "KERASDIST_HEARTBEAT_FILE"
+
+
+def restart_count() -> int:
+    """How many times the launcher has restarted this worker group.
+
+    Returns:
+        int. `KERASDIST_RESTART_COUNT`, or 0 outside the launcher.
+
+    Example:
+
+    >>> restart_count() >= 0
+    True
+    """
+    raw = os.environ.get(ENV_RESTART_COUNT, "").strip()
+    return int(raw) if raw.isdigit() else 0
+
+
+def touch_heartbeat() -> None:
+    """Marks progress for the launcher's `--timeout` (no-op outside it).
+
+    Sets the modification time of `KERASDIST_HEARTBEAT_FILE` to now.
+
+    Example:
+
+    >>> touch_heartbeat()
+    """
+    path = os.environ.get(ENV_HEARTBEAT_FILE)
+    if not path:
+        return
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        try:
+            with open(path, "a"):
+                pass
+        except OSError:
+            pass
+    except OSError:
+        pass

@@ -1,0 +1,232 @@
+"""A tiny deterministic training job for fault-injection tests.
+
+Imported by the tests (model, data, `StepLog`) and run as a worker script
+under `kerasdist-run`:
+
+    python tests/fault_worker.py --out DIR --backup_dir DIR --save_freq 4 \\
+        --fault 0:1:1:5:SIGKILL
+
+Every example carries its id in column 0 (dropped by the model), and the
+training step reports the sum and the sum of squares of the ids it trained
+on, so the log of (epoch, step, fingerprint) proves which batch was applied
+at each step. `--fault ATTEMPT:WORKER:EPOCH:STEP:WHAT` injects a fault on
+that attempt (`KERASDIST_RESTART_COUNT`) and worker after that step: WHAT is
+a signal name sent to the worker itself, or `KILL_IN_SAVE` (SIGKILL inside
+the next save, after the temporary file is written and before the rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+NUM_EXAMPLES = 192
+FEATURES = 8
+CLASSES = 4
+GLOBAL_BATCH = 16
+SEED = 7
+
+
+def make_arrays():
+    import numpy as np
+
+    rng = np.random.RandomState(SEED)
+    ids = np.arange(NUM_EXAMPLES, dtype="float32")[:, None]
+    x = rng.normal(size=(NUM_EXAMPLES, FEATURES)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64") + 2 * (x[:, 1] > 0).astype("int64")
+    return np.concatenate([ids, x], axis=1), y
+
+
+def make_dataset(strategy=None):
+    """Deterministic pipeline: seeded shuffle, reshuffled every epoch."""
+    import tensorflow as tf
+
+    import kerasdist as kd
+
+    x, y = make_arrays()
+    # The shuffle order depends on TF's global seed too: fix it, so the
+    # in-process reference (run after other tests that set seeds) and fresh
+    # worker processes shuffle alike.
+    tf.random.set_seed(SEED)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
+        NUM_EXAMPLES, seed=SEED, reshuffle_each_iteration=True
+    )
+    return kd.data.distribute(
+        ds, strategy or tf.distribute.get_strategy(),
+        global_batch_size=GLOBAL_BATCH,
+    )
+
+
+def build_model(hidden: int = 16):
+    """Seeded MLP whose `train_step` also logs a fingerprint of its batch."""
+    import keras
+    import tensorflow as tf
+
+    class DropId(keras.layers.Layer):
+        def call(self, x):
+            return x[:, 1:]
+
+    class FingerprintModel(keras.Sequential):
+        def train_step(self, data):
+            logs = dict(super().train_step(data))
+            ids = data[0][:, 0]
+            logs["id_sum"] = tf.reduce_sum(ids)
+            logs["id_sq"] = tf.reduce_sum(ids * ids)
+            return logs
+
+    init = keras.initializers.GlorotUniform
+    model = FingerprintModel([
+        keras.Input((FEATURES + 1,)),
+        DropId(),
+        keras.layers.Dense(hidden, activation="relu",
+                           kernel_initializer=init(seed=1)),
+        keras.layers.Dense(CLASSES, kernel_initializer=init(seed=2)),
+    ])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def step_log_callback(path: str, replicas: int = 1, on_step=None):
+    """Appends one JSON line per trained step: attempt, epoch, step, ids."""
+    import keras
+
+    from kerasdist.launch import restart_count
+
+    class StepLog(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            # Keras averages the per-replica sums over replicas.
+            record = {
+                "attempt": restart_count(),
+                "epoch": self.epoch,
+                "step": batch,
+                "id_sum": round(float(logs["id_sum"]) * replicas),
+                "id_sq": round(float(logs["id_sq"]) * replicas),
+            }
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if on_step is not None:
+                on_step(self.epoch, batch)
+
+    return StepLog()
+
+
+def read_steps(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def lineage(records: list[dict]) -> list[dict]:
+    """The steps whose effect survived: drop what a restart rolled back.
+
+    An attempt's first step is where it resumed; steps of earlier attempts
+    at or after that point were trained but lost with the process.
+    """
+    by_attempt: dict[int, list[dict]] = {}
+    for r in records:
+        by_attempt.setdefault(r["attempt"], []).append(r)
+    kept: list[dict] = []
+    for attempt in sorted(by_attempt):
+        rows = by_attempt[attempt]
+        start = (rows[0]["epoch"], rows[0]["step"])
+        kept = [r for r in kept if (r["epoch"], r["step"]) < start]
+        kept.extend(rows)
+    return kept
+
+
+def retrained(records: list[dict]) -> int:
+    """Steps trained more than once, over all attempts."""
+    seen: dict[tuple[int, int], int] = {}
+    for r in records:
+        key = (r["epoch"], r["step"])
+        seen[key] = seen.get(key, 0) + 1
+    return sum(n - 1 for n in seen.values())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--backup_dir", required=True)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--save_freq", default="4")
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--fault", action="append", default=[])
+    args = parser.parse_args(argv)
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import kerasdist as kd
+    from kerasdist.callbacks import backup_and_restore
+    from kerasdist.launch import restart_count
+
+    strategy = kd.get_strategy(args.strategy)
+    task = kd.cluster.from_env()
+    attempt = restart_count()
+    faults = []
+    for spec in args.fault:
+        a, w, e, s, what = spec.split(":")
+        if int(a) == attempt and int(w) == task.worker_rank:
+            faults.append((int(e), int(s), what))
+
+    def on_step(epoch, step):
+        for e, s, what in faults:
+            if (e, s) != (epoch, step):
+                continue
+            if what == "KILL_IN_SAVE":
+                real_replace = os.replace
+
+                def replace_then_die(src, dst, real_replace=real_replace):
+                    if os.path.basename(dst).startswith("ckpt-"):
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    real_replace(src, dst)
+
+                backup_and_restore.os.replace = replace_then_die
+            else:
+                os.kill(os.getpid(), getattr(signal, what))
+
+    with strategy.scope():
+        model = build_model()
+    save_freq = args.save_freq
+    save_freq = save_freq if save_freq == "epoch" else int(save_freq)
+    os.makedirs(args.out, exist_ok=True)
+    log = step_log_callback(
+        os.path.join(args.out, f"steps-{task.worker_rank}.jsonl"),
+        strategy.num_replicas_in_sync, on_step,
+    )
+    history = model.fit(
+        make_dataset(strategy),
+        epochs=args.epochs,
+        verbose=0,
+        callbacks=[
+            log,
+            kd.callbacks.BackupAndRestore(
+                args.backup_dir.replace("{rank}", str(task.worker_rank)),
+                save_freq,
+            ),
+        ],
+    )
+    if task.is_chief:
+        np.savez(
+            os.path.join(args.out, "final.npz"),
+            *[np.asarray(w) for w in model.get_weights()],
+        )
+        print("history epochs:", len(history.history.get("loss", [])))
+    keras.backend.clear_session()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
