@@ -1,0 +1,13 @@
+"""Model parallelism: placement plans, layer placement, GPipe pipelines.
+
+Keras 3's `keras.distribution.ModelParallel` works only on JAX; on
+TensorFlow this package splits a Sequential or functional model's layers
+into a chain of stages (`plan`), puts each stage on a device (`place`) and
+runs the stages as a GPipe pipeline over micro-batches (`PipelineModel`).
+"""
+
+from kerasdist.placement.pipeline import PipelineModel
+from kerasdist.placement.place import place
+from kerasdist.placement.planning import Plan, Stage, plan
+
+__all__ = ["Plan", "PipelineModel", "Stage", "place", "plan"]
