@@ -5,13 +5,15 @@ and training that survives lost workers, through the Keras APIs users
 already know.
 """
 
+# ruff: noqa: E402 (the environment and log set-up must precede imports)
+
 import os as _os
 
 # Quiet TensorFlow's C++ INFO and WARNING logs (errors still show, and
 # Python exceptions carry their messages) unless the user chose a level.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import logging as _logging  # noqa: E402
+import logging as _logging
 
 # TF logs every collective it builds at INFO ("Collective all_reduce
 # tensors: ..."), on every worker. Unless the user chose a level for TF's
@@ -20,7 +22,7 @@ import logging as _logging  # noqa: E402
 if _logging.getLogger("tensorflow").level == _logging.NOTSET:
     _logging.getLogger("tensorflow").setLevel(_logging.WARNING)
 
-import warnings as _warnings  # noqa: E402
+import warnings as _warnings
 
 # Keras >= 3.14 warns on every fit(dataset) because fit's *default* is
 # shuffle=True (keras-team/keras#22777); a tf.data pipeline shuffles itself.
@@ -30,21 +32,25 @@ _warnings.filterwarnings(
     category=UserWarning,
 )
 
-from kerasdist import callbacks  # noqa: E402
-from kerasdist import cluster  # noqa: E402
-from kerasdist import compression  # noqa: E402
-from kerasdist import data  # noqa: E402
-from kerasdist import devices  # noqa: E402
-from kerasdist import flags  # noqa: E402
-from kerasdist import launch  # noqa: E402
-from kerasdist import placement  # noqa: E402
-from kerasdist.accumulation import accumulate_gradients  # noqa: E402
-from kerasdist.callbacks.warmup import scale_learning_rate  # noqa: E402
-from kerasdist.cluster import is_chief  # noqa: E402
-from kerasdist.devices import virtual_cpus  # noqa: E402
-from kerasdist.strategies import MirroredStrategy  # noqa: E402
-from kerasdist.strategies import MultiWorkerMirroredStrategy  # noqa: E402
-from kerasdist.strategies import get_strategy  # noqa: E402
+from kerasdist import (
+    callbacks,
+    cluster,
+    compression,
+    data,
+    devices,
+    flags,
+    launch,
+    placement,
+)
+from kerasdist.accumulation import accumulate_gradients
+from kerasdist.callbacks.warmup import scale_learning_rate
+from kerasdist.cluster import is_chief
+from kerasdist.devices import virtual_cpus
+from kerasdist.strategies import (
+    MirroredStrategy,
+    MultiWorkerMirroredStrategy,
+    get_strategy,
+)
 
 __version__ = "0.1.0"
 
