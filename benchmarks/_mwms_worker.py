@@ -1,12 +1,14 @@
 """One worker of the mwms_scaling benchmark (run under TF_CONFIG)."""
 
 import json
+import os
 import sys
 
 import tensorflow as tf
 
 tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(2)
+tf.config.threading.set_inter_op_parallelism_threads(
+    int(os.environ.get("KD_BENCH_INTER_OP", "1")))
 
 import keras  # noqa: E402
 

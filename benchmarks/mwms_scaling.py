@@ -31,7 +31,8 @@ def _throughput(num_workers, per_replica_batch, steps, warmup):
 
 
 def main(full: bool = False) -> dict:
-    rounds, steps, warmup, batch = (7, 60, 5, 32) if full else (5, 25, 3, 32)
+    rounds, steps, warmup, batch = (
+        (9, 40, 3, 128) if full else (5, 20, 2, 128))
     one, two = [], []
     for i in range(rounds):
         order = (1, 2) if i % 2 == 0 else (2, 1)
@@ -52,7 +53,7 @@ def main(full: bool = False) -> dict:
         ),
         "environment": common.environment(
             model="convnet(width=32) on 32x32x3, SGD momentum",
-            threads_per_worker="intra-op 1, inter-op 2",
+            threads_per_worker="intra-op 1, inter-op 1",
             per_replica_batch_size=batch, timed_steps=steps,
             warmup_steps=warmup, transport="gRPC on 127.0.0.1, RING",
         ),
