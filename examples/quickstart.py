@@ -13,7 +13,7 @@ gives each its part of every global batch.
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 import kerasdist as kd
 
@@ -87,7 +87,6 @@ def main(argv):
             f"{time.time() - start:.1f}s",
             flush=True,
         )
-    logging.info("worker %d done", task.worker_rank)
 
 
 if __name__ == "__main__":

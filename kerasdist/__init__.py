@@ -32,25 +32,40 @@ _warnings.filterwarnings(
     category=UserWarning,
 )
 
-from kerasdist import (
-    callbacks,
-    cluster,
-    compression,
-    data,
-    devices,
-    flags,
-    launch,
-    placement,
-)
-from kerasdist.accumulation import accumulate_gradients
-from kerasdist.callbacks.warmup import scale_learning_rate
-from kerasdist.cluster import is_chief
-from kerasdist.devices import virtual_cpus
-from kerasdist.strategies import (
-    MirroredStrategy,
-    MultiWorkerMirroredStrategy,
-    get_strategy,
-)
+import importlib as _importlib
+
+# Public names are loaded on first use (PEP 562), so `import kerasdist` and
+# the `kerasdist-run` launcher do not import TensorFlow; `kd.get_strategy`
+# etc. import it when first touched.
+_SUBMODULES = frozenset({
+    "accumulation", "callbacks", "cluster", "compression", "data", "devices",
+    "flags", "launch", "placement", "strategies", "testing",
+})
+_NAMES = {
+    "MirroredStrategy": "kerasdist.strategies",
+    "MultiWorkerMirroredStrategy": "kerasdist.strategies",
+    "get_strategy": "kerasdist.strategies",
+    "accumulate_gradients": "kerasdist.accumulation",
+    "scale_learning_rate": "kerasdist.callbacks.warmup",
+    "is_chief": "kerasdist.cluster",
+    "virtual_cpus": "kerasdist.devices",
+}
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        value = getattr(_importlib.import_module(_NAMES[name]), name)
+    elif name in _SUBMODULES:
+        value = _importlib.import_module(f"kerasdist.{name}")
+    else:
+        raise AttributeError(f"module 'kerasdist' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 
