@@ -31,7 +31,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 SIZES_MB = (1, 16, 64)
@@ -123,23 +122,12 @@ def worker(out: str, rounds: int, reps: int) -> None:
 
 def main(full: bool = False) -> dict:
     from benchmarks import common
-    from kerasdist.testing import run_workers
 
     rounds, reps = (9, 5) if full else (5, 2)
-    fd, out = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        run_workers(
-            [os.path.abspath(__file__), "--worker", "--out", out,
-             "--rounds", str(rounds), "--reps", str(reps)],
-            2,
-            timeout=900 if full else 300,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        )
-        with open(out) as f:
-            data = json.load(f)
-    finally:
-        os.unlink(out)
+    data = common.run_worker_script(
+        __file__, ["--rounds", str(rounds), "--reps", str(reps)],
+        timeout=900 if full else 300,
+    )
     n = data["workers"]
     per_size = {}
     for mb in SIZES_MB:

@@ -73,3 +73,27 @@ def write_result(name: str, result: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def run_worker_script(script: str, args: list[str], num_workers: int = 2,
+                      timeout: float = 300) -> dict:
+    """Runs `script --worker --out FILE *args` as real workers on 127.0.0.1.
+
+    The chief writes its measurements as JSON to FILE; returns them.
+    """
+    import tempfile
+
+    from kerasdist.testing import run_workers
+
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        run_workers(
+            [os.path.abspath(script), "--worker", "--out", out, *args],
+            num_workers, timeout=timeout,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        os.unlink(out)

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 IN, OUT = 1024, 2048  # 2M weights: 8 MB of float32 gradient per step
@@ -143,23 +142,12 @@ def worker(out: str, rounds: int, steps: int) -> None:
 
 def main(full: bool = False) -> dict:
     from benchmarks import common
-    from kerasdist.testing import run_workers
 
     rounds, steps = (11, 30) if full else (7, 16)
-    fd, out = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        run_workers(
-            [os.path.abspath(__file__), "--worker", "--out", out,
-             "--rounds", str(rounds), "--steps", str(steps)],
-            2,
-            timeout=900 if full else 300,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        )
-        with open(out) as f:
-            data = json.load(f)
-    finally:
-        os.unlink(out)
+    data = common.run_worker_script(
+        __file__, ["--rounds", str(rounds), "--steps", str(steps)],
+        timeout=900 if full else 300,
+    )
     rows = data["rows"]
     time_ratio = common.ratio_stats(
         [r["fp16"][0] / r["fp32"][0] for r in rows]
