@@ -216,7 +216,6 @@ def main(argv):
             f"steps, {train_time:.1f}s training",
             flush=True,
         )
-    logging.info("worker %d done", task.worker_rank)
 
 
 if __name__ == "__main__":

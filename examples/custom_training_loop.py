@@ -23,8 +23,8 @@ over replicas are the gradient of the mean loss, as on one device.
 
 import time
 
-import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
+from mnist_data import NUM_CLASSES, load_datasets
 
 import kerasdist as kd
 
@@ -45,45 +45,6 @@ flags.register_multi_flags_validator(
     "this custom loop does not use them (see examples/mnist.py).",
 )
 FLAGS = flags.FLAGS
-NUM_CLASSES = 10
-
-
-def synthetic_mnist(num_examples, seed, split_seed):
-    """MNIST-shaped learnable data (as in examples/mnist.py)."""
-    coarse = np.random.RandomState(seed).rand(NUM_CLASSES, 7, 7) > 0.6
-    patterns = np.kron(coarse, np.ones((4, 4))).astype("float32")
-    rng = np.random.RandomState(split_seed)
-    labels = rng.randint(0, NUM_CLASSES, num_examples)
-    images = patterns[labels]
-    shifts = rng.randint(-2, 3, (num_examples, 2))
-    for axis in (0, 1):
-        for s in range(-2, 3):
-            rows = shifts[:, axis] == s
-            images[rows] = np.roll(images[rows], s, axis=axis + 1)
-    images = images * 0.6 + rng.normal(0.2, 0.5, images.shape)
-    images = np.clip(images * 255, 0, 255).astype("uint8")
-    return images[..., None], labels.astype("int64")
-
-
-def load_datasets(name, data_dir, num_examples, seed):
-    """(train, test) datasets of (uint8 [28, 28, 1] image, int64 label)."""
-    import tensorflow as tf
-
-    if name == "synthetic":
-        return (
-            tf.data.Dataset.from_tensor_slices(
-                synthetic_mnist(num_examples, seed, seed + 1)
-            ),
-            tf.data.Dataset.from_tensor_slices(
-                synthetic_mnist(max(num_examples // 4, 1), seed, seed + 2)
-            ),
-        )
-    import tensorflow_datasets as tfds
-
-    return tfds.load(
-        "mnist", split=["train", "test"], as_supervised=True,
-        data_dir=data_dir, shuffle_files=False,
-    )
 
 
 def preprocess(image, label):
@@ -211,7 +172,6 @@ def main(argv):
             f"batch {global_batch}, {train_time:.1f}s training",
             flush=True,
         )
-    logging.info("worker %d done", task.worker_rank)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ Data:
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 import kerasdist as kd
 
@@ -248,7 +248,6 @@ def main(argv):
             f"{FLAGS.global_batch_size}, {train_time:.1f}s training",
             flush=True,
         )
-    logging.info("worker %d done", task.worker_rank)
 
 
 if __name__ == "__main__":

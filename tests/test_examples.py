@@ -23,10 +23,11 @@ EXAMPLES = os.path.join(ROOT, "examples")
 # Runs an example inside tfds.testing.mock_data: tfds.load returns random
 # examples of the dataset's real features, without downloading.
 MOCK_TFDS = """
-import runpy, sys
+import os, runpy, sys
 import tensorflow_datasets as tfds
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))  # as `python script.py` does
 with tfds.testing.mock_data(num_examples=int({num_examples})):
     runpy.run_path(script, run_name="__main__")
 """
