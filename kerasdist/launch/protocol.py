@@ -7,6 +7,14 @@ Kept in one place so the launcher and `kd.callbacks.BackupAndRestore` agree:
   after saving on SIGTERM (preemption). The launcher restarts the group and
   does **not** count it toward `--max_restarts` (it has its own bound,
   `--max_preemptions`), because the state was saved and nothing was lost.
+- `PERMANENT_EXIT_CODE` (78, `EX_CONFIG`): the worker failed in a way a
+  restart cannot fix (`kerasdist.errors.PermanentError`); the launcher stops
+  at once.
+- `PREEMPTION_SIGNALS`: the signals that mean "save now, then restart me"
+  (SIGTERM: preemption; SIGUSR1: a scheduler's time-limit warning, e.g.
+  SLURM `--signal=USR1@90`). `exit_for_restart()` is how a worker that
+  saved leaves; it is where the per-engine mapping of "saved, restart me"
+  lives (exit 75 under `kerasdist-run`).
 - Environment variables the launcher sets in every worker:
   `KERASDIST_RESTART_COUNT` (0 on the first attempt), `KERASDIST_WORKER_INDEX`,
   `KERASDIST_NUM_WORKERS`, `KERASDIST_HEARTBEAT_FILE` (a file the worker
@@ -16,18 +24,25 @@ Kept in one place so the launcher and `kd.callbacks.BackupAndRestore` agree:
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 __all__ = [
     "ENV_HEARTBEAT_FILE",
     "ENV_NUM_WORKERS",
     "ENV_RESTART_COUNT",
     "ENV_WORKER_INDEX",
+    "PERMANENT_EXIT_CODE",
+    "PREEMPTION_SIGNALS",
     "RESTART_EXIT_CODE",
+    "exit_for_restart",
     "restart_count",
     "touch_heartbeat",
 ]
 
 RESTART_EXIT_CODE = 75
+PERMANENT_EXIT_CODE = 78
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 ENV_RESTART_COUNT = "KERASDIST_RESTART_COUNT"
 ENV_WORKER_INDEX = "KERASDIST_WORKER_INDEX"
 ENV_NUM_WORKERS = "KERASDIST_NUM_WORKERS"
@@ -71,3 +86,24 @@ def touch_heartbeat() -> None:
             pass
     except OSError:
         pass
+
+
+def exit_for_restart() -> None:
+    """Leaves the process so that the engine restarts it ("saved, restart me").
+
+    Call it only after the state was saved. Under `kerasdist-run` (and by
+    default) it exits with `RESTART_EXIT_CODE`.
+
+    Raises:
+        SystemExit: always.
+
+    Example:
+
+    ```python
+    callback.save()
+    protocol.exit_for_restart()
+    ```
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(RESTART_EXIT_CODE)

@@ -1,0 +1,154 @@
+"""Every use of private Keras / TensorFlow API, one small function each.
+
+kerasdist needs a few things Keras and TensorFlow do not expose publicly.
+Each lives here, behind a named function whose docstring cites the upstream
+file (and bug, where one explains why), so an upgrade that breaks one breaks
+it in one place. `CANARIES` lists, for each private attribute used, how to
+reach it; `tests/test_internals.py` checks every entry against the
+installed versions and fails naming the attribute when an upgrade removes
+one.
+
+Modules import this lazily where TensorFlow must not be imported (the
+launcher).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["CANARIES", "Canary", "check_canaries", "missing_attribute"]
+
+
+class Canary:
+    """One private attribute kerasdist relies on.
+
+    Args:
+        owner: str. Dotted import path of the module, optionally followed by
+            `:` and a dotted attribute path inside it (a class), e.g.
+            `"keras.src.backend.tensorflow.trainer:TFEpochIterator"`.
+        attribute: str. The private attribute that must exist on `owner`.
+        used_by: str. The kerasdist function that needs it.
+
+    Example:
+
+    >>> Canary("os", "getcwd", "example").missing() is None
+    True
+    """
+
+    def __init__(self, owner: str, attribute: str, used_by: str):
+        self.owner = owner
+        self.attribute = attribute
+        self.used_by = used_by
+
+    def resolve_owner(self) -> Any:
+        module_name, _, inner = self.owner.partition(":")
+        obj = importlib.import_module(module_name)
+        for part in filter(None, inner.split(".")):
+            obj = getattr(obj, part)
+        return obj
+
+    def missing(self) -> str | None:
+        """None if the attribute exists, else a message naming it."""
+        try:
+            owner = self.resolve_owner()
+        except (ImportError, AttributeError) as e:
+            return (
+                f"{self.owner} is gone ({type(e).__name__}: {e}); needed by "
+                f"{self.used_by}"
+            )
+        return missing_attribute(owner, self.attribute, self.used_by,
+                                 self.owner)
+
+    def __repr__(self) -> str:
+        return f"Canary({self.owner!r}, {self.attribute!r})"
+
+
+def missing_attribute(
+    owner: Any, attribute: str, used_by: str, owner_name: str | None = None
+) -> str | None:
+    """None if `owner` has `attribute`, else a message naming both.
+
+    Args:
+        owner: the object (module, class or instance) to look on.
+        attribute: str. The attribute name.
+        used_by: str. Who needs it, for the message.
+        owner_name: str or None. How to name `owner` in the message.
+            Defaults to its `__name__` or type name.
+
+    Returns:
+        str or None.
+
+    Example:
+
+    >>> missing_attribute(object(), "_nope", "demo") is not None
+    True
+    """
+    if hasattr(owner, attribute):
+        return None
+    name = owner_name or getattr(owner, "__name__", type(owner).__name__)
+    return (
+        f"{name}.{attribute} no longer exists in the installed version; "
+        f"kerasdist's {used_by} depends on it. See kerasdist/_internals.py."
+    )
+
+
+# Filled by the sections below: one entry per private attribute used.
+CANARIES: list[Canary] = []
+
+
+def check_canaries(
+    canaries: list[Canary] | None = None,
+    extra: list[Callable[[], str | None]] | None = None,
+) -> list[str]:
+    """Messages for every private attribute that is missing (empty if none).
+
+    Args:
+        canaries: list of `Canary` or None. Defaults to `CANARIES`.
+        extra: list of callables returning a message or None. Defaults to
+            none.
+
+    Returns:
+        list of str.
+
+    Example:
+
+    >>> check_canaries([Canary("os", "getcwd", "demo")])
+    []
+    """
+    found = [c.missing() for c in (CANARIES if canaries is None else canaries)]
+    found += [f() for f in (extra or [])]
+    return [m for m in found if m]
+
+
+# ---------------------------------------------------------------------------
+# Section: Keras trainer / fit loop (epoch iterator, step-exact resume,
+# symbolic build). Owner: callbacks.backup_and_restore and its parts.
+# ---------------------------------------------------------------------------
+
+
+
+# ---------------------------------------------------------------------------
+# Section: tf.distribute strategies and collectives (strategies.py,
+# compression.py, data.py, devices.py).
+# ---------------------------------------------------------------------------
+
+
+
+# ---------------------------------------------------------------------------
+# Section: Keras optimizers and variables (accumulation.py, warmup.py,
+# metric_average.py, local SGD).
+# ---------------------------------------------------------------------------
+
+
+
+# ---------------------------------------------------------------------------
+# Section: placement and pipeline (placement/).
+# ---------------------------------------------------------------------------
+
+
+
+# ---------------------------------------------------------------------------
+# Section: anything else.
+# ---------------------------------------------------------------------------
