@@ -158,7 +158,7 @@ class WorkerSpec:
     )
     max_preemptions: int = _option(
         100, f"restarts after exit code {protocol.RESTART_EXIT_CODE} "
-        "(not counted in R)", metavar="P", parse=int,
+        "(not counted in `R`)", metavar="P", parse=int,
     )
     log_dir: str | None = _option(
         None, "`D/worker-i.log` (all attempts, appended) and heartbeat "
@@ -655,7 +655,8 @@ class _Agent:
                 failures.append(failure)
                 if failure.state == WorkerState.PERMANENT:
                     self.out.launcher(
-                        f"{failure.describe()}; permanent error, not retried"
+                        f"{failure.describe()}; not retried (a restart "
+                        "cannot fix it)"
                     )
                 elif failure.state == WorkerState.PREEMPTED:
                     if remaining_preemptions > 0:
