@@ -658,3 +658,33 @@ def test_hang_blames_the_stopped_worker_when_tf_ends_its_peer(tmp_path):
     assert ("worker-1 is stopped (process state T, e.g. SIGSTOP) and made "
             "no progress; worker-0 exited with status 1 waiting for it "
             "(hung)") in text
+
+
+def test_permanent_error_outside_the_launcher_exits_as_usual(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k != kd.launch.ENV_RESTART_COUNT}
+    p = supervisor.Process(_python("""
+        import kerasdist
+        from kerasdist.errors import PermanentError
+        raise PermanentError("bad")
+    """), env=env, capture=True)
+    try:
+        _wait_for(lambda: not p.running(), 30, p)
+    finally:
+        supervisor.stop_all([p], grace=0)
+    assert p.returncode == 1, p.output()
+    assert "PermanentError: bad" in p.output()
+
+
+@pytest.mark.timeout(60)
+def test_preemptions_have_their_own_budget():
+    out = io.StringIO()
+    result = kd.launch.run(
+        _python("import sys; sys.exit(75)"), max_restarts=0,
+        max_preemptions=1, stream=out,
+    )
+    text = out.getvalue()
+    assert (result.returncode, result.attempts) == (75, 2), text
+    assert (result.restarts, result.preemptions) == (0, 1)
+    assert "preemption 1/1 (not counted toward --max_restarts)" in text
+    assert "no preemptions left (1 allowed); giving up" in text

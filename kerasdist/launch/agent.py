@@ -638,8 +638,11 @@ class _Agent:
         if spec.log_dir:
             _check_log_dir(spec.log_dir)
         failures: list[Failure] = []
-        remaining_restarts = spec.max_restarts
-        remaining_preemptions = spec.max_preemptions
+        # Two budgets, spent as torch's elastic agent does: a preemption
+        # (exit 75, state saved) does not count toward --max_restarts.
+        limit = {"restart": spec.max_restarts,
+                 "preemption": spec.max_preemptions}
+        remaining = dict(limit)
         attempt = returncode = 0
         beat_dir = spec.log_dir or tempfile.mkdtemp(prefix="kerasdist-run-")
         try:
@@ -653,37 +656,30 @@ class _Agent:
                     returncode = 0
                     break
                 failures.append(failure)
+                kind = (
+                    "preemption" if failure.state == WorkerState.PREEMPTED
+                    else "restart"
+                )
                 if failure.state == WorkerState.PERMANENT:
                     self.out.launcher(
                         f"{failure.describe()}; not retried (a restart "
                         "cannot fix it)"
                     )
-                elif failure.state == WorkerState.PREEMPTED:
-                    if remaining_preemptions > 0:
-                        remaining_preemptions -= 1
-                        used = spec.max_preemptions - remaining_preemptions
-                        self.out.launcher(
-                            f"{failure.describe()}; preemption {used}/"
-                            f"{spec.max_preemptions} (not counted toward "
-                            "--max_restarts)"
-                        )
-                        continue
-                    self.out.launcher(
-                        f"{failure.describe()}; no preemptions left "
-                        f"({spec.max_preemptions} allowed); giving up"
+                elif remaining[kind] > 0:
+                    remaining[kind] -= 1
+                    note = (
+                        " (not counted toward --max_restarts)"
+                        if kind == "preemption" else ""
                     )
-                elif remaining_restarts > 0:
-                    remaining_restarts -= 1
-                    used = spec.max_restarts - remaining_restarts
                     self.out.launcher(
-                        f"{failure.describe()}; restart {used}/"
-                        f"{spec.max_restarts}"
+                        f"{failure.describe()}; {kind} "
+                        f"{limit[kind] - remaining[kind]}/{limit[kind]}{note}"
                     )
                     continue
                 else:
                     self.out.launcher(
-                        f"{failure.describe()}; no restarts left "
-                        f"({spec.max_restarts} allowed); giving up"
+                        f"{failure.describe()}; no {kind}s left "
+                        f"({limit[kind]} allowed); giving up"
                     )
                 returncode = _returncode(failure)
                 break
@@ -693,8 +689,8 @@ class _Agent:
         result = RunResult(
             returncode=returncode,
             attempts=attempt,
-            restarts=spec.max_restarts - remaining_restarts,
-            preemptions=spec.max_preemptions - remaining_preemptions,
+            restarts=limit["restart"] - remaining["restart"],
+            preemptions=limit["preemption"] - remaining["preemption"],
             failures=failures,
             wall_time=time.monotonic() - start,
             interrupted_by=(
