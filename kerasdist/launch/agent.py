@@ -721,10 +721,8 @@ def run(
         command: list of str. The worker command.
         stream: text stream or None. Where output goes; defaults to
             `sys.stdout`.
-        **options: the fields of `WorkerSpec` (`num_workers`,
-            `max_restarts`, `max_preemptions`, `log_dir`, `timeout`,
-            `grace_period`, `restart_grace_period`, `env`, `host`), with
-            the same defaults.
+        **options: the fields of `WorkerSpec`, with the same defaults:
+            OPTIONS.
 
     Returns:
         `RunResult`; its `summary()` was also printed.
@@ -791,3 +789,7 @@ def _signature() -> inspect.Signature:
 
 
 run.__signature__ = _signature()
+if run.__doc__:  # None under `python -OO`.
+    run.__doc__ = run.__doc__.replace(
+        "OPTIONS.", ", ".join(f"`{f.name}`" for f in _options()) + "."
+    )
