@@ -534,6 +534,18 @@ def test_non_executable_command_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_command_the_kernel_cannot_run_is_a_clear_error(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")  # Executable, but no #! line.
+    script.chmod(0o755)
+    code, text = _cli("--", str(script))
+    assert code == 2, text
+    assert "Traceback" not in text, text
+    assert (f"Invalid worker command: '{script}' cannot be started (Exec "
+            "format error)") in text
+
+
+@pytest.mark.timeout(60)
 def test_file_valued_log_dir_is_a_clear_error(tmp_path):
     a_file = tmp_path / "logs"
     a_file.write_text("")

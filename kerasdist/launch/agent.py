@@ -513,8 +513,15 @@ class _Agent:
                     prefix=f"[worker-{i}] ",
                 )
                 workers.append(_Worker(i, process, heartbeat))
-        except BaseException:
+        except BaseException as e:
             self._stop_group(workers, 0.0)
+            if isinstance(e, OSError):  # E.g. a script without #! line.
+                raise LauncherError(
+                    f"Invalid worker command: {spec.command[0]!r} cannot "
+                    f"be started ({e.strerror or e}). Give an executable "
+                    "program or an interpreter and a script, e.g. "
+                    "kerasdist-run -- python train.py."
+                ) from None
             raise
         return workers
 
