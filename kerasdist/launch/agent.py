@@ -79,19 +79,27 @@ class WorkerState(enum.Enum):
 # Options: declared once, as WorkerSpec's fields.
 
 
-def _option(default: Any, help: str, *, metavar: str | None = None,
-            parse: Any = None, default_text: str | None = None,
-            flag: bool = True) -> Any:
-    """A `WorkerSpec` field with what the CLI and the docs need."""
+def _option(default: Any, help: str, *, metavar: str, parse: Any,
+            default_text: str | None = None) -> Any:
+    """A `WorkerSpec` field that is also a command-line option.
+
+    Args:
+        default: the default value.
+        help: str. What it does, for `--help` and the docs table.
+        metavar: str. Its value's name on the command line, e.g. `"N"`.
+        parse: callable. Turns the command-line text into the value.
+        default_text: str or None. The default in words, e.g. `"never"`.
+    """
+    if default_text is None:
+        default_text = (
+            f"{default:g}" if isinstance(default, float) else str(default)
+        )
     return dataclasses.field(default=default, metadata={
         "help": help,
         "metavar": metavar,
         "parse": parse,
-        "default_text": (
-            default_text if default_text is not None else f"{default:g}"
-            if isinstance(default, float) else str(default)
-        ),
-        "flag": flag,
+        "default_text": default_text,
+        "flag": True,
     })
 
 
