@@ -65,14 +65,16 @@ def _sharding_check(out, rank, strategy):
 def _hang():
     from kerasdist.launch import protocol
 
-    # Start-up (importing, connecting the workers) prints nothing: beat
-    # from a thread until training starts, then only from the steps, so a
-    # worker blocked in a collective stops beating like a real one.
+    # Start-up (importing, connecting the workers) and shut-down print
+    # nothing: beat from a thread outside training, and only from the steps
+    # during it, so a worker blocked in a collective stops beating like a
+    # real one.
     training = threading.Event()
 
     def beat():
-        while not training.is_set():
-            protocol.touch_heartbeat()
+        while True:
+            if not training.is_set():
+                protocol.touch_heartbeat()
             time.sleep(0.5)
 
     threading.Thread(target=beat, daemon=True).start()
@@ -101,6 +103,7 @@ def _hang():
         tf.data.Dataset.from_tensor_slices((x, x[:, :1])), strategy,
         global_batch_size=8)
     model.fit(data, epochs=1, verbose=0, callbacks=[Steps()])
+    training.clear()
     print("training done", flush=True)
 
 
