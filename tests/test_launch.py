@@ -700,3 +700,21 @@ def test_preemptions_have_their_own_budget():
     assert (result.restarts, result.preemptions) == (0, 1)
     assert "preemption 1/1 (not counted toward --max_restarts)" in text
     assert "no preemptions left (1 allowed); giving up" in text
+
+
+@pytest.mark.timeout(90)
+def test_run_workers_stops_the_peers_of_a_failed_worker():
+    with pytest.raises(kd.testing.WorkersFailed) as e:
+        kd.testing.run_workers(["-c", textwrap.dedent("""
+            import json, os, sys, time
+            index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+            print("worker", index, "up", flush=True)
+            if index == 1:
+                sys.exit(3)
+            time.sleep(60)  # As if blocked in a collective with worker 1.
+        """)], 2, timeout=80)
+    message = str(e.value)
+    # Failed (not timed out): worker 0 was stopped once worker 1 failed.
+    assert message.startswith("multi-worker run failed:"), message
+    assert "----- worker 1 (exit 3) -----\nworker 1 up" in message
+    assert "----- worker 0 (exit -15) -----\nworker 0 up" in message

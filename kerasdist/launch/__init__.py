@@ -34,7 +34,12 @@ _NAMES = {
 }
 
 
+_SUBMODULES = frozenset({"agent", "cli", "protocol", "supervisor"})
+
+
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"kerasdist.launch.{name}")
     if name not in _NAMES:
         raise AttributeError(
             f"module 'kerasdist.launch' has no attribute {name!r}"
