@@ -102,8 +102,9 @@ def _exit_on_permanent_error(previous):
             sys.stdout.flush()
             sys.stderr.flush()
             # The interpreter would exit 1 after the hook: a failure the
-            # launcher retries. os._exit keeps the status (nothing is left
-            # to clean up after an uncaught exception).
+            # launcher retries. os._exit keeps the status; atexit handlers
+            # do not run (TF's may block on peers that wait in a
+            # collective; the launcher stops those).
             os._exit(PERMANENT_EXIT_CODE)
 
     hook._kerasdist_permanent = True
