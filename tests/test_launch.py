@@ -11,8 +11,11 @@ import inspect
 import io
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -356,14 +359,13 @@ def test_workers_that_see_different_backups_stop_with_clear_error(tmp_path):
 # The process-group supervisor.
 
 
-def _cli(*args, user=None, timeout=60):
-    """Runs `python -m kerasdist.launch ARGS` to its end; (code, output)."""
+def _cli(*args, prefix=(), timeout=60):
+    """Runs `python -m kerasdist.launch ARGS` to its end; (code, output).
+
+    `prefix` goes before the interpreter, e.g. a command that drops
+    privileges."""
     launcher = supervisor.Process(
-        [sys.executable, "-m", "kerasdist.launch", *args],
-        env={**os.environ, **QUIET}, capture=True,
-    ) if user is None else supervisor.Process(
-        ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
-         sys.executable, "-m", "kerasdist.launch", *args],
+        [*prefix, sys.executable, "-m", "kerasdist.launch", *args],
         env={**os.environ, **QUIET}, capture=True,
     )
     try:
@@ -408,8 +410,6 @@ def test_workers_die_when_the_launcher_is_sigkilled(tmp_path):
 
 
 def test_supervisor_never_signals_a_reaped_group():
-    import subprocess
-
     proc = subprocess.Popen(["true"], start_new_session=True)
     proc.wait()  # Reaped: its pid and group id may be reused now.
     with pytest.raises(ValueError, match="already reaped"):
@@ -560,20 +560,63 @@ def test_file_valued_log_dir_is_a_clear_error(tmp_path):
         "(Not a directory)")
 
 
-@pytest.mark.timeout(60)
-def test_unwritable_log_dir_is_a_clear_error(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    tmp_path.chmod(0o755)
-    # root writes anywhere: run the launcher as an unprivileged user.
-    user = 65534 if os.geteuid() == 0 else None
+def _as_unprivileged_user():
+    """A command prefix that runs the launcher without root's override of
+    file permissions, or None when that is not possible here."""
+    if os.geteuid() != 0:
+        return ()
+    prefix = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    code, _ = _cli("--", "true", prefix=prefix)  # Can nobody run us?
+    return prefix if code == 0 else None
+
+
+@pytest.mark.real_component
+@pytest.mark.timeout(120)
+def test_unwritable_log_dir_is_a_clear_error():
+    prefix = _as_unprivileged_user()
+    if prefix is None:
+        pytest.skip("root, and user nobody cannot read this checkout")
+    parent = tempfile.mkdtemp(prefix="kd-log-dir-")
+    try:
+        os.chmod(parent, 0o755)
+        locked = os.path.join(parent, "locked")
+        os.mkdir(locked, 0o555)
+        _assert_clear_error(
+            *_cli("--log_dir", os.path.join(locked, "logs"), "--", "true",
+                  prefix=prefix),
+            f"Received: '{locked}/logs', which cannot be written "
+            "(Permission denied)")
+        _assert_clear_error(
+            *_cli("--log_dir", locked, "--", "true", prefix=prefix),
+            f"Received: '{locked}', which cannot be written (Permission "
+            "denied)")
+    finally:
+        shutil.rmtree(parent)
+
+
+@pytest.mark.real_component
+@pytest.mark.timeout(120)
+def test_log_dir_on_a_read_only_file_system_is_a_clear_error():
+    # A read-only tmpfs in a mount namespace of the launcher's own.
+    mount_point = tempfile.mkdtemp(prefix="kd-ro-")
+    try:
+        probe = subprocess.run(
+            ["unshare", "-m", "sh", "-c",
+             f"mount -t tmpfs -o ro tmpfs {mount_point}"],
+            capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:
+            pytest.skip(f"cannot mount a read-only file system here: "
+                        f"{probe.stderr.strip()}")
+        code, text = _cli(
+            "--log_dir", mount_point, "--", "true",
+            prefix=("unshare", "-m", "sh", "-c",
+                    f'mount -t tmpfs -o ro tmpfs {mount_point} && '
+                    'exec "$@"', "sh"))
+    finally:
+        os.rmdir(mount_point)
     _assert_clear_error(
-        *_cli("--log_dir", str(locked / "logs"), "--", "true", user=user),
-        f"Received: '{locked / 'logs'}', which cannot be written "
-        "(Permission denied)")
-    _assert_clear_error(
-        *_cli("--log_dir", str(locked), "--", "true", user=user),
-        f"Received: '{locked}', which cannot be written (Permission denied)")
+        code, text, f"Received: '{mount_point}', which cannot be written "
+        "(Read-only file system)")
 
 
 # ----------------------------------------------------------------------
