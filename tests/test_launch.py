@@ -364,9 +364,13 @@ def _cli(*args, prefix=(), timeout=60):
 
     `prefix` goes before the interpreter, e.g. a command that drops
     privileges."""
+    # This checkout's kerasdist, in the launcher and in its workers.
+    path = os.pathsep.join(
+        [os.path.dirname(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
     launcher = supervisor.Process(
         [*prefix, sys.executable, "-m", "kerasdist.launch", *args],
-        env={**os.environ, **QUIET}, capture=True,
+        env={**os.environ, **QUIET, "PYTHONPATH": path}, capture=True,
     )
     try:
         _wait_for(lambda: not launcher.running(), timeout, launcher)
