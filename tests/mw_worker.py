@@ -21,6 +21,28 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Mode `hang`: start-up (importing TensorFlow, connecting the workers) and
+# shut-down print nothing for seconds. Beat the launcher's heartbeat from a
+# thread outside training, from before the imports; during training only
+# the steps beat, so a worker blocked in a collective stops beating like a
+# real one.
+_TRAINING = threading.Event()
+
+
+def _beat_outside_training():
+    path = os.environ.get("KERASDIST_HEARTBEAT_FILE")
+    while path:
+        if not _TRAINING.is_set():
+            try:
+                os.utime(path)
+            except OSError:  # The launcher removed it: we are stopping.
+                return
+        time.sleep(0.5)
+
+
+if sys.argv[2:3] == ["hang"]:
+    threading.Thread(target=_beat_outside_training, daemon=True).start()
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -65,19 +87,6 @@ def _sharding_check(out, rank, strategy):
 def _hang():
     from kerasdist.launch import protocol
 
-    # Start-up (importing, connecting the workers) and shut-down print
-    # nothing: beat from a thread outside training, and only from the steps
-    # during it, so a worker blocked in a collective stops beating like a
-    # real one.
-    training = threading.Event()
-
-    def beat():
-        while True:
-            if not training.is_set():
-                protocol.touch_heartbeat()
-            time.sleep(0.5)
-
-    threading.Thread(target=beat, daemon=True).start()
     strategy = kd.get_strategy("auto")
     assert isinstance(strategy, kd.MultiWorkerMirroredStrategy)
     rank = kd.cluster.from_env().worker_rank
@@ -86,7 +95,7 @@ def _hang():
 
     class Steps(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
-            training.set()
+            _TRAINING.set()
             protocol.touch_heartbeat()
             if first_attempt and rank == 1 and batch == stop_at:
                 print(f"stopping myself at step {batch}", flush=True)
@@ -103,7 +112,7 @@ def _hang():
         tf.data.Dataset.from_tensor_slices((x, x[:, :1])), strategy,
         global_batch_size=8)
     model.fit(data, epochs=1, verbose=0, callbacks=[Steps()])
-    training.clear()
+    _TRAINING.clear()
     print("training done", flush=True)
 
 
