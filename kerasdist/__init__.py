@@ -32,6 +32,12 @@ _warnings.filterwarnings(
     category=UserWarning,
 )
 
+from kerasdist.launch import protocol as _protocol
+
+# In a worker started by kerasdist-run, an uncaught PermanentError exits
+# with PERMANENT_EXIT_CODE so the launcher does not retry it.
+_protocol.install_permanent_error_hook()
+
 import importlib as _importlib
 
 # Public names are loaded on first use (PEP 562), so `import kerasdist` and

@@ -3,17 +3,47 @@
     python tests/mw_worker.py OUT_DIR MODE
 
 MODE `kd` trains every parity case under kd.MultiWorkerMirroredStrategy and
-saves `CASE-workerRANK.npz`. MODE `upstream_fit` / `upstream_reduce` runs
-the failing Keras 3 code paths under tf.distribute's own strategy and records
-the error in `upstream-workerRANK.json` (exit 0 either way).
+saves `CASE-workerRANK.npz`. MODE `hang` (under kerasdist-run) trains a small
+model, touching the launcher's heartbeat at every step; on the first attempt
+worker 1 stops itself (SIGSTOP) at step `HANG_STEP` (env, default 3), so
+worker 0 blocks in the next all-reduce; later attempts finish. MODE
+`upstream_fit` / `upstream_reduce` runs the failing Keras 3 code paths under
+tf.distribute's own strategy and records the error in
+`upstream-workerRANK.json` (exit 0 either way).
 """
 
 import json
 import os
+import signal
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Mode `hang`: start-up (importing TensorFlow, connecting the workers) and
+# shut-down print nothing for seconds. Beat the launcher's heartbeat from a
+# thread outside training, from before the imports; during training only
+# the steps beat, so a worker blocked in a collective stops beating like a
+# real one.
+_TRAINING = threading.Event()
+
+
+def _beat_outside_training():
+    path = os.environ.get("KERASDIST_HEARTBEAT_FILE")
+    while path:
+        if not _TRAINING.is_set():
+            try:
+                os.utime(path)
+            except OSError:  # The launcher removed it: we are stopping.
+                return
+        time.sleep(0.5)
+
+
+if sys.argv[2:3] == ["hang"]:
+    threading.Thread(target=_beat_outside_training, daemon=True).start()
+
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from dp_cases import CASES, run  # noqa: E402
@@ -54,7 +84,42 @@ def _sharding_check(out, rank, strategy):
         json.dump({"seen": seen}, f)
 
 
+def _hang():
+    from kerasdist.launch import protocol
+
+    strategy = kd.get_strategy("auto")
+    assert isinstance(strategy, kd.MultiWorkerMirroredStrategy)
+    rank = kd.cluster.from_env().worker_rank
+    stop_at = int(os.environ.get("HANG_STEP", "3"))
+    first_attempt = protocol.restart_count() == 0
+
+    class Steps(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            _TRAINING.set()
+            protocol.touch_heartbeat()
+            if first_attempt and rank == 1 and batch == stop_at:
+                print(f"stopping myself at step {batch}", flush=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        def on_train_batch_end(self, batch, logs=None):
+            protocol.touch_heartbeat()
+
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((64, 4), "float32")
+    data = kd.data.distribute(
+        tf.data.Dataset.from_tensor_slices((x, x[:, :1])), strategy,
+        global_batch_size=8)
+    model.fit(data, epochs=1, verbose=0, callbacks=[Steps()])
+    _TRAINING.clear()
+    print("training done", flush=True)
+
+
 def main(out, mode):
+    if mode == "hang":
+        _hang()
+        return
     rank = kd.cluster.from_env().worker_rank
     if mode == "kd":
         strategy = kd.get_strategy("auto", timeout_seconds=60)

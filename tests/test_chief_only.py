@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kerasdist as kd
-from kerasdist.testing import run_workers
+from kerasdist.testing import run_scenario
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,12 +31,8 @@ def _fit(callbacks, epochs=2):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_files_are_written_by_the_chief_only_two_workers(tmp_path):
-    run_workers([os.path.join(HERE, "toolkit_worker.py"), "--out",
-                 str(tmp_path), "--scenarios", "chief_only"], 2, timeout=200)
-    chief, other = (
-        json.loads((tmp_path / f"result-{i}.json").read_text())["chief_only"]
-        for i in range(2)
-    )
+    chief, other = run_scenario(os.path.join(HERE, "toolkit_worker.py"),
+                                "chief_only", tmp_path)
     shared = tmp_path / "shared"
     # Callbacks writing one file per process (named by pid): only the
     # chief's file exists in the shared directory.

@@ -1,6 +1,5 @@
 """Gradient accumulation over k steps == training with a k-times batch."""
 
-import json
 import os
 
 import keras
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 
 import kerasdist as kd
-from kerasdist.testing import run_workers
+from kerasdist.testing import run_scenario
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEVICES = ["/cpu:0", "/cpu:1"]
@@ -111,12 +110,8 @@ def test_invalid_arguments():
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_accumulation_equals_larger_batch_two_workers(tmp_path):
-    run_workers([os.path.join(HERE, "toolkit_worker.py"), "--out",
-                 str(tmp_path), "--scenarios", "accumulation"], 2,
-                timeout=200)
-    for i in range(2):
-        r = json.loads((tmp_path / f"result-{i}.json").read_text())
-        acc = r["accumulation"]
+    for acc in run_scenario(os.path.join(HERE, "toolkit_worker.py"),
+                            "accumulation", tmp_path):
         # k=2 steps of global batch 16 over 2 workers == one step of 32,
         # SGD with momentum: same weights as one device, and as MWMS
         # without accumulation.

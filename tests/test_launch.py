@@ -6,20 +6,25 @@ MultiWorkerMirroredStrategy workers on 127.0.0.1 under the launcher and
 compare with an uninterrupted in-process run of the same deterministic job.
 """
 
+import dataclasses
+import inspect
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 
 import fault_worker as fw
 import numpy as np
 import pytest
 
 import kerasdist as kd
-from kerasdist.testing import kill_group
+from kerasdist.launch import supervisor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "fault_worker.py")
@@ -28,6 +33,16 @@ QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
 
 def _python(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def _wait_for(condition, seconds, process=None):
+    """Polls `condition` for up to `seconds`; fails with the output."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            output = process.output() if process is not None else ""
+            pytest.fail(f"gave up after {seconds}s waiting:\n{output}")
+        time.sleep(0.05)
 
 
 # ----------------------------------------------------------------------
@@ -179,23 +194,20 @@ def test_sigterm_to_launcher_is_forwarded_and_it_exits(tmp_path):
         print("ready", flush=True)
         time.sleep(60)
     """))
-    proc = subprocess.Popen(
+    launcher = supervisor.Process(
         [sys.executable, "-m", "kerasdist.launch", "--num_workers", "2",
          "--grace_period", "5", "--", sys.executable, str(script)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env={**os.environ, **QUIET},
+        env={**os.environ, **QUIET}, capture=True,
     )
     try:
-        ready = 0
-        for line in proc.stdout:
-            ready += line.strip().endswith("] ready")
-            if ready == 2:
-                break
-        os.kill(proc.pid, signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=30)
+        _wait_for(lambda: launcher.output().count("] ready") == 2, 60,
+                  launcher)
+        os.kill(launcher.pid, signal.SIGTERM)
+        _wait_for(lambda: not launcher.running(), 30, launcher)
     finally:
-        kill_group(proc, grace=10)
-    assert proc.returncode == 128 + signal.SIGTERM, rest
+        supervisor.stop_all([launcher], grace=10)
+    rest = launcher.output()
+    assert launcher.returncode == 128 + signal.SIGTERM, rest
     assert "[worker-0] worker got SIGTERM" in rest
     assert "[worker-1] worker got SIGTERM" in rest
     assert "summary: INTERRUPTED (SIGTERM) after 1 attempt(s)" in rest
@@ -341,3 +353,415 @@ def test_workers_that_see_different_backups_stop_with_clear_error(tmp_path):
     assert "the workers found different backups" in text, text
     assert "must be on a file system that every worker sees" in text
     assert not os.path.exists(tmp_path / "out" / "steps-0.jsonl")
+
+
+# ----------------------------------------------------------------------
+# The process-group supervisor.
+
+
+def _cli(*args, prefix=(), timeout=60):
+    """Runs `python -m kerasdist.launch ARGS` to its end; (code, output).
+
+    `prefix` goes before the interpreter, e.g. a command that drops
+    privileges."""
+    # This checkout's kerasdist, in the launcher and in its workers.
+    path = os.pathsep.join(
+        [os.path.dirname(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    launcher = supervisor.Process(
+        [*prefix, sys.executable, "-m", "kerasdist.launch", *args],
+        env={**os.environ, **QUIET, "PYTHONPATH": path}, capture=True,
+    )
+    try:
+        _wait_for(lambda: not launcher.running(), timeout, launcher)
+    finally:
+        supervisor.stop_all([launcher], grace=5)
+    return launcher.returncode, launcher.output()
+
+
+def _gone(pid):
+    """True when `pid` has exited (a zombie waiting for init counts)."""
+    return supervisor.process_state(pid) in (None, "Z", "X")
+
+
+@pytest.mark.timeout(90)
+def test_workers_die_when_the_launcher_is_sigkilled(tmp_path):
+    launcher = supervisor.Process(
+        [sys.executable, "-m", "kerasdist.launch", "--num_workers", "2",
+         "--", *_python("""
+            import os, time
+            print("pid", os.getpid(), flush=True)
+            time.sleep(120)
+         """)],
+        env={**os.environ, **QUIET}, capture=True,
+    )
+    pids = []
+    try:
+        _wait_for(lambda: launcher.output().count("] pid ") == 2, 60,
+                  launcher)
+        pids = [int(line.split()[-1])
+                for line in launcher.output().splitlines()
+                if "] pid " in line]
+        assert all(not _gone(pid) for pid in pids)
+        os.kill(launcher.pid, signal.SIGKILL)  # No chance to clean up.
+        _wait_for(lambda: all(_gone(pid) for pid in pids), 20, launcher)
+    finally:
+        supervisor.stop_all([launcher], grace=0)
+        for pid in pids:  # Only if the test failed: the workers we saw.
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode == -signal.SIGKILL
+
+
+def test_supervisor_never_signals_a_reaped_group():
+    proc = subprocess.Popen(["true"], start_new_session=True)
+    proc.wait()  # Reaped: its pid and group id may be reused now.
+    with pytest.raises(ValueError, match="already reaped"):
+        supervisor.Leader(proc)
+    kd.testing.kill_group(proc)  # Does nothing rather than guess.
+
+    # A supervised process is seen to exit without being reaped, so its
+    # group can still be signalled (stragglers killed), then reaped.
+    p = supervisor.Process(_python("""
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c",
+                                  "import time; time.sleep(60)"])
+        print("child", child.pid, flush=True)
+    """), capture=True)
+    _wait_for(lambda: not p.running(), 30, p)
+    child = int(p.output().split()[-1])
+    try:
+        assert supervisor.process_state(p.pid) == "Z"  # Exited, not reaped.
+        assert not _gone(child)  # Left behind in the group.
+        supervisor.stop_all([p], grace=1.0)
+        assert p.returncode == 0
+        assert supervisor.process_state(p.pid) is None  # Reaped.
+        _wait_for(lambda: _gone(child), 10)  # The group's SIGKILL.
+    finally:
+        if not _gone(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_process_state_shows_a_stopped_process():
+    p = supervisor.Process(_python("import time; time.sleep(60)"))
+    try:
+        p.signal(signal.SIGSTOP)
+        _wait_for(lambda: p.state() == "T", 10)
+        p.signal(signal.SIGCONT)
+        _wait_for(lambda: p.state() in ("R", "S"), 10)
+    finally:
+        supervisor.stop_all([p], grace=0)
+    assert p.returncode == -signal.SIGKILL
+
+
+# ----------------------------------------------------------------------
+# Options: declared once in WorkerSpec.
+
+
+def test_docs_options_table_is_generated_from_worker_spec():
+    path = os.path.join(os.path.dirname(HERE), "docs", "guide",
+                        "fault_tolerance.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    table = kd.launch.options_table()
+    assert table in text, (
+        "docs/guide/fault_tolerance.md's options table differs from "
+        f"WorkerSpec; paste this:\n{table}")
+    fields = [f.name for f in dataclasses.fields(kd.launch.WorkerSpec)]
+    for name in fields[1:]:  # Every option but `command`.
+        assert f"`--{name} " in table
+        assert f"--{name}" in kd.launch.cli._parser().format_help()
+        assert name in inspect.signature(kd.launch.run).parameters
+
+
+@pytest.mark.timeout(60)
+def test_host_and_env_are_reachable_from_the_command_line():
+    code, text = _cli(
+        "--num_workers", "2", "--host", "127.0.0.2", "--env", "FOO=bar=1",
+        "--env", "BAZ=", "--", *_python("""
+            import json, os
+            cfg = json.loads(os.environ["TF_CONFIG"])
+            print("hosts", sorted({a.split(":")[0]
+                                   for a in cfg["cluster"]["worker"]}),
+                  "FOO", os.environ["FOO"], "BAZ", repr(os.environ["BAZ"]))
+        """))
+    assert code == 0, text
+    assert "[worker-1] hosts ['127.0.0.2'] FOO bar=1 BAZ ''" in text
+
+
+def test_options_accept_numpy_integers_and_reject_unknown_names():
+    spec = kd.launch.WorkerSpec(["true"], num_workers=np.int64(2),
+                                max_restarts=np.int32(0))
+    assert (spec.num_workers, spec.max_restarts) == (2, 0)
+    assert type(spec.num_workers) is int
+    with pytest.raises(kd.launch.LauncherError, match=r"num_workers=True"):
+        kd.launch.WorkerSpec(["true"], num_workers=True)
+    with pytest.raises(kd.launch.LauncherError,
+                       match=r"Unknown option\(s\) \['max_restart'\]"):
+        kd.launch.run(["true"], max_restart=3)
+    code, text = _cli("--env", "NOEQUALS", "--", "true")
+    assert code == 2
+    assert "Expected NAME=VALUE, e.g. --env OMP_NUM_THREADS=1" in text
+
+
+# ----------------------------------------------------------------------
+# Bad input: a clear error, no traceback, nothing started.
+
+
+def _assert_clear_error(code, text, *needles):
+    assert code == 2, text
+    assert "Traceback" not in text, text
+    assert "attempt 1" not in text, text  # Nothing was started.
+    for needle in needles:
+        assert needle in text, text
+
+
+@pytest.mark.timeout(60)
+def test_missing_command_is_a_clear_error(tmp_path):
+    _assert_clear_error(
+        *_cli("--", "/no/such/cmd"),
+        "kerasdist-run: error: Invalid worker command: '/no/such/cmd' does "
+        "not exist.", "kerasdist-run -- python train.py")
+    _assert_clear_error(
+        *_cli("--", "no-such-program-kd"),
+        "'no-such-program-kd' was not found on PATH")
+
+
+@pytest.mark.timeout(60)
+def test_non_executable_command_is_a_clear_error(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    _assert_clear_error(
+        *_cli("--", str(script)),
+        f"Invalid worker command: '{script}' is not executable.",
+        f"chmod +x {script}")
+
+
+@pytest.mark.timeout(60)
+def test_command_the_kernel_cannot_run_is_a_clear_error(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")  # Executable, but no #! line.
+    script.chmod(0o755)
+    code, text = _cli("--", str(script))
+    assert code == 2, text
+    assert "Traceback" not in text, text
+    assert (f"Invalid worker command: '{script}' cannot be started (Exec "
+            "format error)") in text
+
+
+@pytest.mark.timeout(60)
+def test_file_valued_log_dir_is_a_clear_error(tmp_path):
+    a_file = tmp_path / "logs"
+    a_file.write_text("")
+    _assert_clear_error(
+        *_cli("--log_dir", str(a_file), "--", "true"),
+        f"Invalid value for option `--log_dir`. Received: '{a_file}', "
+        "which is a file, not a directory.",
+        "Pass a directory you can write to as --log_dir.")
+    _assert_clear_error(
+        *_cli("--log_dir", str(a_file / "sub"), "--", "true"),
+        f"Received: '{a_file / 'sub'}', which cannot be written "
+        "(Not a directory)")
+
+
+def _as_unprivileged_user():
+    """A command prefix that runs the launcher without root's override of
+    file permissions, or None when that is not possible here."""
+    if os.geteuid() != 0:
+        return ()
+    prefix = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    code, _ = _cli("--", "true", prefix=prefix)  # Can nobody run us?
+    return prefix if code == 0 else None
+
+
+@pytest.mark.real_component
+@pytest.mark.timeout(120)
+def test_unwritable_log_dir_is_a_clear_error():
+    prefix = _as_unprivileged_user()
+    if prefix is None:
+        pytest.skip("root, and user nobody cannot read this checkout")
+    parent = tempfile.mkdtemp(prefix="kd-log-dir-")
+    try:
+        os.chmod(parent, 0o755)
+        locked = os.path.join(parent, "locked")
+        os.mkdir(locked, 0o555)
+        _assert_clear_error(
+            *_cli("--log_dir", os.path.join(locked, "logs"), "--", "true",
+                  prefix=prefix),
+            f"Received: '{locked}/logs', which cannot be written "
+            "(Permission denied)")
+        _assert_clear_error(
+            *_cli("--log_dir", locked, "--", "true", prefix=prefix),
+            f"Received: '{locked}', which cannot be written (Permission "
+            "denied)")
+    finally:
+        shutil.rmtree(parent)
+
+
+@pytest.mark.real_component
+@pytest.mark.timeout(120)
+def test_log_dir_on_a_read_only_file_system_is_a_clear_error():
+    # A read-only tmpfs in a mount namespace of the launcher's own.
+    mount_point = tempfile.mkdtemp(prefix="kd-ro-")
+    try:
+        probe = subprocess.run(
+            ["unshare", "-m", "sh", "-c",
+             f"mount -t tmpfs -o ro tmpfs {mount_point}"],
+            capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:
+            pytest.skip(f"cannot mount a read-only file system here: "
+                        f"{probe.stderr.strip()}")
+        code, text = _cli(
+            "--log_dir", mount_point, "--", "true",
+            prefix=("unshare", "-m", "sh", "-c",
+                    f'mount -t tmpfs -o ro tmpfs {mount_point} && '
+                    'exec "$@"', "sh"))
+    finally:
+        os.rmdir(mount_point)
+    _assert_clear_error(
+        code, text, f"Received: '{mount_point}', which cannot be written "
+        "(Read-only file system)")
+
+
+# ----------------------------------------------------------------------
+# Permanent errors are not retried.
+
+
+@pytest.mark.timeout(90)
+def test_permanent_error_is_not_retried(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        import kerasdist
+        from kerasdist.errors import PermanentError
+
+        class BadConfig(PermanentError, ValueError):
+            pass
+
+        if os.environ["KERASDIST_WORKER_INDEX"] == "1":
+            raise BadConfig("Invalid value for argument `units`.")
+        import time
+        time.sleep(60)  # Worker 0 would wait for worker 1 forever.
+    """))
+    code, text = _cli("--num_workers", "2", "--max_restarts", "3", "--",
+                      sys.executable, str(script))
+    assert code == kd.launch.PERMANENT_EXIT_CODE == 78, text
+    assert text.count("starting 2 worker(s)") == 1, text  # One attempt.
+    # The worker's traceback is still printed, then it exits 78.
+    assert "[worker-1] BadConfig: Invalid value for argument" in text
+    assert ("worker-1 failed with a permanent error (exit 78) at" in text)
+    assert "; not retried (a restart cannot fix it)" in text
+    assert ("summary: FAILED (permanent error, not retried) after 1 "
+            "attempt(s), 0 restart(s)") in text
+
+
+@pytest.mark.timeout(60)
+def test_ordinary_errors_are_still_retried(tmp_path):
+    out = io.StringIO()
+    result = kd.launch.run(
+        _python("""
+            import os
+            import kerasdist
+            if os.environ["KERASDIST_RESTART_COUNT"] == "0":
+                raise ValueError("flaky")
+        """),
+        max_restarts=1, stream=out,
+    )
+    assert result.ok and result.restarts == 1, out.getvalue()
+    assert "worker-0 exited with status 1" in out.getvalue()
+
+
+# ----------------------------------------------------------------------
+# Hang blame with real MultiWorkerMirroredStrategy workers.
+
+
+MW_WORKER = os.path.join(HERE, "mw_worker.py")
+
+
+def _run_hang(tmp_path, timeout):
+    out = io.StringIO()
+    result = kd.launch.run(
+        [sys.executable, MW_WORKER, str(tmp_path), "hang"], num_workers=2,
+        max_restarts=1, timeout=timeout, env=QUIET, stream=out,
+        log_dir=tmp_path / "logs",
+    )
+    text = out.getvalue()
+    assert result.ok and result.attempts == 2, text
+    assert "[worker-1] stopping myself at step 3" in text
+    return result, text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_hang_blames_the_stopped_worker_not_the_one_waiting(tmp_path):
+    # Worker 0 also stops progressing (blocked in the all-reduce with
+    # worker 1); the launcher must name worker 1.
+    result, text = _run_hang(tmp_path, timeout=8)
+    failure = result.failures[0]
+    assert (failure.worker, failure.state) == (1, kd.launch.WorkerState.HUNG)
+    # Either the launcher's timeout or TF's heartbeat (ending worker 0)
+    # comes first; both name the stopped worker.
+    assert "[launcher]   attempt 1: worker-1 " in text
+    assert "is stopped (process state T, e.g. SIGSTOP)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_hang_blames_the_stopped_worker_when_tf_ends_its_peer(tmp_path):
+    # Without --timeout, TensorFlow's own heartbeat ends worker 0
+    # ("tasks are unhealthy (stopped sending heartbeats)"); the stopped
+    # worker 1 is still the one to blame.
+    result, text = _run_hang(tmp_path, timeout=None)
+    failure = result.failures[0]
+    assert (failure.worker, failure.state) == (1, kd.launch.WorkerState.HUNG)
+    assert ("worker-1 is stopped (process state T, e.g. SIGSTOP) and made "
+            "no progress; worker-0 exited with status 1 waiting for it "
+            "(hung)") in text
+
+
+def test_permanent_error_outside_the_launcher_exits_as_usual(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k != kd.launch.ENV_RESTART_COUNT}
+    p = supervisor.Process(_python("""
+        import kerasdist
+        from kerasdist.errors import PermanentError
+        raise PermanentError("bad")
+    """), env=env, capture=True)
+    try:
+        _wait_for(lambda: not p.running(), 30, p)
+    finally:
+        supervisor.stop_all([p], grace=0)
+    assert p.returncode == 1, p.output()
+    assert "PermanentError: bad" in p.output()
+
+
+@pytest.mark.timeout(60)
+def test_preemptions_have_their_own_budget():
+    out = io.StringIO()
+    result = kd.launch.run(
+        _python("import sys; sys.exit(75)"), max_restarts=0,
+        max_preemptions=1, stream=out,
+    )
+    text = out.getvalue()
+    assert (result.returncode, result.attempts) == (75, 2), text
+    assert (result.restarts, result.preemptions) == (0, 1)
+    assert "preemption 1/1 (not counted toward --max_restarts)" in text
+    assert "no preemptions left (1 allowed); giving up" in text
+
+
+@pytest.mark.timeout(90)
+def test_run_workers_stops_the_peers_of_a_failed_worker():
+    with pytest.raises(kd.testing.WorkersFailed) as e:
+        kd.testing.run_workers(["-c", textwrap.dedent("""
+            import json, os, sys, time
+            index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+            print("worker", index, "up", flush=True)
+            if index == 1:
+                sys.exit(3)
+            time.sleep(60)  # As if blocked in a collective with worker 1.
+        """)], 2, timeout=80)
+    message = str(e.value)
+    # Failed (not timed out): worker 0 was stopped once worker 1 failed.
+    assert message.startswith("multi-worker run failed:"), message
+    assert "----- worker 1 (exit 3) -----\nworker 1 up" in message
+    assert "----- worker 0 (exit -15) -----\nworker 0 up" in message

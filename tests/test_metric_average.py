@@ -1,6 +1,5 @@
 """MetricAverage: every worker sees the same logs and decides the same."""
 
-import json
 import os
 import types
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 import kerasdist as kd
-from kerasdist.testing import run_workers
+from kerasdist.testing import run_scenario
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,11 +29,8 @@ def _early_stopping_epoch(values, patience=1):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_early_stopping_decides_the_same_on_both_workers(tmp_path):
-    run_workers([os.path.join(HERE, "toolkit_worker.py"), "--out",
-                 str(tmp_path), "--scenarios", "metric_average"], 2,
-                timeout=200)
-    runs = [json.loads((tmp_path / f"result-{i}.json").read_text())[
-        "metric_average"] for i in range(2)]
+    runs = run_scenario(os.path.join(HERE, "toolkit_worker.py"),
+                        "metric_average", tmp_path)
     plain = [[e["local_val"] for e in r["plain"]["logs"]] for r in runs]
     averaged = [[e["local_val"] for e in r["averaged"]["logs"]]
                 for r in runs]

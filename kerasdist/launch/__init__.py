@@ -7,38 +7,51 @@ kerasdist-run --num_workers 2 --max_restarts 3 --log_dir /tmp/logs \\
 
 Also `python -m kerasdist.launch ...`, and from Python `kd.launch.run(...)`,
 which returns a `RunResult`. See docs/guide/fault_tolerance.md.
+
+Names are loaded on first use (PEP 562), so that `import kerasdist` can
+install the worker-side permanent-error hook from `protocol` without
+loading the launcher itself.
 """
 
-from kerasdist.launch.agent import (
-    Failure,
-    LauncherError,
-    RunResult,
-    WorkerSpec,
-    WorkerState,
-    run,
-)
-from kerasdist.launch.cli import main
-from kerasdist.launch.protocol import (
-    ENV_HEARTBEAT_FILE,
-    ENV_NUM_WORKERS,
-    ENV_RESTART_COUNT,
-    ENV_WORKER_INDEX,
-    RESTART_EXIT_CODE,
-    restart_count,
-)
+import importlib as _importlib
 
-__all__ = [
-    "ENV_HEARTBEAT_FILE",
-    "ENV_NUM_WORKERS",
-    "ENV_RESTART_COUNT",
-    "ENV_WORKER_INDEX",
-    "Failure",
-    "LauncherError",
-    "RESTART_EXIT_CODE",
-    "RunResult",
-    "WorkerSpec",
-    "WorkerState",
-    "main",
-    "restart_count",
-    "run",
-]
+_NAMES = {
+    "Failure": "agent",
+    "LauncherError": "agent",
+    "RunResult": "agent",
+    "WorkerSpec": "agent",
+    "WorkerState": "agent",
+    "run": "agent",
+    "main": "cli",
+    "options_table": "cli",
+    "ENV_HEARTBEAT_FILE": "protocol",
+    "ENV_NUM_WORKERS": "protocol",
+    "ENV_RESTART_COUNT": "protocol",
+    "ENV_WORKER_INDEX": "protocol",
+    "PERMANENT_EXIT_CODE": "protocol",
+    "RESTART_EXIT_CODE": "protocol",
+    "restart_count": "protocol",
+}
+
+
+_SUBMODULES = frozenset({"agent", "cli", "protocol", "supervisor"})
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"kerasdist.launch.{name}")
+    if name not in _NAMES:
+        raise AttributeError(
+            f"module 'kerasdist.launch' has no attribute {name!r}"
+        )
+    module = _importlib.import_module(f"kerasdist.launch.{_NAMES[name]}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+__all__ = sorted(_NAMES)

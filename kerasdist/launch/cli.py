@@ -1,8 +1,13 @@
-"""Command line of `kerasdist-run` (and `python -m kerasdist.launch`)."""
+"""Command line of `kerasdist-run` (and `python -m kerasdist.launch`).
+
+The options are `WorkerSpec`'s fields (see `agent`): the parser and the
+options table of docs/guide/fault_tolerance.md are generated from them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -10,8 +15,15 @@ from kerasdist.launch import agent, protocol
 
 _USAGE = (
     "kerasdist-run --num_workers N [--max_restarts R] [--log_dir D] "
-    "[--timeout S] -- COMMAND [ARGS...]"
+    "[--timeout S] [OPTIONS] -- COMMAND [ARGS...]"
 )
+
+
+def _help(field: dataclasses.Field) -> str:
+    return (
+        f"{field.metadata['help'].replace('`', '')} "
+        f"(default: {field.metadata['default_text']})"
+    ).replace("%", "%%")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,9 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         usage=_USAGE,
         description=(
             "Run COMMAND as N workers on this host (each with its own "
-            "TF_CONFIG on 127.0.0.1) and restart the whole group when a "
-            "worker fails, hangs, or exits with the restart code "
-            f"{protocol.RESTART_EXIT_CODE}."
+            "TF_CONFIG) and restart the whole group when a worker fails, "
+            "hangs, or exits with the restart code "
+            f"{protocol.RESTART_EXIT_CODE}; stop at once when one exits "
+            f"with the permanent-error code {protocol.PERMANENT_EXIT_CODE}."
         ),
         epilog=(
             "Workers get TF_CONFIG, KERASDIST_RESTART_COUNT, "
@@ -31,29 +44,42 @@ def _parser() -> argparse.ArgumentParser:
             "succeeded, else the last failure's."
         ),
     )
-    parser.add_argument("--num_workers", type=int, default=1,
-                        help="worker processes (default 1)")
-    parser.add_argument("--max_restarts", type=int, default=3,
-                        help="group restarts after failures or hangs "
-                        "(default 3)")
-    parser.add_argument("--max_preemptions", type=int, default=100,
-                        help="restarts after workers exit with "
-                        f"{protocol.RESTART_EXIT_CODE}, not counted in "
-                        "--max_restarts (default 100)")
-    parser.add_argument("--log_dir", default=None,
-                        help="write worker-i.log files here")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds without output or heartbeat before a "
-                        "worker counts as hung (default: never)")
-    parser.add_argument("--grace_period", type=float, default=10.0,
-                        help="seconds between SIGTERM and SIGKILL when the "
-                        "launcher is stopped (default 10)")
-    parser.add_argument("--restart_grace_period", type=float, default=1.0,
-                        help="seconds between SIGTERM and SIGKILL for the "
-                        "other workers when one failed (default 1)")
+    for field in agent._options():
+        parser.add_argument(
+            f"--{field.name}",
+            type=field.metadata["parse"],
+            default=field.default,
+            metavar=field.metadata["metavar"],
+            help=_help(field),
+            action="append" if field.name == "env" else "store",
+        )
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="the worker command, after --")
     return parser
+
+
+def options_table() -> str:
+    """The Markdown table of `kerasdist-run`'s options, from `WorkerSpec`.
+
+    docs/guide/fault_tolerance.md holds this table; a test checks that it
+    is the same.
+
+    Returns:
+        str. A Markdown table: option, default, meaning.
+
+    Example:
+
+    >>> options_table().splitlines()[0]
+    '| option | default | meaning |'
+    """
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for field in agent._options():
+        meta = field.metadata
+        rows.append(
+            f"| `--{field.name} {meta['metavar']}` | {meta['default_text']} "
+            f"| {meta['help']} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         int. The exit status: 0 when all workers succeeded.
 
+    Raises:
+        SystemExit: with status 2 and a message (no traceback) for invalid
+            options, a worker command that cannot be run or a `--log_dir`
+            that cannot be written, before starting anything.
+
     Example:
 
     ```python
@@ -73,8 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ```
     """
     parser = _parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    command = list(args.command)
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None
+                                  else list(argv)))
+    command = list(args.pop("command"))
     if command and command[0] == "--":
         command = command[1:]
     if not command:
@@ -82,17 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "no worker command given. Put it after --, e.g. "
             "kerasdist-run --num_workers 2 -- python train.py"
         )
+    if args["env"] is not None:
+        args["env"] = dict(args["env"])
     try:
-        result = agent.run(
-            command,
-            num_workers=args.num_workers,
-            max_restarts=args.max_restarts,
-            max_preemptions=args.max_preemptions,
-            log_dir=args.log_dir,
-            timeout=args.timeout,
-            grace_period=args.grace_period,
-            restart_grace_period=args.restart_grace_period,
-        )
+        result = agent.run(command, **args)
     except agent.LauncherError as e:
         parser.error(str(e))
     return result.returncode

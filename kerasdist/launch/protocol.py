@@ -36,6 +36,7 @@ __all__ = [
     "PREEMPTION_SIGNALS",
     "RESTART_EXIT_CODE",
     "exit_for_restart",
+    "install_permanent_error_hook",
     "restart_count",
     "touch_heartbeat",
 ]
@@ -86,6 +87,52 @@ def touch_heartbeat() -> None:
             pass
     except OSError:
         pass
+
+
+def _exit_on_permanent_error(previous):
+    """An excepthook: report as before, then exit 78 for a PermanentError."""
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        from kerasdist.errors import PermanentError
+
+        if isinstance(exc_type, type) and issubclass(
+            exc_type, PermanentError
+        ):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # The interpreter would exit 1 after the hook: a failure the
+            # launcher retries. os._exit keeps the status; atexit handlers
+            # do not run (TF's may block on peers that wait in a
+            # collective; the launcher stops those).
+            os._exit(PERMANENT_EXIT_CODE)
+
+    hook._kerasdist_permanent = True
+    return hook
+
+
+def install_permanent_error_hook() -> bool:
+    """Makes an uncaught `PermanentError` exit with `PERMANENT_EXIT_CODE`.
+
+    Only inside a worker started by the launcher (`KERASDIST_RESTART_COUNT`
+    is set), so `kerasdist-run` stops at once instead of retrying a failure
+    that restarting cannot fix. The previous `sys.excepthook` still prints
+    the traceback first. `import kerasdist` calls it; calling it again does
+    nothing.
+
+    Returns:
+        bool. True if the hook is (now or already) installed.
+
+    Example:
+
+    >>> install_permanent_error_hook() in (True, False)
+    True
+    """
+    if ENV_RESTART_COUNT not in os.environ:
+        return False
+    if not getattr(sys.excepthook, "_kerasdist_permanent", False):
+        sys.excepthook = _exit_on_permanent_error(sys.excepthook)
+    return True
 
 
 def exit_for_restart() -> None:

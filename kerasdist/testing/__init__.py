@@ -2,8 +2,11 @@
 
 `run_workers` starts N real Python processes, each with its own `TF_CONFIG`
 on free loopback ports, in its own process group, bounded by a timeout; on
-timeout or failure every process group it started is killed (by PID, never
-by name).
+timeout or failure every process group it started is killed (by process
+group id, never by name). `run_scenario` runs a worker script that writes
+one JSON result per worker and returns those results. Both use the
+launcher's process-group supervisor (`kerasdist.launch.supervisor`), so the
+workers also die if the test process is killed.
 """
 
 from __future__ import annotations
@@ -11,15 +14,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 
 from kerasdist import cluster
+from kerasdist.launch import supervisor
 
-__all__ = ["WorkerResult", "WorkersFailed", "kill_group", "run_workers"]
+__all__ = [
+    "WorkerResult",
+    "WorkersFailed",
+    "kill_group",
+    "run_scenario",
+    "run_workers",
+]
+
+_POLL_SECONDS = 0.05
 
 
 @dataclasses.dataclass
@@ -52,7 +63,13 @@ class WorkersFailed(AssertionError):
 
 
 def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM then SIGKILL the process group led by `proc`.
+    """SIGTERM then SIGKILL the process group led by `proc`, then reap it.
+
+    Does nothing if `proc` was already reaped (e.g. by `communicate()` or
+    `wait()`): its process group id may belong to someone else by then.
+    To also end what such a process left in its group, stop it through
+    this function (or `kerasdist.launch.supervisor`) instead of waiting
+    for it.
 
     Args:
         proc: a `subprocess.Popen` started with `start_new_session=True`.
@@ -64,22 +81,9 @@ def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     kill_group(proc)
     ```
     """
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
-            break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-    # Reap any stragglers left in the group after the leader exited.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    if proc.returncode is not None:
+        return
+    supervisor.stop_all([supervisor.Leader(proc)], grace)
 
 
 def run_workers(
@@ -98,8 +102,9 @@ def run_workers(
         num_workers: int. Number of worker processes.
         timeout: float. Seconds for the whole group. Defaults to 180.
         env: mapping or None. Extra environment variables.
-        check: bool. Raise `WorkersFailed` if any worker fails. Defaults to
-            True.
+        check: bool. Raise `WorkersFailed` if any worker fails, and stop
+            the others as soon as one fails (they would block in their
+            next collective). Defaults to True.
         cwd: str or None. Working directory.
 
     Returns:
@@ -115,8 +120,9 @@ def run_workers(
     ```
     """
     config = cluster.make_tf_config(num_workers, 0)
-    procs, logs = [], []
+    procs: list[supervisor.Process] = []
     deadline = time.monotonic() + timeout
+    timed_out = False
     try:
         for i in range(num_workers):
             config["task"]["index"] = i
@@ -124,39 +130,23 @@ def run_workers(
             worker_env.update(env or {})
             worker_env["TF_CONFIG"] = json.dumps(config)
             worker_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            log = open(_tmp_log(i), "w+")  # noqa: SIM115
-            logs.append(log)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, *argv],
-                    env=worker_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    cwd=cwd,
-                )
-            )
-        timed_out = False
-        for p in procs:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            procs.append(supervisor.Process(
+                [sys.executable, *argv], env=worker_env, cwd=cwd,
+                capture=True,
+            ))
+        while any(p.running() for p in procs):
+            if check and any(p.returncode for p in procs):
+                break  # One failure leaves its peers blocked: stop them.
+            if time.monotonic() > deadline:
                 timed_out = True
                 break
-        if timed_out or any(p.returncode for p in procs):
-            # One failure leaves its peers blocked in a collective.
-            for p in procs:
-                kill_group(p, grace=1.0)
+            time.sleep(_POLL_SECONDS)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                kill_group(p, grace=1.0)
-    results = []
-    for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        log.seek(0)
-        results.append(WorkerResult(i, p.returncode, log.read()))
-        log.close()
-        os.unlink(log.name)
+        supervisor.stop_all(procs, grace=1.0)
+    results = [
+        WorkerResult(i, p.returncode, p.output())
+        for i, p in enumerate(procs)
+    ]
     if timed_out or (check and any(not r.ok for r in results)):
         why = f"timed out after {timeout:.0f}s" if timed_out else "failed"
         detail = "\n".join(
@@ -168,9 +158,50 @@ def run_workers(
     return results
 
 
-def _tmp_log(i: int) -> str:
-    import tempfile
+def run_scenario(
+    script: str | os.PathLike,
+    scenario: str,
+    out_dir: str | os.PathLike,
+    *,
+    num_workers: int = 2,
+    timeout: float = 200.0,
+    env: Mapping[str, str] | None = None,
+) -> list[dict]:
+    """Runs one scenario of a worker script on N workers; returns each
+    worker's JSON result.
 
-    fd, path = tempfile.mkstemp(prefix=f"kd-worker{i}-", suffix=".log")
-    os.close(fd)
-    return path
+    The script is run as `python SCRIPT --out OUT_DIR --scenarios SCENARIO`
+    by `run_workers`; worker `i` writes `OUT_DIR/result-<i>.json`, a dict
+    with one entry per scenario it ran.
+
+    Args:
+        script: str or path. The worker script.
+        scenario: str. The scenario's name.
+        out_dir: str or path. Directory the workers write to.
+        num_workers: int. Number of workers. Defaults to 2.
+        timeout: float. Seconds for the whole group. Defaults to 200.
+        env: mapping or None. Extra environment variables.
+
+    Returns:
+        list of dict: `result-<i>.json[scenario]`, by worker index.
+
+    Raises:
+        WorkersFailed: if a worker failed or the group timed out.
+
+    Example:
+
+    ```python
+    runs = run_scenario("tests/toolkit_worker.py", "accumulation", tmp_path)
+    assert runs[0]["iterations"] == runs[1]["iterations"]
+    ```
+    """
+    out_dir = os.fspath(out_dir)
+    run_workers(
+        [os.fspath(script), "--out", out_dir, "--scenarios", scenario],
+        num_workers, timeout=timeout, env=env,
+    )
+    results = []
+    for i in range(num_workers):
+        with open(os.path.join(out_dir, f"result-{i}.json")) as f:
+            results.append(json.load(f)[scenario])
+    return results
