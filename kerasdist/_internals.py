@@ -240,6 +240,13 @@ def set_initial_epoch(model: Any, epoch: int | None) -> None:
     model._initial_epoch = epoch
 
 
+def eval_epoch_iterator(model: Any) -> Any:
+    """The validation `TFEpochIterator` `fit` caches on the model
+    (`model._eval_epoch_iterator`, set in `fit` of
+    `keras/src/backend/tensorflow/trainer.py`), or None."""
+    return getattr(model, "_eval_epoch_iterator", None)
+
+
 def in_multi_worker_mode(strategy: Any) -> bool:
     """`strategy.extended._in_multi_worker_mode()` (TF's
     `collective_all_reduce_strategy.py`); False for other strategies."""

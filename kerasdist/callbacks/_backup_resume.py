@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any
 
 from kerasdist import _internals
+from kerasdist.callbacks._backup_store import BackupConfigError
 
 
 @dataclasses.dataclass
@@ -33,14 +34,18 @@ class Cursor:
         epoch: int. The epoch in progress (0-based).
         step: int. Steps done in that epoch.
         global_step: int. Steps done in the whole run.
-        iterators_created: int. Dataset iterators `fit` created so far.
-        batches_consumed: int. Batches taken from the newest iterator.
+        iterators_created: int. Iterators created on the training dataset
+            so far (by `fit`, and by validation when it reads the same
+            dataset object).
+        current_iterator: int. Which of those (1-based) training reads.
+        batches_consumed: int. Batches taken from that iterator.
     """
 
     epoch: int = 0
     step: int = 0
     global_step: int = 0
     iterators_created: int = 0
+    current_iterator: int = 0
     batches_consumed: int = 0
 
     def to_meta(self) -> dict:
@@ -48,8 +53,11 @@ class Cursor:
 
     @classmethod
     def from_meta(cls, meta: dict) -> Cursor:
-        return cls(**{f.name: int(meta[f.name])
-                      for f in dataclasses.fields(cls)})
+        values = {f.name: int(meta[f.name]) for f in dataclasses.fields(cls)
+                  if f.name in meta}
+        # Backups of kerasdist 0.1 read the newest iterator.
+        values.setdefault("current_iterator", values["iterators_created"])
+        return cls(**values)
 
     def advance(self, steps: int) -> None:
         """Counts `steps` trained steps."""
@@ -62,7 +70,7 @@ class Cursor:
 
 
 class InputTracker:
-    """Counts `fit`'s dataset iterators; replays them when resuming.
+    """Counts the dataset iterators `fit` creates; replays them on resume.
 
     Args:
         epoch_iterator: the running `fit`'s `TFEpochIterator`.
@@ -72,63 +80,112 @@ class InputTracker:
     def __init__(self, epoch_iterator: Any, cursor: Cursor):
         self.epoch_iterator = epoch_iterator
         self.cursor = cursor
-        self._prepared: tuple[Any, int] | None = None
+        self._original = _internals.original_get_iterator(epoch_iterator)
+        self._prepared: tuple[Any, Cursor] | None = None
+        self._eval_iterators: list[Any] = []
 
     @property
     def steps_per_execution(self) -> int:
         return int(self.epoch_iterator.steps_per_execution)
 
-    def install(self, saved: Cursor | None, backup_dir: str) -> None:
+    def install(self, saved: Cursor | None, backup_dir: str,
+                saved_spe: int | None) -> None:
+        """Counts from now on; with `saved`, replays the input to it.
+
+        Raises:
+            BackupConfigError: if the backup was made with another
+                `steps_per_execution`.
+        """
         ei = self.epoch_iterator
         cursor = self.cursor
-        original = _internals.original_get_iterator(ei)
+        original = self._original
 
         def counting_get_iterator():
-            cursor.iterators_created += 1
             if self._prepared is not None:
-                iterator, cursor.batches_consumed = self._prepared
+                iterator, at = self._prepared
                 self._prepared = None
+                cursor.iterators_created = at.iterators_created
+                cursor.current_iterator = at.current_iterator
+                cursor.batches_consumed = at.batches_consumed
                 return iterator
+            cursor.iterators_created += 1
+            cursor.current_iterator = cursor.iterators_created
             cursor.batches_consumed = 0
             return original()
 
         _internals.patch_get_iterator(ei, counting_get_iterator)
         if saved is None:
             return
-        created = saved.iterators_created
-        consumed = saved.batches_consumed
-        step = saved.step
+        spe = self.steps_per_execution
+        if saved_spe is not None and saved_spe != spe or (
+            saved_spe is None and saved.step % spe
+        ):
+            raise BackupConfigError(
+                f"The backup in {backup_dir!r} was made with "
+                f"steps_per_execution={saved_spe or 'another value'}; this "
+                f"model compiles steps_per_execution={spe}. Resume with the "
+                "steps_per_execution the backup was made with, or use a new "
+                "`backup_dir`."
+            )
         # At an epoch start, fit makes a fresh iterator unless it was given
         # `steps_per_epoch` (then it continues the current one).
-        fresh = step == 0 and ei.steps_per_epoch is None
-        throwaway = created if fresh else created - 1
-        for _ in range(max(throwaway, 0)):
-            # Unread iterators: only advance the shuffle seed generators.
-            iter(original())
-        cursor.iterators_created = max(throwaway, 0)
-        if not fresh and created > 0:
+        fresh = saved.step == 0 and ei.steps_per_epoch is None
+        if fresh or saved.current_iterator == 0:
+            for _ in range(saved.iterators_created):
+                # Unread iterators: only advance the shuffle seed generators.
+                iter(original())
+            cursor.iterators_created = saved.iterators_created
+        else:
+            for _ in range(saved.current_iterator - 1):
+                iter(original())
             iterator = iter(original())
-            for _ in range(consumed):
+            for _ in range(saved.batches_consumed):
                 next(iterator)
-            self._prepared = (iterator, consumed)
-        spe = self.steps_per_execution
-        if step % spe:
-            raise ValueError(
-                f"The backup in {backup_dir!r} was taken at step {step}, "
-                f"which is not a multiple of steps_per_execution={spe}. "
-                "Resume with the steps_per_execution it was made with."
-            )
-        if step:
+            for _ in range(saved.iterators_created - saved.current_iterator):
+                iter(original())  # validation's, after training's
+            self._prepared = (iterator, saved)
+            cursor.iterators_created = saved.iterators_created
+        if saved.step:
+            # The last execution of an epoch may be partial: a backup taken
+            # after it has a step that is not a multiple of spe.
+            skip = -(-saved.step // spe)
+            consumed = saved.batches_consumed
 
             def resumed_enumerate():
                 ei.__dict__.pop("_enumerate_iterator", None)  # one epoch
                 items = _internals.original_enumerate(ei)
-                for _ in range(step // spe):
-                    next(items)
+                for _ in range(skip):
+                    next(items, None)
                 _internals.set_steps_seen(ei, consumed)
                 yield from items
 
             _internals.patch_enumerate(ei, resumed_enumerate)
 
+    def track_evaluation(self, eval_iterator: Any) -> None:
+        """Counts validation's iterators if it reads the training dataset.
+
+        `fit(x=ds, validation_data=ds)` with a reshuffling `ds`: each
+        evaluation's `iter()` advances the same shuffle seed generator.
+        """
+        if eval_iterator is None or any(
+            e is eval_iterator for e in self._eval_iterators
+        ):
+            return
+        self._eval_iterators.append(eval_iterator)
+        train = getattr(self.epoch_iterator, "_distributed_dataset", None)
+        if getattr(eval_iterator, "_distributed_dataset", None) is not train:
+            return
+        cursor = self.cursor
+        original = _internals.original_get_iterator(eval_iterator)
+
+        def counting_eval_iterator():
+            cursor.iterators_created += 1
+            return original()
+
+        _internals.patch_get_iterator(eval_iterator, counting_eval_iterator)
+
     def uninstall(self) -> None:
         _internals.unpatch_epoch_iterator(self.epoch_iterator)
+        for e in self._eval_iterators:
+            _internals.unpatch_epoch_iterator(e)
+        self._eval_iterators = []

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from kerasdist.errors import PermanentError
+
 FORMAT_VERSION = 1
 PREFIX = "ckpt-"
 SUFFIX = ".npz"
@@ -61,6 +63,8 @@ def write_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -68,6 +72,7 @@ def write_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
         except OSError:
             pass
         raise
+    fsync_dir(directory)
 
 
 def write_backup(path: str, meta: dict, values: list[np.ndarray]) -> None:
@@ -91,18 +96,48 @@ def read(path: str) -> tuple[dict, list[np.ndarray]]:
         meta = json.loads(str(f[META_KEY]))
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"unknown backup format {meta.get('format')!r}")
-        values = [f[f"v{i:05d}"] for i in range(len(meta["names"]))]
+        count = sum(1 for name in f.files if name != META_KEY)
+        values = [f[f"v{i:05d}"] for i in range(count)]
+        if count < len(meta["names"]):
+            raise ValueError(f"{count} arrays for {len(meta['names'])} names")
     return meta, values
 
 
 def rotate(backup_dir: str, keep: int, newest: str) -> None:
-    """Deletes all but the `keep` newest backups."""
-    del newest
-    for old in list_backups(backup_dir)[keep:]:
+    """Deletes all but the `keep` newest backups; never deletes `newest`.
+
+    `newest` is the backup just written. Files named after a later step are
+    left over from an abandoned future (the run restarted from an older
+    backup): they go first, so they can never push `newest` out.
+    """
+    backups = [p for p in list_backups(backup_dir) if p != newest]
+    name = os.path.basename(newest)
+    later = [p for p in backups if os.path.basename(p) > name]
+    earlier = [p for p in backups if os.path.basename(p) < name]
+    for old in later + earlier[keep - 1:]:
         try:
             os.unlink(old)
         except OSError:
             pass
+
+
+def delete_all(backup_dir: str) -> None:
+    """Removes every backup, set-aside and temporary file, and the
+    directory itself if nothing else is left in it."""
+    try:
+        names = os.listdir(backup_dir)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith((PREFIX, CORRUPT_PREFIX, TMP_PREFIX)):
+            try:
+                os.unlink(os.path.join(backup_dir, name))
+            except OSError:
+                pass
+    try:
+        os.rmdir(backup_dir)
+    except OSError:
+        pass
 
 
 def set_aside(path: str) -> None:
@@ -124,7 +159,7 @@ def remove_temporaries(backup_dir: str) -> None:
                 pass
 
 
-class BackupMismatchError(ValueError):
+class BackupMismatchError(PermanentError, ValueError):
     """The backup was made by a different model; nothing was loaded.
 
     Recovery does not retry this: the backup directory belongs to another
@@ -136,6 +171,70 @@ class BackupMismatchError(ValueError):
     >>> issubclass(BackupMismatchError, ValueError)
     True
     """
+
+
+class BackupConfigError(PermanentError, ValueError):
+    """`backup_dir` or another setting can never work; nothing was trained.
+
+    Raised before the first step: a URL or blank path, a directory that
+    cannot be created or written, a backup made with another
+    `steps_per_execution`. Recovery does not retry it.
+
+    Example:
+
+    >>> issubclass(BackupConfigError, PermanentError)
+    True
+    """
+
+
+def check_path(backup_dir: Any) -> str:
+    """Returns `backup_dir` as a str if it can name a local directory.
+
+    Raises:
+        BackupConfigError: for a blank path or a URL.
+    """
+    if not isinstance(backup_dir, (str, os.PathLike)) or not str(
+        os.fspath(backup_dir)
+    ).strip():
+        raise BackupConfigError(
+            "Invalid value for argument `backup_dir`. "
+            f"Received: backup_dir={backup_dir!r}. Expected a non-empty "
+            "directory path."
+        )
+    path = os.fspath(backup_dir)
+    if not isinstance(path, str):
+        path = os.fsdecode(path)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
+        raise BackupConfigError(
+            "Invalid value for argument `backup_dir`. "
+            f"Received: backup_dir={path!r}. Expected a local or mounted "
+            "file system path: URLs (gs://, s3://, hdfs://) are not "
+            "supported, because a backup is renamed into place atomically. "
+            "Mount the bucket (e.g. with gcsfuse) and pass the mount's path."
+        )
+    return path
+
+
+def check_writable(backup_dir: str) -> None:
+    """Creates `backup_dir` if needed and writes and removes a probe file.
+
+    Raises:
+        BackupConfigError: naming the path, the OS error and the fix.
+    """
+    probe = os.path.join(backup_dir, f"{TMP_PREFIX}probe-{os.getpid()}")
+    try:
+        os.makedirs(backup_dir, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.unlink(probe)
+    except OSError as e:
+        raise BackupConfigError(
+            "Invalid value for argument `backup_dir`. "
+            f"Received: backup_dir={backup_dir!r}, where no backup can be "
+            f"written ({type(e).__name__}: {e.strerror or e}). Expected a "
+            "directory this process can create and write files in: fix "
+            "its permissions, or pass a path on a writable file system."
+        ) from None
 
 
 def _normalized(path: str) -> str:
