@@ -122,3 +122,28 @@ def test_sigkill_with_steps_per_execution_4_and_partial_execution(tmp_path):
     newest = max(n for n in os.listdir(tmp_path / "backup")
                  if n.startswith("ckpt-"))
     assert newest == "ckpt-000000000033.npz"  # 3 epochs of 11 steps
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("validation", ["same", "separate"])
+def test_sigkill_with_validation_data(tmp_path, validation):
+    # validation="same": the training dataset object itself, whose
+    # evaluations advance the shared shuffle seed generator.
+    strategy = kd.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
+    log = str(tmp_path / "ref.jsonl")
+    with strategy.scope():
+        model = fw.build_model()
+    dataset = fw.make_dataset(strategy)
+    model.fit(dataset, epochs=3, verbose=0,
+              validation_data=dataset if validation == "same" else
+              fw.make_dataset(strategy, 64, seed=fw.SEED + 1),
+              callbacks=[fw.step_log_callback(log, 2)])
+    reference = model.get_weights(), fw.read_steps(log)
+    result, text, steps, weights = _run(
+        tmp_path, ["0:1:2:5:SIGKILL"], "--save_freq", "4",
+        "--validation", validation, max_restarts=2)
+    assert result.restarts == 1, text
+    resumed = next(r for r in steps if r["attempt"] == 1)
+    assert (resumed["epoch"], resumed["step"]) == (2, 4)  # backup: step 28
+    _assert_same_training(steps, weights, reference)

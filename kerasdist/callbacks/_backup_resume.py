@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import keras
+
 from kerasdist import _internals
 from kerasdist.callbacks._backup_store import BackupConfigError
 
@@ -189,3 +191,71 @@ class InputTracker:
         for e in self._eval_iterators:
             _internals.unpatch_epoch_iterator(e)
         self._eval_iterators = []
+
+
+def steps_done(begin: int, end: int, epoch_size: int | None, optimizer: Any,
+               last_iterations: int | None) -> tuple[int, int | None]:
+    """Steps the last execution really trained, and the optimizer's count.
+
+    The last execution of an epoch trains fewer than `steps_per_execution`
+    steps when the epoch's size is not a multiple of it, but Keras reports
+    the full range `begin..end`. With the epoch's size known (`fit`'s
+    `params["steps"]`) the range is cut there; otherwise the optimizer's
+    iteration counter says how many steps were applied (read only for
+    executions of several steps, and not with gradient accumulation).
+    """
+    nominal = end - begin + 1
+    if nominal == 1:
+        return 1, last_iterations
+    if epoch_size:
+        return max(min(end, epoch_size - 1) - begin + 1, 0), last_iterations
+    if optimizer is None or getattr(
+        optimizer, "gradient_accumulation_steps", None
+    ):
+        return nominal, last_iterations
+    iterations = int(optimizer.iterations.numpy())
+    previous = iterations - nominal if last_iterations is None else (
+        last_iterations)
+    done = iterations - previous
+    return (done if 0 < done <= nominal else nominal), iterations
+
+
+class EpochLogs(keras.callbacks.Callback):
+    """Runs first at each epoch end: gives an epoch whose every step was
+    trained before the restart its real metrics (`fit` passes `{}` when no
+    step ran in this attempt; keras's History, EarlyStopping and user
+    callbacks expect `loss`).
+
+    Args:
+        owner: the `BackupAndRestore` that knows whether the epoch was
+            resumed (`_resumed_epoch`) and trained (`_steps_this_epoch`).
+    """
+
+    def __init__(self, owner: Any):
+        super().__init__()
+        self.owner = owner
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.owner._steps_this_epoch == 0 and (
+            self.owner._resumed_epoch == epoch
+        ):
+            results = self.model.get_metrics_result()
+            logs.update({k: v for k, v in results.items() if k not in logs})
+
+
+def run_last(callback: Any, first: Any) -> list:
+    """Orders the running `fit`'s callbacks: `first`, the others, `callback`.
+
+    `callback` last: its epoch-end save sees the other callbacks' state
+    after that epoch. Returns the others.
+    """
+    model = callback.model
+    callback_list = _internals.fit_local(model, "callbacks")
+    if callback_list is None or not hasattr(callback_list, "callbacks"):
+        return []
+    others = [c for c in callback_list.callbacks
+              if c is not callback and type(c) is not type(first)]
+    first.set_model(model)
+    # A new list: Keras is iterating the old one right now.
+    callback_list.callbacks = [first, *others, callback]
+    return others

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Any
 
@@ -80,6 +81,29 @@ def write_backup(path: str, meta: dict, values: list[np.ndarray]) -> None:
     arrays = {f"v{i:05d}": a for i, a in enumerate(values)}
     arrays[META_KEY] = np.array(json.dumps(meta))
     write_atomic(path, arrays)
+
+
+def save(backup_dir: str, global_step: int, meta: dict,
+         values: list[np.ndarray], keep: int, keep_it: bool) -> None:
+    """Writes the backup of `global_step` and rotates the old ones.
+
+    Every worker calls it; only the chief (`keep_it`) keeps the file, the
+    others write it to a temporary directory that is deleted (as
+    `tf_keras/distribute/distributed_file_utils.py` does), so the work is
+    the same on all of them.
+    """
+    name = ckpt_name(global_step)
+    if keep_it:
+        os.makedirs(backup_dir, exist_ok=True)
+        path = os.path.join(backup_dir, name)
+        write_backup(path, meta, values)
+        rotate(backup_dir, keep, path)
+        return
+    scratch = tempfile.mkdtemp(prefix="kerasdist-backup-worker-")
+    try:
+        write_backup(os.path.join(scratch, name), meta, values)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import numbers
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from typing import Any
@@ -42,8 +40,15 @@ from absl import logging
 from kerasdist import _internals, _validate
 from kerasdist import cluster as cluster_lib
 from kerasdist.callbacks import _backup_preemption, _callback_state
+from kerasdist.callbacks import _backup_restore as restore_lib
 from kerasdist.callbacks import _backup_store as store
-from kerasdist.callbacks._backup_resume import Cursor, InputTracker
+from kerasdist.callbacks._backup_resume import (
+    Cursor,
+    EpochLogs,
+    InputTracker,
+    run_last,
+    steps_done,
+)
 from kerasdist.callbacks._backup_store import (
     BackupConfigError,
     BackupMismatchError,
@@ -51,12 +56,6 @@ from kerasdist.callbacks._backup_store import (
 from kerasdist.launch import protocol
 
 __all__ = ["BackupAndRestore", "BackupConfigError", "BackupMismatchError"]
-
-# Backup directories whose `fit` finished in this process, with the
-# launcher's restart count then: a later `fit` with the same directory and
-# count is a new run (consecutive cells of a notebook), not a rerun.
-_FINISHED_HERE: dict[str, int] = {}
-
 
 def _check_save_freq(save_freq: Any) -> str | int:
     if isinstance(save_freq, str) and save_freq == "epoch":
@@ -70,23 +69,6 @@ def _check_save_freq(save_freq: Any) -> str | int:
             "Expected either 'epoch' or a positive integer (steps)."
         )
     return int(save_freq)
-
-
-class _EpochLogs(keras.callbacks.Callback):
-    """Runs first at each epoch end: gives an epoch whose every step was
-    trained before the restart its real metrics (fit passes `{}` when no
-    step ran in this attempt)."""
-
-    def __init__(self, owner: BackupAndRestore):
-        super().__init__()
-        self.owner = owner
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and self.owner._steps_this_epoch == 0 and (
-            self.owner._resumed_epoch == epoch
-        ):
-            results = self.model.get_metrics_result()
-            logs.update({k: v for k, v in results.items() if k not in logs})
 
 
 class BackupAndRestore(keras.callbacks.Callback):
@@ -205,10 +187,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._heartbeat = _backup_preemption.Heartbeat()
 
     def _variables(self) -> tuple[list, list, list]:
-        model = self.model
-        optimizer = getattr(model, "optimizer", None)
-        opt_vars = list(optimizer.variables) if optimizer is not None else []
-        return list(model.variables), opt_vars, list(model.metrics_variables)
+        return restore_lib.variables(self.model)
 
     # ------------------------------------------------------------------
     # Keras hooks.
@@ -241,7 +220,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             with model.distribute_strategy.scope():
                 optimizer.build(model.trainable_variables)
         epoch_iterator = _internals.find_epoch_iterator(model)
-        self._take_callback_order()
+        self._callbacks = run_last(self, EpochLogs(self))
         new_run = self._is_new_run_in_this_process()
         if self._task.is_chief:
             store.check_writable(self.backup_dir)
@@ -291,7 +270,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._batch_begin = batch
 
     def on_train_batch_end(self, batch, logs=None):
-        steps = self._steps_done(self._batch_begin, batch)
+        steps, self._iterations = steps_done(
+            self._batch_begin, batch, (self.params or {}).get("steps"),
+            getattr(self.model, "optimizer", None), self._iterations)
         self._cursor.advance(steps)
         self._cursor.step = self._batch_begin + steps
         self._steps_this_epoch += steps
@@ -328,8 +309,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._tracker.uninstall()
             self._tracker = None
         _internals.set_initial_epoch(self.model, None)
-        _FINISHED_HERE[os.path.realpath(self.backup_dir)] = (
-            protocol.restart_count())
+        restore_lib.record_finished(self.backup_dir)
         if self.delete_on_finish and self._task.is_chief:
             store.delete_all(self.backup_dir)
         if self._preemption.requested:
@@ -338,78 +318,19 @@ class BackupAndRestore(keras.callbacks.Callback):
     # ------------------------------------------------------------------
     # Steps, callbacks and finished runs.
 
-    def _steps_done(self, begin: int, end: int) -> int:
-        """Steps the last execution really trained.
-
-        The last execution of an epoch trains fewer than
-        `steps_per_execution` steps when the epoch's size is not a multiple
-        of it, but Keras reports the full range.
-        """
-        nominal = end - begin + 1
-        if nominal == 1:
-            return 1
-        size = (self.params or {}).get("steps")
-        if size:
-            return max(min(end, size - 1) - begin + 1, 0)
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is None or getattr(
-            optimizer, "gradient_accumulation_steps", None
-        ):
-            return nominal
-        # Unknown epoch size: the optimizer counts the steps applied.
-        iterations = int(optimizer.iterations.numpy())
-        previous, self._iterations = self._iterations, iterations
-        if previous is None:
-            previous = iterations - nominal
-        done = iterations - previous
-        return done if 0 < done <= nominal else nominal
-
-    def _take_callback_order(self) -> None:
-        """Runs this callback last (so a save at an epoch end sees the
-        other callbacks' state after that epoch) and `_EpochLogs` first."""
-        callback_list = _internals.fit_local(self.model, "callbacks")
-        if callback_list is None or not hasattr(callback_list, "callbacks"):
-            return
-        others = [c for c in callback_list.callbacks
-                  if c is not self and not isinstance(c, _EpochLogs)]
-        filler = _EpochLogs(self)
-        filler.set_model(self.model)
-        # A new list: Keras is iterating the old one right now.
-        callback_list.callbacks = [filler, *others, self]
-        self._callbacks = others
-
     def _is_new_run_in_this_process(self) -> bool:
-        finished = _FINISHED_HERE.pop(os.path.realpath(self.backup_dir), None)
-        if finished is None or finished != protocol.restart_count():
-            return False
-        warnings.warn(
-            "kd.callbacks.BackupAndRestore: a `fit` with backup_dir "
-            f"{self.backup_dir!r} already finished in this process; this "
-            "`fit` starts a new run and replaces its backups. Use a new "
-            "`backup_dir` for each run to keep them.",
-            stacklevel=3,
-        )
-        return True
+        return restore_lib.new_run_in_this_process(self.backup_dir)
 
     def _finish_or_extend(self, meta: dict) -> None:
         epochs = int((self.params or {}).get("epochs") or 0)
-        done = int(meta["epoch"])
-        if not meta.get("stopped_early") and epochs > int(meta["epochs"]):
+        message = restore_lib.finished_message(self.backup_dir, meta, epochs)
+        if message is None:
             return  # More epochs than the finished run: train them.
-        message = (
-            f"kd.callbacks.BackupAndRestore: the backup in "
-            f"{self.backup_dir!r} says training finished (fit ended after "
-            f"epoch {done} of {meta['epochs']}"
-            f"{', stopped early' if meta.get('stopped_early') else ''}); "
-            "nothing to train, so fit returns at once with the final "
-            "weights. This is right for a rerun of a finished job; to train "
-            "a new model, use a new `backup_dir`, delete this one, or pass "
-            "delete_on_finish=True."
-        )
         warnings.warn(message, stacklevel=3)
         if self._task.is_chief:
             logging.warning("kerasdist: %s", message)
-        _internals.set_initial_epoch(self.model, max(epochs, done))
+        _internals.set_initial_epoch(self.model,
+                                     max(epochs, int(meta["epoch"])))
         self._returned_at_once = True
 
     # ------------------------------------------------------------------
@@ -439,18 +360,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             meta.update(finished=True, epochs=epochs,
                         stopped_early=self._cursor.epoch < epochs)
         values += arrays
-        name = store.ckpt_name(self._cursor.global_step)
-        if self._task.is_chief:
-            os.makedirs(self.backup_dir, exist_ok=True)
-            path = os.path.join(self.backup_dir, name)
-            store.write_backup(path, meta, values)
-            store.rotate(self.backup_dir, self.keep, path)
-        else:
-            scratch = tempfile.mkdtemp(prefix="kerasdist-backup-worker-")
-            try:
-                store.write_backup(os.path.join(scratch, name), meta, values)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+        store.save(self.backup_dir, self._cursor.global_step, meta, values,
+                   self.keep, keep_it=self._task.is_chief)
         self._saved_at = self._cursor.global_step
 
     def _steps_per_execution(self) -> int:
@@ -467,53 +378,16 @@ class BackupAndRestore(keras.callbacks.Callback):
 
         With `check_only`, only checks that it fits the model.
         """
-        meta, values = None, None
-        paths = store.list_backups(self.backup_dir)
-        unreadable = []
-        for path in paths:
-            try:
-                meta, values = store.read(path)
-                break
-            except Exception as e:  # any damage: fall back
-                unreadable.append(path)
-                warnings.warn(
-                    f"kd.callbacks.BackupAndRestore: backup {path} is "
-                    f"unreadable ({type(e).__name__}: {e}); falling back to "
-                    "the previous one.",
-                    stacklevel=3,
-                )
-        if paths and meta is None:
-            warnings.warn(
-                "kd.callbacks.BackupAndRestore: no backup in "
-                f"{self.backup_dir!r} is readable; training starts from the "
-                "beginning.",
-                stacklevel=3,
-            )
-        self._check_same_backup_everywhere(meta)
-        if self._task.is_chief:
-            # Unreadable backups newer than the one restored: set aside, so
-            # rotation never prefers them to the backups written from now.
-            for path in unreadable:
-                store.set_aside(path)
+        meta, values = restore_lib.read_newest(
+            self.backup_dir, set_aside=self._task.is_chief,
+            agree=lambda m: restore_lib.agree_on_backup(
+                self.model, self._task.num_workers, self.backup_dir, m))
         if meta is None:
             return None
-        model_vars, opt_vars, metric_vars = self._variables()
-        store.check_compatible(self.backup_dir, meta, values, [
-            (kind, [(v.path, tuple(v.shape), v.dtype) for v in variables])
-            for kind, variables in (("model", model_vars),
-                                    ("optimizer", opt_vars))
-        ])
+        metrics = restore_lib.load(self.model, self.backup_dir, meta, values,
+                                   epoch_iterator, check_only)
         if check_only:
             return None
-        n_state = meta["num_model"] + meta["num_optimizer"]
-        n_values = len(meta["names"])
-        if meta["step"] > 0 and len(metric_vars) != meta["num_metrics"]:
-            _internals.build_metrics_now(self.model, epoch_iterator)
-            metric_vars = self._variables()[2]
-        for v, value in zip(
-            model_vars + opt_vars, values[:n_state], strict=True
-        ):
-            v.assign(value)
         cursor = Cursor.from_meta(meta)
         self._cursor.epoch = cursor.epoch
         self._cursor.step = cursor.step
@@ -521,65 +395,19 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._preemption.set_restored_step(cursor.global_step)
         self._saved_at = cursor.global_step
         self._callback_states = (meta.get("callbacks", {}),
-                                 values[n_values:])
-        saved_metrics = values[n_state:n_values]
-        if meta["step"] > 0:
-            self._resumed_epoch = meta["epoch"]
-            if [v.shape for v in saved_metrics] == [
-                tuple(v.shape) for v in metric_vars
-            ]:
-                self._resume_metrics = saved_metrics
-            else:
-                warnings.warn(
-                    "kd.callbacks.BackupAndRestore: the backup's metrics do "
-                    "not match the model's (was it compiled with other "
-                    "metrics?); the resumed epoch's metrics count only the "
-                    "steps after the restart.",
-                    stacklevel=3,
-                )
-        _internals.set_initial_epoch(self.model, meta["epoch"])
+                                 values[len(meta["names"]):])
+        if cursor.step > 0:
+            self._resumed_epoch = cursor.epoch
+            self._resume_metrics = metrics
+        _internals.set_initial_epoch(self.model, cursor.epoch)
         if self._task.is_chief:
             logging.info(
                 "kerasdist: restored %s: resuming at epoch %d, step %d "
                 "(step %d of the run)",
-                store.ckpt_name(meta["global_step"]),
-                meta["epoch"] + 1,
-                meta["step"],
-                meta["global_step"],
+                store.ckpt_name(cursor.global_step), cursor.epoch + 1,
+                cursor.step, cursor.global_step,
             )
         return meta
-
-    def _check_same_backup_everywhere(self, meta: dict | None) -> None:
-        """With several workers, all must restore the same backup."""
-        strategy = self.model.distribute_strategy
-        if self._task.num_workers == 1 or not _internals.in_multi_worker_mode(
-            strategy
-        ):
-            return
-        import tensorflow as tf
-
-        step = -1 if meta is None else meta["global_step"]
-        mine = tf.constant([step, step * step], tf.int64)
-
-        @tf.function
-        def total():
-            def replica_fn():
-                ctx = tf.distribute.get_replica_context()
-                return ctx.all_reduce(tf.distribute.ReduceOp.SUM, mine)
-
-            return strategy.run(replica_fn)
-
-        sums = strategy.experimental_local_results(total())[0].numpy()
-        n = strategy.num_replicas_in_sync
-        # Sum and sum of squares equal n*s and n*s^2 only if all are s.
-        if int(sums[0]) != n * step or int(sums[1]) != n * step * step:
-            found = store.ckpt_name(step) if step >= 0 else "none"
-            raise RuntimeError(
-                "kd.callbacks.BackupAndRestore: the workers found different "
-                f"backups in {self.backup_dir!r} (this worker found "
-                f"{found}). `backup_dir` must be on a file system that every "
-                "worker sees (e.g. NFS or a shared volume)."
-            )
 
     # ------------------------------------------------------------------
     # Preemption.
