@@ -347,3 +347,66 @@ def test_user_callback_state_is_saved_and_restored(tmp_path, monkeypatch):
          callbacks=[counter],
          backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=5))
     assert counter.batches == 36  # 15 restored + 21 trained after
+
+
+# ----------------------------------------------------------------------
+# Preemption signals: SIGUSR1 like SIGTERM, and a signal before fit.
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_before_fit_is_acted_on_at_the_first_step(
+    tmp_path, monkeypatch, signame
+):
+    import signal
+
+    from kerasdist.callbacks import _backup_preemption
+
+    ref, _ = _fit(tmp_path, "ref")
+    previous = signal.getsignal(getattr(signal, signame))
+    backup_dir = tmp_path / "backup"
+    # What kd.MultiWorkerMirroredStrategy does when it is created.
+    _backup_preemption.record_preemption_signals()
+    os.kill(os.getpid(), getattr(signal, signame))  # before fit
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tmp_path, "run",
+             backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=50))
+    assert exit_info.value.code == kd.launch.RESTART_EXIT_CODE
+    assert signal.getsignal(getattr(signal, signame)) is previous
+    assert _backups(backup_dir) == ["ckpt-000000000001.npz"]
+    model, _ = _fit(
+        tmp_path, "run", restart=1, monkeypatch=monkeypatch,
+        backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=50))
+    steps = fw.read_steps(str(tmp_path / "run.jsonl"))
+    assert fw.retrained(steps) == 0
+    assert _fp(fw.lineage(steps)) == _fp(
+        fw.read_steps(str(tmp_path / "ref.jsonl")))
+    _assert_weights_equal(model.get_weights(), ref.get_weights())
+
+
+@pytest.mark.timeout(240)
+def test_sigusr1_during_fit_saves_and_exits_like_sigterm(
+    tmp_path, monkeypatch
+):
+    import signal
+
+    def sigusr1_at(epoch, step):
+        def on_step(e, s):
+            if (e, s) == (epoch, step):
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return on_step
+
+    ref, _ = _fit(tmp_path, "ref")
+    backup_dir = tmp_path / "backup"
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tmp_path, "run", on_step=sigusr1_at(1, 6),
+             backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=50))
+    assert exit_info.value.code == kd.launch.RESTART_EXIT_CODE
+    model, _ = _fit(
+        tmp_path, "run", restart=1, monkeypatch=monkeypatch,
+        backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=50))
+    steps = fw.read_steps(str(tmp_path / "run.jsonl"))
+    resumed = next(r for r in steps if r["attempt"] == 1)
+    assert (resumed["epoch"], resumed["step"]) == (1, 7)
+    assert fw.retrained(steps) == 0
+    _assert_weights_equal(model.get_weights(), ref.get_weights())
