@@ -410,3 +410,15 @@ def test_sigusr1_during_fit_saves_and_exits_like_sigterm(
     assert (resumed["epoch"], resumed["step"]) == (1, 7)
     assert fw.retrained(steps) == 0
     _assert_weights_equal(model.get_weights(), ref.get_weights())
+
+
+@pytest.mark.timeout(240)
+def test_chief_only_passes_the_state_of_the_callback_it_wraps(tmp_path):
+    backup_dir = tmp_path / "backup"
+    wrapped = _early_stopping()
+    _fit(tmp_path, "run", epochs=2, callbacks=[kd.callbacks.ChiefOnly(wrapped)],
+         backup=kd.callbacks.BackupAndRestore(backup_dir))
+    meta = _meta(backup_dir / _backups(backup_dir)[-1])
+    state = meta["callbacks"]["0:EarlyStopping"]
+    assert state["best"] == pytest.approx(wrapped.best)
+    assert state["wait"] == wrapped.wait
