@@ -247,6 +247,22 @@ def eval_epoch_iterator(model: Any) -> Any:
     return getattr(model, "_eval_epoch_iterator", None)
 
 
+def fit_inputs(model: Any) -> tuple[Any, Any]:
+    """`(x, val_x)` of the running `fit` of `model` (its locals, see
+    `fit_local`; `val_x` is None without `validation_data`)."""
+    import sys
+
+    frame = sys._getframe(1)
+    return fit_local(model, "x", frame), fit_local(model, "val_x", frame)
+
+
+def reads_dataset_as_given(epoch_iterator: Any, dataset: Any) -> bool:
+    """True if the `TFEpochIterator` iterates `dataset` itself
+    (`_distributed_dataset`), not a wrapper Keras made by distributing it
+    (`keras/src/backend/tensorflow/trainer.py`, `TFEpochIterator`)."""
+    return getattr(epoch_iterator, "_distributed_dataset", None) is dataset
+
+
 def in_multi_worker_mode(strategy: Any) -> bool:
     """`strategy.extended._in_multi_worker_mode()` (TF's
     `collective_all_reduce_strategy.py`); False for other strategies."""

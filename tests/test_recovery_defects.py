@@ -134,6 +134,31 @@ def test_validation_data_resumes_exactly(tmp_path, monkeypatch, validation):
                                rtol=1e-6)
 
 
+@pytest.mark.timeout(240)
+def test_validation_on_training_dataset_under_a_strategy_is_refused(tmp_path):
+    # Keras distributes the dataset into separate training and validation
+    # wrappers; their interplay with the shuffle order cannot be replayed,
+    # so the run is refused before its first step instead of resuming on
+    # other batches.
+    import tensorflow as tf
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model = fw.build_model()
+    dataset = fw.make_dataset(strategy)
+    log = tmp_path / "steps.jsonl"
+    with pytest.raises(
+        kd.callbacks.backup_and_restore.BackupConfigError,
+        match=r"Invalid value for argument `validation_data` of `fit`: it "
+        r"is the training dataset itself .* under OneDeviceStrategy\. .* "
+        r"Pass a separate validation dataset",
+    ):
+        model.fit(dataset, epochs=1, verbose=0, validation_data=dataset,
+                  callbacks=[fw.step_log_callback(str(log)),
+                             kd.callbacks.BackupAndRestore(tmp_path / "b")])
+    assert not log.exists()
+
+
 # ----------------------------------------------------------------------
 # Defect 3: a backup taken at the last step of an epoch.
 

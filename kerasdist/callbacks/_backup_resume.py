@@ -77,11 +77,15 @@ class InputTracker:
     Args:
         epoch_iterator: the running `fit`'s `TFEpochIterator`.
         cursor: Cursor. Updated as iterators are created.
+        shared_validation: bool. `fit` validates on its training dataset
+            object; validation's iterators are counted too.
     """
 
-    def __init__(self, epoch_iterator: Any, cursor: Cursor):
+    def __init__(self, epoch_iterator: Any, cursor: Cursor,
+                 shared_validation: bool = False):
         self.epoch_iterator = epoch_iterator
         self.cursor = cursor
+        self.shared_validation = shared_validation
         self._original = _internals.original_get_iterator(epoch_iterator)
         self._prepared: tuple[Any, Cursor] | None = None
         self._eval_iterators: list[Any] = []
@@ -174,8 +178,7 @@ class InputTracker:
         ):
             return
         self._eval_iterators.append(eval_iterator)
-        train = getattr(self.epoch_iterator, "_distributed_dataset", None)
-        if getattr(eval_iterator, "_distributed_dataset", None) is not train:
+        if not self.shared_validation:
             return
         cursor = self.cursor
         original = _internals.original_get_iterator(eval_iterator)

@@ -136,8 +136,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             a URL, `save_freq` is neither `"epoch"` nor a positive integer
             (booleans are rejected), or `keep` is not a positive integer;
             at the start of `fit`, if `backup_dir` cannot be created or
-            written, or the backup was made with another
-            `steps_per_execution`.
+            written, the backup was made with another
+            `steps_per_execution`, or `validation_data` is the training
+            dataset itself under a strategy (its effect on the shuffle
+            order cannot be replayed; pass a separate one).
         BackupMismatchError: at the start of `fit`, if the backup was made
             by a different model.
 
@@ -220,6 +222,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             with model.distribute_strategy.scope():
                 optimizer.build(model.trainable_variables)
         epoch_iterator = _internals.find_epoch_iterator(model)
+        shared_validation = self._check_validation_data(epoch_iterator)
         self._callbacks = run_last(self, EpochLogs(self))
         new_run = self._is_new_run_in_this_process()
         if self._task.is_chief:
@@ -232,7 +235,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             os.makedirs(self.backup_dir, exist_ok=True)
         saved = Cursor.from_meta(meta) if meta is not None else None
         if epoch_iterator is not None:
-            self._tracker = InputTracker(epoch_iterator, self._cursor)
+            self._tracker = InputTracker(epoch_iterator, self._cursor,
+                                         shared_validation)
             self._tracker.install(saved, self.backup_dir,
                                   meta.get("steps_per_execution") if meta
                                   else None)
@@ -317,6 +321,30 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------
     # Steps, callbacks and finished runs.
+
+    def _check_validation_data(self, epoch_iterator) -> bool:
+        """True if validation reads the training dataset object itself.
+
+        Its evaluations then advance the training order's shuffle seed
+        generator, and are replayed on resume. When Keras distributes the
+        dataset into separate wrappers for training and validation (under a
+        strategy), that cannot be replayed exactly: refused.
+        """
+        x, val_x = _internals.fit_inputs(self.model)
+        if x is None or val_x is not x or epoch_iterator is None:
+            return False
+        if _internals.reads_dataset_as_given(epoch_iterator, x):
+            return True
+        raise BackupConfigError(
+            "Invalid value for argument `validation_data` of `fit`: it is "
+            f"the training dataset itself ({type(x).__name__}), under "
+            f"{type(self.model.distribute_strategy).__name__}. Each "
+            "evaluation advances its shuffle order, and "
+            "kd.callbacks.BackupAndRestore cannot replay that exactly after "
+            "a restart, so a resumed run would train on other batches. Pass "
+            "a separate validation dataset (e.g. built by the same function "
+            "with another seed, or without shuffle)."
+        )
 
     def _is_new_run_in_this_process(self) -> bool:
         return restore_lib.new_run_in_this_process(self.backup_dir)
