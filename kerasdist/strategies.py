@@ -186,6 +186,11 @@ class MultiWorkerMirroredStrategy(
         )
         if compression is not None:
             compression_lib.enable(self, compression)
+        # TF's multi-worker runtime has just installed its own SIGTERM
+        # handler; record preemption signals for BackupAndRestore instead.
+        from kerasdist.callbacks import _backup_preemption
+
+        _backup_preemption.record_preemption_signals()
 
 
 def _communication_options(

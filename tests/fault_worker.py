@@ -10,7 +10,8 @@ Every example carries its id in column 0 (dropped by the model), and the
 training step reports the sum and the sum of squares of the ids it trained
 on, so the log of (epoch, step, fingerprint) proves which batch was applied
 at each step. `--fault ATTEMPT:WORKER:EPOCH:STEP:WHAT` injects a fault on
-that attempt (`KERASDIST_RESTART_COUNT`) and worker after that step: WHAT is
+that attempt (`KERASDIST_RESTART_COUNT`) and worker after that step (EPOCH
+-1: after the strategy is created, before `fit`): WHAT is
 a signal name sent to the worker itself, or `KILL_IN_SAVE` (SIGKILL inside
 the next save, after the temporary file is written and before the rename).
 """
@@ -30,29 +31,33 @@ GLOBAL_BATCH = 16
 SEED = 7
 
 
-def make_arrays():
+def make_arrays(num_examples: int = NUM_EXAMPLES, seed: int = SEED):
     import numpy as np
 
-    rng = np.random.RandomState(SEED)
-    ids = np.arange(NUM_EXAMPLES, dtype="float32")[:, None]
-    x = rng.normal(size=(NUM_EXAMPLES, FEATURES)).astype("float32")
+    rng = np.random.RandomState(seed)
+    ids = np.arange(num_examples, dtype="float32")[:, None]
+    x = rng.normal(size=(num_examples, FEATURES)).astype("float32")
     y = (x[:, 0] > 0).astype("int64") + 2 * (x[:, 1] > 0).astype("int64")
     return np.concatenate([ids, x], axis=1), y
 
 
-def make_dataset(strategy=None):
-    """Deterministic pipeline: seeded shuffle, reshuffled every epoch."""
+def make_dataset(strategy=None, num_examples: int = NUM_EXAMPLES,
+                 seed: int = SEED):
+    """Deterministic pipeline: seeded shuffle, reshuffled every epoch.
+
+    With the default 192 examples an epoch has 12 batches of 16.
+    """
     import tensorflow as tf
 
     import kerasdist as kd
 
-    x, y = make_arrays()
+    x, y = make_arrays(num_examples, seed)
     # The shuffle order depends on TF's global seed too: fix it, so the
     # in-process reference (run after other tests that set seeds) and fresh
     # worker processes shuffle alike.
     tf.random.set_seed(SEED)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
-        NUM_EXAMPLES, seed=SEED, reshuffle_each_iteration=True
+        num_examples, seed=seed, reshuffle_each_iteration=True
     )
     return kd.data.distribute(
         ds, strategy or tf.distribute.get_strategy(),
@@ -60,7 +65,7 @@ def make_dataset(strategy=None):
     )
 
 
-def build_model(hidden: int = 16):
+def build_model(hidden: int = 16, steps_per_execution: int = 1):
     """Seeded MLP whose `train_step` also logs a fingerprint of its batch."""
     import keras
     import tensorflow as tf
@@ -89,6 +94,7 @@ def build_model(hidden: int = 16):
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
     return model
 
@@ -160,6 +166,13 @@ def main(argv=None) -> int:
     parser.add_argument("--save_freq", default="4")
     parser.add_argument("--strategy", default="auto")
     parser.add_argument("--fault", action="append", default=[])
+    parser.add_argument("--num_examples", type=int, default=NUM_EXAMPLES)
+    parser.add_argument("--steps_per_execution", type=int, default=1)
+    parser.add_argument("--validation", choices=["none", "same", "separate"],
+                        default="none")
+    parser.add_argument("--strict_logs", action="store_true",
+                        help="a callback that reads logs['loss'] at epoch "
+                        "end (raises KeyError on empty logs)")
     args = parser.parse_args(argv)
 
     import keras
@@ -197,8 +210,12 @@ def main(argv=None) -> int:
             else:
                 os.kill(os.getpid(), getattr(signal, what))
 
+    # EPOCH -1: the fault happens after the strategy is created, before fit.
+    for e, _, what in faults:
+        if e == -1:
+            os.kill(os.getpid(), getattr(signal, what))
     with strategy.scope():
-        model = build_model()
+        model = build_model(steps_per_execution=args.steps_per_execution)
     save_freq = args.save_freq
     save_freq = save_freq if save_freq == "epoch" else int(save_freq)
     os.makedirs(args.out, exist_ok=True)
@@ -206,17 +223,25 @@ def main(argv=None) -> int:
         os.path.join(args.out, f"steps-{task.worker_rank}.jsonl"),
         strategy.num_replicas_in_sync, on_step,
     )
+    dataset = make_dataset(strategy, args.num_examples)
+    validation = {
+        "none": None,
+        "same": dataset,
+        "separate": make_dataset(strategy, 64, seed=SEED + 1),
+    }[args.validation]
+    callbacks = [log]
+    if args.strict_logs:
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: float(logs["loss"])))
+    callbacks.append(kd.callbacks.BackupAndRestore(
+        args.backup_dir.replace("{rank}", str(task.worker_rank)), save_freq,
+    ))
     history = model.fit(
-        make_dataset(strategy),
+        dataset,
         epochs=args.epochs,
         verbose=0,
-        callbacks=[
-            log,
-            kd.callbacks.BackupAndRestore(
-                args.backup_dir.replace("{rank}", str(task.worker_rank)),
-                save_freq,
-            ),
-        ],
+        validation_data=validation,
+        callbacks=callbacks,
     )
     if task.is_chief:
         np.savez(

@@ -1,0 +1,189 @@
+"""Restoring a backup: the newest readable one, the same on every worker,
+checked against the model before anything is assigned."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from kerasdist import _internals
+from kerasdist.callbacks import _backup_store as store
+from kerasdist.launch import protocol
+
+# Backup directories whose `fit` finished in this process, with the
+# launcher's restart count then: a later `fit` with the same directory and
+# count is a new run (consecutive cells of a notebook), not a rerun.
+_FINISHED_HERE: dict[str, int] = {}
+
+
+def record_finished(backup_dir: str) -> None:
+    """Notes that a `fit` with `backup_dir` finished in this process."""
+    _FINISHED_HERE[os.path.realpath(backup_dir)] = protocol.restart_count()
+
+
+def new_run_in_this_process(backup_dir: str) -> bool:
+    """True (with a warning) if a `fit` with `backup_dir` already finished
+    in this process, in the same attempt: this `fit` is a new run."""
+    finished = _FINISHED_HERE.pop(os.path.realpath(backup_dir), None)
+    if finished is None or finished != protocol.restart_count():
+        return False
+    warnings.warn(
+        "kd.callbacks.BackupAndRestore: a `fit` with backup_dir "
+        f"{backup_dir!r} already finished in this process; this `fit` "
+        "starts a new run and replaces its backups. Use a new `backup_dir` "
+        "for each run to keep them.",
+        stacklevel=5,
+    )
+    return True
+
+
+def finished_message(backup_dir: str, meta: dict, epochs: int) -> str | None:
+    """What to tell the user when the backup says training finished, or
+    None if `fit` asks for more epochs than the finished run had (and it
+    was not stopped early): then training continues."""
+    stopped_early = bool(meta.get("stopped_early"))
+    if not stopped_early and epochs > int(meta["epochs"]):
+        return None
+    return (
+        f"kd.callbacks.BackupAndRestore: the backup in {backup_dir!r} says "
+        f"training finished (fit ended after epoch {int(meta['epoch'])} of "
+        f"{meta['epochs']}{', stopped early' if stopped_early else ''}); "
+        "nothing to train, so fit returns at once with the final weights. "
+        "This is right for a rerun of a finished job; to train a new model, "
+        "use a new `backup_dir`, delete this one, or pass "
+        "delete_on_finish=True."
+    )
+
+
+def read_newest(
+    backup_dir: str, set_aside: bool, agree: Callable[[dict | None], None]
+) -> tuple[dict | None, list[np.ndarray] | None]:
+    """Reads the newest readable backup, warning about each unreadable one.
+
+    Args:
+        backup_dir: str.
+        set_aside: bool. Rename unreadable backups newer than the one read
+            to `corrupt-...` (the chief does), after `agree` returned.
+        agree: called with the metadata found (or None) before anything is
+            renamed; raises if the workers found different backups.
+
+    Returns:
+        (meta, values), or (None, None) when there is no readable backup.
+    """
+    meta, values = None, None
+    paths = store.list_backups(backup_dir)
+    unreadable = []
+    for path in paths:
+        try:
+            meta, values = store.read(path)
+            break
+        except Exception as e:  # any damage: fall back
+            unreadable.append(path)
+            warnings.warn(
+                f"kd.callbacks.BackupAndRestore: backup {path} is "
+                f"unreadable ({type(e).__name__}: {e}); falling back to "
+                "the previous one.",
+                stacklevel=4,
+            )
+    if paths and meta is None:
+        warnings.warn(
+            "kd.callbacks.BackupAndRestore: no backup in "
+            f"{backup_dir!r} is readable; training starts from the "
+            "beginning.",
+            stacklevel=4,
+        )
+    agree(meta)
+    if set_aside:
+        # So that rotation never prefers them to the backups written next.
+        for path in unreadable:
+            store.set_aside(path)
+    return meta, values
+
+
+def agree_on_backup(model: Any, num_workers: int, backup_dir: str,
+                    meta: dict | None) -> None:
+    """With several workers, all must restore the same backup.
+
+    Raises:
+        RuntimeError: if they found different ones (`backup_dir` is not
+            shared).
+    """
+    strategy = model.distribute_strategy
+    if num_workers == 1 or not _internals.in_multi_worker_mode(strategy):
+        return
+    import tensorflow as tf
+
+    step = -1 if meta is None else meta["global_step"]
+    mine = tf.constant([step, step * step], tf.int64)
+
+    @tf.function
+    def total():
+        def replica_fn():
+            ctx = tf.distribute.get_replica_context()
+            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, mine)
+
+        return strategy.run(replica_fn)
+
+    sums = strategy.experimental_local_results(total())[0].numpy()
+    n = strategy.num_replicas_in_sync
+    # Sum and sum of squares equal n*s and n*s^2 only if all are s.
+    if int(sums[0]) != n * step or int(sums[1]) != n * step * step:
+        found = store.ckpt_name(step) if step >= 0 else "none"
+        raise RuntimeError(
+            "kd.callbacks.BackupAndRestore: the workers found different "
+            f"backups in {backup_dir!r} (this worker found {found}). "
+            "`backup_dir` must be on a file system that every worker sees "
+            "(e.g. NFS or a shared volume)."
+        )
+
+
+def variables(model: Any) -> tuple[list, list, list]:
+    """The model's, the optimizer's and the metrics' variables."""
+    optimizer = getattr(model, "optimizer", None)
+    opt_vars = list(optimizer.variables) if optimizer is not None else []
+    return list(model.variables), opt_vars, list(model.metrics_variables)
+
+
+def load(model: Any, backup_dir: str, meta: dict, values: list[np.ndarray],
+         epoch_iterator: Any, check_only: bool = False
+         ) -> list[np.ndarray] | None:
+    """Checks the backup against the model and assigns its state.
+
+    Returns:
+        The saved metric values to put back at the resumed epoch's start,
+        or None (saved at an epoch end, or the metrics differ: warned).
+
+    Raises:
+        BackupMismatchError: if the backup was made by a different model.
+    """
+    model_vars, opt_vars, metric_vars = variables(model)
+    store.check_compatible(backup_dir, meta, values, [
+        (kind, [(v.path, tuple(v.shape), v.dtype) for v in group])
+        for kind, group in (("model", model_vars), ("optimizer", opt_vars))
+    ])
+    if check_only:
+        return None
+    n_state = meta["num_model"] + meta["num_optimizer"]
+    if meta["step"] > 0 and len(metric_vars) != meta["num_metrics"]:
+        _internals.build_metrics_now(model, epoch_iterator)
+        metric_vars = variables(model)[2]
+    for v, value in zip(model_vars + opt_vars, values[:n_state], strict=True):
+        v.assign(value)
+    saved_metrics = values[n_state:len(meta["names"])]
+    if meta["step"] == 0:
+        return None
+    if [v.shape for v in saved_metrics] == [
+        tuple(v.shape) for v in metric_vars
+    ]:
+        return saved_metrics
+    warnings.warn(
+        "kd.callbacks.BackupAndRestore: the backup's metrics do not match "
+        "the model's (was it compiled with other metrics?); the resumed "
+        "epoch's metrics count only the steps after the restart.",
+        stacklevel=4,
+    )
+    return None
