@@ -6,6 +6,8 @@ import os
 
 import tensorflow as tf
 
+from kerasdist import _internals
+
 __all__ = ["gpus", "local_devices", "virtual_cpus"]
 
 
@@ -168,10 +170,8 @@ def check_devices(devices: list[str]) -> list[str]:
         # This process's own address space: "/job:localhost/replica:0/task:0"
         # alone, "/job:worker/replica:0/task:<i>" once a multi-worker
         # strategy started its server (no public API gives it).
-        from tensorflow.python.eager import context
-
         out.append(
-            f"{context.context().host_address_space()}/device:"
+            f"{_internals.host_address_space()}/device:"
             f"{spec.device_type.upper()}:{spec.device_index or 0}"
         )
     return out

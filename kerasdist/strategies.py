@@ -30,6 +30,7 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
+from kerasdist import _internals
 from kerasdist import cluster as cluster_lib
 from kerasdist import compression as compression_lib
 from kerasdist import devices as devices_lib
@@ -137,7 +138,9 @@ class MirroredStrategy(_KerasCompatibleReduce, tf.distribute.MirroredStrategy):
     def __init__(self, devices=None, cross_device_ops=None, *,
                  compression=None):
         compression = compression_lib.check_compression(compression)
-        self._collective_key_base = next(_next_key_base) * _KEY_STRIDE
+        _internals.set_collective_key_base(
+            self, next(_next_key_base) * _KEY_STRIDE
+        )
         super().__init__(devices=devices, cross_device_ops=cross_device_ops)
         if compression is not None:
             compression_lib.enable(self, compression)

@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from kerasdist import _internals
 from kerasdist import cluster as cluster_lib
 
 __all__ = ["LearningRateWarmup", "WarmupSchedule", "scale_learning_rate"]
@@ -331,7 +332,7 @@ class LearningRateWarmup(keras.callbacks.Callback):
         opt = self._optimizer()
         self._total = self._resolve_steps()
         self._done = False
-        lr = getattr(opt, "_learning_rate", None)
+        lr = _internals.learning_rate_attribute(opt)
         step = int(opt.iterations.numpy())
         if isinstance(lr, WarmupSchedule):
             # Already wrapped: by an earlier fit, or restored from a saved
@@ -343,11 +344,10 @@ class LearningRateWarmup(keras.callbacks.Callback):
             base = float(lr(0))
             self._start, self._end = self._factors(base)
             wrapped = WarmupSchedule(lr, self._total, self._start, self._end)
-            # Keras keeps the schedule in `_learning_rate` and evaluates it at
-            # `iterations` inside the train step; swapping it before the
-            # first step (the train function is traced on its first call)
-            # puts the ramp in the compiled step.
-            opt._learning_rate = wrapped  # noqa: SLF001
+            # Keras evaluates the schedule at `iterations` inside the train
+            # step; swapping it before the first step (the train function is
+            # traced on its first call) puts the ramp in the compiled step.
+            _internals.set_learning_rate_schedule(opt, wrapped)
             if step > 0 and hasattr(self.model, "make_train_function"):
                 # A train step traced by an earlier fit captured the old
                 # schedule; `fit` reads `model.train_function` at each step.

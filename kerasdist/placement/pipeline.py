@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kerasdist import cluster
+from kerasdist import _internals, cluster
 from kerasdist import devices as devices_lib
 from kerasdist.placement import graph as graph_lib
 from kerasdist.placement import planning as plan_lib
@@ -263,15 +263,16 @@ class PipelineModel(keras.Model):
                     ps[0] if m == 1 else tf.concat(ps, axis=0) for ps in parts
                 ]
                 y_pred = pipe.graph.pack_outputs(flat)
-                loss = self._compute_loss(
+                loss = _internals.compute_loss(
+                    self,
                     x=x,
                     y=y,
                     y_pred=y_pred,
                     sample_weight=sample_weight,
                     training=True,
                 )
-                self._loss_tracker.update_state(
-                    _unscale(loss),
+                _internals.loss_tracker(self).update_state(
+                    _internals.unscale_loss_for_distribution(loss),
                     sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
                 )
                 if self.optimizer is not None:
@@ -448,12 +449,9 @@ def _move_variables(pipe: _Stages) -> None:
                 tf.DeviceSpec.from_string(device)
             ):
                 continue
-            # Keras 3 has no API to move a variable: `Variable._initialize`
-            # (keras/src/backend/tensorflow/core.py) builds the tf.Variable
-            # under the current device scope. The KerasVariable object (and
-            # so its path, name and any optimizer reference) is unchanged.
+            # Keras 3 has no API to move a variable (see _internals).
             with tf.init_scope(), tf.device(device):
-                v._initialize(tf.identity(v.value))
+                _internals.reinitialize_variable(v, tf.identity(v.value))
             moved += 1
     if cluster.is_chief():
         logging.info(
@@ -498,13 +496,6 @@ def _build_optimizer_on_devices(optimizer, variables) -> None:
 
 def _is_float(t) -> bool:
     return tf.as_dtype(t.dtype).is_floating
-
-
-def _unscale(loss):
-    # keras.Model.train_step logs the loss unscaled for distribution.
-    from keras.src.losses import loss as loss_module
-
-    return loss_module.unscale_loss_for_distribution(loss)
 
 
 def _add_grad(grads: dict, key, g) -> None:
