@@ -32,6 +32,7 @@ import keras
 import tensorflow as tf
 
 from kerasdist import _internals
+from kerasdist._validate import check_int
 
 __all__ = ["accumulate_gradients"]
 
@@ -74,11 +75,7 @@ def accumulate_gradients(
         model.compile(optimizer=opt, loss="mse")
     ```
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(
-            "Invalid value for argument `steps`. Received: "
-            f"steps={steps!r}. Expected an integer >= 2."
-        )
+    steps = check_int("steps", steps, 2)
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise ValueError(
             "Invalid value for argument `optimizer`. Received: "

@@ -15,6 +15,7 @@ import warnings
 import tensorflow as tf
 
 from kerasdist import _internals
+from kerasdist._validate import check_int
 
 __all__ = ["SHARD_POLICIES", "distribute", "per_replica_batch_size"]
 
@@ -52,16 +53,7 @@ def per_replica_batch_size(
     64
     """
     replicas = strategy.num_replicas_in_sync
-    if (
-        isinstance(global_batch_size, bool)
-        or not isinstance(global_batch_size, int)
-        or global_batch_size < 1
-    ):
-        raise ValueError(
-            "Invalid value for argument `global_batch_size`. Received: "
-            f"global_batch_size={global_batch_size!r}. Expected a positive "
-            "integer."
-        )
+    global_batch_size = check_int("global_batch_size", global_batch_size)
     if global_batch_size % replicas:
         lower = global_batch_size // replicas * replicas
         raise ValueError(

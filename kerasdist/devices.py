@@ -7,6 +7,7 @@ import os
 import tensorflow as tf
 
 from kerasdist import _internals
+from kerasdist._validate import check_int
 
 __all__ = ["gpus", "local_devices", "virtual_cpus"]
 
@@ -41,11 +42,7 @@ def virtual_cpus(n: int) -> list[str]:
     strategy = kd.get_strategy("mirrored")
     ```
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(
-            "Invalid value for argument `n`. "
-            f"Received: n={n!r}. Expected a positive integer."
-        )
+    n = check_int("n", n)
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(

@@ -29,6 +29,7 @@ from absl import logging
 
 from kerasdist import _internals
 from kerasdist import cluster as cluster_lib
+from kerasdist._validate import check_int
 
 __all__ = ["LearningRateWarmup", "WarmupSchedule", "scale_learning_rate"]
 
@@ -242,15 +243,8 @@ class LearningRateWarmup(keras.callbacks.Callback):
                 f"Received: warmup_steps={warmup_steps!r}, "
                 f"warmup_epochs={warmup_epochs!r}."
             )
-        if warmup_steps is not None and (
-            isinstance(warmup_steps, bool)
-            or not isinstance(warmup_steps, int)
-            or warmup_steps < 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `warmup_steps`. Received: "
-                f"warmup_steps={warmup_steps!r}. Expected a positive integer."
-            )
+        if warmup_steps is not None:
+            warmup_steps = check_int("warmup_steps", warmup_steps)
         if warmup_epochs is not None and (
             isinstance(warmup_epochs, bool)
             or not isinstance(warmup_epochs, (int, float))
@@ -274,16 +268,13 @@ class LearningRateWarmup(keras.callbacks.Callback):
                 "Invalid value for argument `target_lr`. Received: "
                 f"target_lr={target_lr!r}. Expected a positive number."
             )
-        for name, value in (("steps_per_epoch", steps_per_epoch),
-                            ("num_replicas", num_replicas)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int)
-                or value < 1
-            ):
-                raise ValueError(
-                    f"Invalid value for argument `{name}`. Received: "
-                    f"{name}={value!r}. Expected a positive integer or None."
-                )
+        if steps_per_epoch is not None:
+            steps_per_epoch = check_int(
+                "steps_per_epoch", steps_per_epoch, hint="Or None."
+            )
+        if num_replicas is not None:
+            num_replicas = check_int("num_replicas", num_replicas,
+                                     hint="Or None.")
         self.warmup_steps = warmup_steps
         self.warmup_epochs = warmup_epochs
         self.scale = scale
