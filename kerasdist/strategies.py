@@ -113,7 +113,7 @@ class MirroredStrategy(_KerasCompatibleReduce, tf.distribute.MirroredStrategy):
     """`tf.distribute.MirroredStrategy` that is correct with Keras 3.
 
     Synchronous data parallelism over the devices of one machine. Accepts
-    exactly the arguments of `tf.distribute.MirroredStrategy`.
+    the arguments of `tf.distribute.MirroredStrategy`, plus `compression`.
 
     Args:
         devices: list of str or None. Devices to replicate over; defaults
