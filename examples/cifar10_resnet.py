@@ -199,7 +199,7 @@ def main(argv):
         epochs=FLAGS.epochs,
         steps_per_epoch=FLAGS.steps_per_epoch,
         callbacks=callbacks,
-        verbose=2 if task.is_chief else 0,
+        verbose=kd.callbacks.chief_verbose(2),
     )
     train_time = time.time() - start
     loss, accuracy = model.evaluate(test, verbose=0)

@@ -61,7 +61,7 @@ def load_datasets(name, data_dir, num_examples, seed):
             "mnist", split=["train", "test"], as_supervised=True,
             data_dir=data_dir, shuffle_files=False,
         )
-    except Exception as e:  # noqa: BLE001 (re-raised with advice)
+    except Exception as e:
         raise RuntimeError(
             f"Could not load MNIST with tfds.load (data_dir={data_dir!r}): "
             f"{e}. Without internet, run with --dataset=synthetic or point "

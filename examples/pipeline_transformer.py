@@ -209,7 +209,7 @@ def main(argv):
         test, dist, global_batch_size=FLAGS.global_batch_size
     )
 
-    with kd.strategies.scope_or_null(strategy):
+    with kd.scope_or_null(strategy):
         model = build_model(
             FLAGS.sequence_length, FLAGS.vocab_size, FLAGS.num_blocks
         )
@@ -235,7 +235,7 @@ def main(argv):
         epochs=FLAGS.epochs,
         steps_per_epoch=FLAGS.steps_per_epoch,
         callbacks=kd.flags.callbacks_from_flags(FLAGS),
-        verbose=2 if task.is_chief else 0,
+        verbose=kd.callbacks.chief_verbose(2),
     )
     train_time = time.time() - start
     loss, accuracy = pipeline.evaluate(test, verbose=0)

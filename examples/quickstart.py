@@ -76,7 +76,7 @@ def main(argv):
         train,
         epochs=FLAGS.epochs,
         callbacks=kd.flags.callbacks_from_flags(FLAGS),
-        verbose=2 if task.is_chief else 0,
+        verbose=kd.callbacks.chief_verbose(2),
     )
     loss, acc = model.evaluate(test, verbose=0)
     if task.is_chief:

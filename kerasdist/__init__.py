@@ -51,6 +51,7 @@ _NAMES = {
     "MirroredStrategy": "kerasdist.strategies",
     "MultiWorkerMirroredStrategy": "kerasdist.strategies",
     "get_strategy": "kerasdist.strategies",
+    "scope_or_null": "kerasdist.strategies",
     "accumulate_gradients": "kerasdist.accumulation",
     "scale_learning_rate": "kerasdist.callbacks.warmup",
     "is_chief": "kerasdist.cluster",
@@ -90,6 +91,7 @@ __all__ = [
     "launch",
     "placement",
     "scale_learning_rate",
+    "scope_or_null",
     "virtual_cpus",
     "__version__",
 ]

@@ -15,6 +15,8 @@ launcher).
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,10 @@ class Canary:
             `"keras.src.backend.tensorflow.trainer:TFEpochIterator"`.
         attribute: str. The private attribute that must exist on `owner`.
         used_by: str. The kerasdist function that needs it.
+        make: callable or None. Builds the object to look on, for an
+            attribute that only instances have and that the owner's source
+            does not assign as `self.<attribute> = ...`. Called with the
+            resolved owner. Defaults to None (look on the owner itself).
 
     Example:
 
@@ -37,10 +43,17 @@ class Canary:
     True
     """
 
-    def __init__(self, owner: str, attribute: str, used_by: str):
+    def __init__(
+        self,
+        owner: str,
+        attribute: str,
+        used_by: str,
+        make: Callable[[Any], Any] | None = None,
+    ):
         self.owner = owner
         self.attribute = attribute
         self.used_by = used_by
+        self.make = make
 
     def resolve_owner(self) -> Any:
         module_name, _, inner = self.owner.partition(":")
@@ -53,6 +66,8 @@ class Canary:
         """None if the attribute exists, else a message naming it."""
         try:
             owner = self.resolve_owner()
+            if self.make is not None:
+                owner = self.make(owner)
         except (ImportError, AttributeError) as e:
             return (
                 f"{self.owner} is gone ({type(e).__name__}: {e}); needed by "
@@ -70,6 +85,10 @@ def missing_attribute(
 ) -> str | None:
     """None if `owner` has `attribute`, else a message naming both.
 
+    An attribute that instances get in a method (`self.<attribute> = ...`
+    in the source of `owner` or a base class) counts as present, so
+    instance attributes can be checked on the class.
+
     Args:
         owner: the object (module, class or instance) to look on.
         attribute: str. The attribute name.
@@ -85,13 +104,30 @@ def missing_attribute(
     >>> missing_attribute(object(), "_nope", "demo") is not None
     True
     """
-    if hasattr(owner, attribute):
+    if hasattr(owner, attribute) or _assigned_in_source(owner, attribute):
         return None
     name = owner_name or getattr(owner, "__name__", type(owner).__name__)
     return (
         f"{name}.{attribute} no longer exists in the installed version; "
         f"kerasdist's {used_by} depends on it. See kerasdist/_internals.py."
     )
+
+
+def _assigned_in_source(owner: Any, attribute: str) -> bool:
+    """Whether a class in `owner`'s MRO assigns `self.<attribute>`."""
+    if not inspect.isclass(owner):
+        return False
+    pattern = re.compile(
+        rf"\bself\.{re.escape(attribute)}\s*(:[^=\n]*)?=(?!=)"
+    )
+    for cls in owner.__mro__:
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        if pattern.search(source):
+            return True
+    return False
 
 
 # Filled by the sections below: one entry per private attribute used.
@@ -293,6 +329,263 @@ CANARIES += [
 # compression.py, data.py, devices.py).
 # ---------------------------------------------------------------------------
 
+_MWMS_EXTENDED = (
+    "tensorflow.python.distribute.collective_all_reduce_strategy:"
+    "CollectiveAllReduceExtended"
+)
+_MIRRORED_EXTENDED = "tensorflow.python.distribute.mirrored_strategy:" \
+    "MirroredExtended"
+
+
+def num_workers(strategy: Any) -> int:
+    """Number of workers (processes) in `strategy`'s cluster; 1 if local.
+
+    tf.distribute has no public API for it: `CollectiveAllReduceExtended`
+    keeps it in `_num_workers` and says whether it spans several workers
+    in `_in_multi_worker_mode()`
+    (tensorflow/python/distribute/collective_all_reduce_strategy.py).
+
+    Args:
+        strategy: `tf.distribute.Strategy`.
+
+    Returns:
+        int.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> num_workers(tf.distribute.get_strategy())
+    1
+    """
+    extended = strategy.extended
+    if getattr(extended, "_in_multi_worker_mode", lambda: False)():
+        return int(extended._num_workers)  # noqa: SLF001
+    return 1
+
+
+CANARIES += [
+    Canary(_MWMS_EXTENDED, "_in_multi_worker_mode", "num_workers"),
+    Canary(_MWMS_EXTENDED, "_num_workers", "num_workers"),
+]
+
+
+def set_collective_key_base(strategy: Any, base: int) -> None:
+    """Gives a mirrored strategy its own range of collective keys.
+
+    Call it before `MirroredStrategy.__init__`: the extended object copies
+    `_collective_key_base` (0 upstream) when it is created, and every
+    strategy's group and instance keys start at `1 + _collective_key_base`
+    (tensorflow/python/distribute/mirrored_strategy.py), so two strategies
+    over different device sets in one process would share group key 1.
+
+    Args:
+        strategy: `tf.distribute.MirroredStrategy`, not yet initialised.
+        base: int. The first key minus one.
+
+    Example:
+
+    ```python
+    set_collective_key_base(self, 100_000)
+    ```
+    """
+    strategy._collective_key_base = base  # noqa: SLF001
+
+
+CANARIES += [
+    Canary("tensorflow.python.distribute.mirrored_strategy:MirroredStrategy",
+           "_collective_key_base", "set_collective_key_base"),
+    Canary(_MIRRORED_EXTENDED, "_collective_key_base",
+           "set_collective_key_base"),
+]
+
+
+# `StrategyExtended._batch_reduce_to` is what `ReplicaContext.all_reduce`
+# reaches through `merge_call` and `batch_reduce_to`; kerasdist.compression
+# overrides it in a per-instance subclass
+# (tensorflow/python/distribute/mirrored_strategy.py).
+CANARIES += [
+    Canary(_MIRRORED_EXTENDED, "_batch_reduce_to", "compression.enable"),
+    Canary(_MWMS_EXTENDED, "_batch_reduce_to", "compression.enable"),
+]
+
+
+def make_per_replica(values: Any) -> Any:
+    """A `PerReplica` value holding one component per local replica.
+
+    tf.distribute exports `DistributedValues` but not the constructor of
+    its per-replica subclass (tensorflow/python/distribute/values.py).
+
+    Args:
+        values: sequence of tensors, one per replica, in replica order.
+
+    Returns:
+        `tensorflow.python.distribute.values.PerReplica`.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> len(make_per_replica([tf.constant(1.0)]).values)
+    1
+    """
+    from tensorflow.python.distribute import values as values_lib
+
+    return values_lib.PerReplica(values)
+
+
+def make_mirrored(values: Any) -> Any:
+    """A `Mirrored` value (the same value on each replica).
+
+    See `make_per_replica` (tensorflow/python/distribute/values.py).
+
+    Args:
+        values: sequence of tensors, one per replica, in replica order.
+
+    Returns:
+        `tensorflow.python.distribute.values.Mirrored`.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> len(make_mirrored([tf.constant(1.0)]).values)
+    1
+    """
+    from tensorflow.python.distribute import values as values_lib
+
+    return values_lib.Mirrored(values)
+
+
+def is_per_replica(value: Any) -> bool:
+    """Whether `value` is a `PerReplica` (not a mirrored or plain) value.
+
+    Args:
+        value: anything.
+
+    Returns:
+        bool.
+
+    Example:
+
+    >>> is_per_replica(1.0)
+    False
+    """
+    from tensorflow.python.distribute import values as values_lib
+
+    return isinstance(value, values_lib.PerReplica)
+
+
+CANARIES += [
+    Canary("tensorflow.python.distribute.values", "PerReplica",
+           "make_per_replica"),
+    Canary("tensorflow.python.distribute.values", "Mirrored",
+           "make_mirrored"),
+]
+
+
+def host_address_space() -> str:
+    """This process's device prefix, e.g. "/job:worker/replica:0/task:1".
+
+    "/job:localhost/replica:0/task:0" alone, the cluster task's once a
+    multi-worker strategy started its server. No public API gives it:
+    `Context.host_address_space` (tensorflow/python/eager/context.py).
+
+    Returns:
+        str.
+
+    Example:
+
+    >>> host_address_space().startswith("/job:")
+    True
+    """
+    from tensorflow.python.eager import context
+
+    return context.context().host_address_space()
+
+
+CANARIES.append(Canary("tensorflow.python.eager.context:Context",
+                       "host_address_space", "host_address_space"))
+
+
+def serialized_dataset_graph(dataset: Any) -> bytes:
+    """The serialized `GraphDef` of a `tf.data.Dataset`.
+
+    `DatasetV2._as_serialized_graph` (tensorflow/python/data/ops/
+    dataset_ops.py) is what tf.data's own auto-sharding rewrites; kerasdist
+    reads the reader ops and file names in it to choose a shard policy.
+
+    Args:
+        dataset: `tf.data.Dataset`.
+
+    Returns:
+        bytes, parseable with `tf.compat.v1.GraphDef().ParseFromString`.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> len(serialized_dataset_graph(tf.data.Dataset.range(3))) > 0
+    True
+    """
+    return dataset._as_serialized_graph().numpy()  # noqa: SLF001
+
+
+CANARIES.append(Canary("tensorflow.python.data.ops.dataset_ops:DatasetV2",
+                       "_as_serialized_graph", "serialized_dataset_graph"))
+
+
+def collective_dtypes(tf_function: Any) -> list[str]:
+    """dtypes of the `CollectiveReduceV2` ops in traced tf.functions.
+
+    Walks every concrete function of `tf_function` (and of the
+    tf.functions it closes over: Keras's `train_function` is a Python
+    closure over one) and the functions nested in their graphs. Used by
+    the tests of gradient compression to see what goes over the wire.
+    `Function._list_all_concrete_functions` (tensorflow/python/eager/
+    polymorphic_function/polymorphic_function.py) and `Graph._functions`
+    (tensorflow/python/framework/ops.py) are private.
+
+    Args:
+        tf_function: a `tf.function`, or a Python function closing over
+            some.
+
+    Returns:
+        sorted list of dtype names, one per collective op.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> collective_dtypes(tf.function(lambda: tf.constant(1)))
+    []
+    """
+    seen: set[int] = set()
+    out: list[str] = []
+
+    def walk(graph):
+        for op in graph.get_operations():
+            if op.type == "CollectiveReduceV2":
+                out.append(op.get_attr("T").name)
+        for fn in getattr(graph, "_functions", {}).values():
+            g = getattr(fn, "graph", None)
+            if g is not None and id(g) not in seen:
+                seen.add(id(g))
+                walk(g)
+
+    functions = [tf_function] + [
+        c.cell_contents for c in (getattr(tf_function, "__closure__", None)
+                                  or ())
+    ]
+    for fn in functions:
+        for concrete in getattr(fn, "_list_all_concrete_functions", list)():
+            walk(concrete.graph)
+    return sorted(out)
+
+
+CANARIES += [
+    Canary("tensorflow.python.eager.polymorphic_function."
+           "polymorphic_function:Function", "_list_all_concrete_functions",
+           "collective_dtypes"),
+    Canary("tensorflow.python.framework.ops:Graph", "_functions",
+           "collective_dtypes"),
+]
+
 
 
 # ---------------------------------------------------------------------------
@@ -300,11 +593,460 @@ CANARIES += [
 # metric_average.py, local SGD).
 # ---------------------------------------------------------------------------
 
+_BASE_OPTIMIZER = "keras.src.optimizers.base_optimizer:BaseOptimizer"
+_TF_OPTIMIZER = "keras.src.backend.tensorflow.optimizer:TFOptimizer"
+
+
+def learning_rate_attribute(optimizer: Any) -> Any:
+    """What a Keras optimizer holds as its rate: a variable or a schedule.
+
+    `optimizer.learning_rate` evaluates a schedule; the schedule object
+    itself is only in `BaseOptimizer._learning_rate`
+    (keras/src/optimizers/base_optimizer.py).
+
+    Args:
+        optimizer: `keras.optimizers.Optimizer`.
+
+    Returns:
+        A `keras.Variable`, a `LearningRateSchedule`, or a callable.
+
+    Example:
+
+    >>> import keras
+    >>> learning_rate_attribute(keras.optimizers.SGD(0.1)) is not None
+    True
+    """
+    return getattr(optimizer, "_learning_rate", None)
+
+
+def set_learning_rate_schedule(optimizer: Any, schedule: Any) -> None:
+    """Replaces a Keras optimizer's learning-rate schedule in place.
+
+    Keras evaluates `_learning_rate` at `iterations` inside the train step
+    (keras/src/optimizers/base_optimizer.py); the public setter refuses to
+    swap one schedule for another.
+
+    Args:
+        optimizer: `keras.optimizers.Optimizer` built with a
+            `LearningRateSchedule`.
+        schedule: `keras.optimizers.schedules.LearningRateSchedule`.
+
+    Example:
+
+    ```python
+    set_learning_rate_schedule(opt, WarmupSchedule(opt_schedule, 100))
+    ```
+    """
+    optimizer._learning_rate = schedule  # noqa: SLF001
+
+
+CANARIES.append(Canary(_BASE_OPTIMIZER, "_learning_rate",
+                       "learning_rate_attribute"))
+
+
+# kerasdist.accumulation's mixin overrides
+# `BaseOptimizer._backend_apply_gradients` (keras/src/optimizers/
+# base_optimizer.py, whose `ops.cond` around a `merge_call` fails under
+# tf.distribute, keras-team/keras#20582) and uses the helpers below.
+CANARIES.append(Canary(_BASE_OPTIMIZER, "_backend_apply_gradients",
+                       "accumulation._DistributedAccumulation"))
+
+
+def accumulators(optimizer: Any, variables: Any) -> list:
+    """Keras's gradient accumulator of each variable, in order.
+
+    `BaseOptimizer._accumulated_gradients` indexed by
+    `_get_variable_index` (keras/src/optimizers/base_optimizer.py).
+
+    Args:
+        optimizer: a built `keras.optimizers.Optimizer` with
+            `gradient_accumulation_steps`.
+        variables: list of the model's trainable variables.
+
+    Returns:
+        list of `keras.Variable`.
+
+    Example:
+
+    ```python
+    acc = accumulators(optimizer, model.trainable_variables)
+    ```
+    """
+    table = optimizer._accumulated_gradients  # noqa: SLF001
+    index = optimizer._get_variable_index  # noqa: SLF001
+    return [table[index(v)] for v in variables]
+
+
+def iterations_variable(optimizer: Any) -> Any:
+    """The optimizer's step counter as a variable usable in graph code.
+
+    `BaseOptimizer._iterations` (keras/src/optimizers/base_optimizer.py);
+    the public `iterations` property is the same variable.
+
+    Args:
+        optimizer: `keras.optimizers.Optimizer`.
+
+    Returns:
+        `keras.Variable`.
+
+    Example:
+
+    >>> import keras
+    >>> int(iterations_variable(keras.optimizers.SGD()).numpy())
+    0
+    """
+    return optimizer._iterations  # noqa: SLF001
+
+
+def clip_gradients(optimizer: Any, grads: list) -> list:
+    """Clips `grads` as the optimizer's `clipnorm`/`clipvalue` ask.
+
+    `BaseOptimizer._clip_gradients` (keras/src/optimizers/
+    base_optimizer.py).
+
+    Args:
+        optimizer: `keras.optimizers.Optimizer`.
+        grads: list of tensors.
+
+    Returns:
+        list of tensors.
+
+    Example:
+
+    ```python
+    grads = clip_gradients(optimizer, grads)
+    ```
+    """
+    return optimizer._clip_gradients(grads)  # noqa: SLF001
+
+
+def uses_weight_decay(optimizer: Any, variable: Any) -> bool:
+    """Whether the optimizer's weight decay applies to `variable`.
+
+    `BaseOptimizer._use_weight_decay` (keras/src/optimizers/
+    base_optimizer.py), which honours `exclude_from_weight_decay`.
+
+    Args:
+        optimizer: `keras.optimizers.Optimizer`.
+        variable: a model variable.
+
+    Returns:
+        bool.
+
+    Example:
+
+    ```python
+    if uses_weight_decay(optimizer, var): ...
+    ```
+    """
+    return optimizer._use_weight_decay(variable)  # noqa: SLF001
+
+
+def distributed_update_step(
+    optimizer: Any, distribution: Any, grads_and_vars: list, lr: Any
+) -> None:
+    """Applies reduced gradients from the cross-replica context.
+
+    `TFOptimizer._distributed_tf_update_step` (keras/src/backend/
+    tensorflow/optimizer.py) runs the optimizer's update on each variable
+    through `distribution.extended.update`.
+
+    Args:
+        optimizer: `keras.optimizers.Optimizer` (TensorFlow backend).
+        distribution: `tf.distribute.Strategy`.
+        grads_and_vars: list of (gradient, tf.Variable).
+        lr: the learning rate.
+
+    Example:
+
+    ```python
+    distributed_update_step(opt, strategy, list(zip(grads, tf_vars)), lr)
+    ```
+    """
+    optimizer._distributed_tf_update_step(  # noqa: SLF001
+        distribution, grads_and_vars, lr
+    )
+
+
+CANARIES += [
+    Canary(_BASE_OPTIMIZER, "_accumulated_gradients", "accumulators"),
+    Canary(_BASE_OPTIMIZER, "_get_variable_index", "accumulators"),
+    Canary(_BASE_OPTIMIZER, "_iterations", "iterations_variable"),
+    Canary(_BASE_OPTIMIZER, "_clip_gradients", "clip_gradients"),
+    Canary(_BASE_OPTIMIZER, "_use_weight_decay", "uses_weight_decay"),
+    Canary(_TF_OPTIMIZER, "_distributed_tf_update_step",
+           "distributed_update_step"),
+]
+
 
 
 # ---------------------------------------------------------------------------
 # Section: placement and pipeline (placement/).
 # ---------------------------------------------------------------------------
+
+_FUNCTION = "keras.src.ops.function:Function"
+
+
+def sequential_graph(model: Any) -> Any:
+    """A built Sequential model's inner functional graph, or None.
+
+    Keras 3 keeps it in `Sequential._functional` (keras/src/models/
+    sequential.py, `build`).
+
+    Args:
+        model: `keras.Sequential`.
+
+    Returns:
+        `keras.Model` (functional) or None when the input shape is unknown.
+
+    Example:
+
+    >>> import keras
+    >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> sequential_graph(m) is not None
+    True
+    """
+    return getattr(model, "_functional", None)
+
+
+def has_layer_graph(model: Any) -> bool:
+    """Whether `model` records its layer graph (functional, not subclassed).
+
+    Looks for `Function._nodes_by_depth` and `_inputs_struct`
+    (keras/src/ops/function.py).
+
+    Args:
+        model: `keras.Model`.
+
+    Returns:
+        bool.
+
+    Example:
+
+    >>> import keras
+    >>> x = keras.Input((2,))
+    >>> has_layer_graph(keras.Model(x, keras.layers.Dense(1)(x)))
+    True
+    """
+    return hasattr(model, "_nodes_by_depth") and hasattr(
+        model, "_inputs_struct"
+    )
+
+
+def nodes_by_depth(functional: Any) -> dict:
+    """`{depth: [Node, ...]}` of a functional model, outputs at depth 0.
+
+    `Function._nodes_by_depth` (keras/src/ops/function.py).
+
+    Args:
+        functional: a functional `keras.Model`.
+
+    Returns:
+        dict of int to list of `Node`.
+
+    Example:
+
+    ```python
+    for depth in sorted(nodes_by_depth(f), reverse=True): ...
+    ```
+    """
+    return functional._nodes_by_depth  # noqa: SLF001
+
+
+def producing_layer(tensor: Any) -> Any:
+    """The layer (operation) that produced a symbolic `KerasTensor`.
+
+    `KerasTensor._keras_history[0]` (keras/src/ops/node.py sets it).
+
+    Args:
+        tensor: `keras.KerasTensor`.
+
+    Returns:
+        `keras.Operation`.
+
+    Example:
+
+    >>> import keras
+    >>> producing_layer(keras.Input((2,), name="x")).name
+    'x'
+    """
+    return tensor._keras_history[0]  # noqa: SLF001
+
+
+def standardize_inputs(functional: Any, x: Any) -> list:
+    """Model inputs `x` flattened in the order of the graph's inputs.
+
+    `Functional._standardize_inputs` (keras/src/models/functional.py).
+
+    Args:
+        functional: a functional `keras.Model`.
+        x: the inputs as a user passes them (array, list, dict).
+
+    Returns:
+        list of tensors.
+
+    Example:
+
+    ```python
+    flat = standardize_inputs(functional, x)
+    ```
+    """
+    return list(functional._standardize_inputs(x))  # noqa: SLF001
+
+
+def outputs_structure(functional: Any) -> Any:
+    """The nested structure of a functional model's outputs.
+
+    `Function._outputs_struct` (keras/src/ops/function.py).
+
+    Args:
+        functional: a functional `keras.Model`.
+
+    Returns:
+        The structure (a tensor, list, tuple or dict of KerasTensors).
+
+    Example:
+
+    ```python
+    out = keras.tree.pack_sequence_as(outputs_structure(f), flat)
+    ```
+    """
+    return functional._outputs_struct  # noqa: SLF001
+
+
+def call_context_args(operation: Any) -> set:
+    """Names of the call-context arguments (`training`) a layer takes.
+
+    `Layer._call_context_args` (keras/src/layers/layer.py); functional
+    models inject them the same way (`operation_fn` in
+    keras/src/models/functional.py).
+
+    Args:
+        operation: `keras.Operation`.
+
+    Returns:
+        set of str (empty for operations that are not layers).
+
+    Example:
+
+    >>> import keras
+    >>> "training" in call_context_args(keras.layers.Dropout(0.5))
+    True
+    """
+    return getattr(operation, "_call_context_args", set())
+
+
+def reinitialize_variable(variable: Any, value: Any) -> None:
+    """Re-creates a Keras variable's backing `tf.Variable` from `value`.
+
+    Keras 3 has no API to move a variable: `Variable._initialize`
+    (keras/src/backend/tensorflow/core.py) builds the tf.Variable under the
+    current device scope. The `keras.Variable` object (its path, name and
+    any optimizer reference) stays the same.
+
+    Args:
+        variable: `keras.Variable` (TensorFlow backend).
+        value: tensor, the new initial value.
+
+    Example:
+
+    ```python
+    with tf.init_scope(), tf.device("/cpu:1"):
+        reinitialize_variable(v, tf.identity(v.value))
+    ```
+    """
+    variable._initialize(value)  # noqa: SLF001
+
+
+def compute_loss(model: Any, **kwargs: Any) -> Any:
+    """`model`'s loss as `keras.Model.train_step` computes it.
+
+    `Trainer._compute_loss` (keras/src/trainers/trainer.py) adds the
+    regularization losses and handles a user `compute_loss` override.
+
+    Args:
+        model: a compiled `keras.Model`.
+        **kwargs: `x`, `y`, `y_pred`, `sample_weight`, `training`.
+
+    Returns:
+        scalar tensor.
+
+    Example:
+
+    ```python
+    loss = compute_loss(self, x=x, y=y, y_pred=y_pred, training=True)
+    ```
+    """
+    return model._compute_loss(**kwargs)  # noqa: SLF001
+
+
+def loss_tracker(model: Any) -> Any:
+    """The `Mean` metric behind a compiled model's "loss" log.
+
+    `Trainer._loss_tracker` (keras/src/trainers/trainer.py).
+
+    Args:
+        model: a compiled `keras.Model`.
+
+    Returns:
+        `keras.metrics.Mean`.
+
+    Example:
+
+    ```python
+    loss_tracker(self).update_state(loss, sample_weight=batch)
+    ```
+    """
+    return model._loss_tracker  # noqa: SLF001
+
+
+def unscale_loss_for_distribution(loss: Any) -> Any:
+    """The loss as `keras.Model.train_step` logs it under a strategy.
+
+    `keras.src.losses.loss.unscale_loss_for_distribution`, not exported.
+
+    Args:
+        loss: scalar tensor.
+
+    Returns:
+        scalar tensor.
+
+    Example:
+
+    ```python
+    logged = unscale_loss_for_distribution(loss)
+    ```
+    """
+    from keras.src.losses import loss as loss_module
+
+    return loss_module.unscale_loss_for_distribution(loss)
+
+
+def _keras_input(keras_input: Any) -> Any:
+    return keras_input((1,))
+
+
+CANARIES += [
+    Canary("keras.src.models.sequential:Sequential", "_functional",
+           "sequential_graph"),
+    Canary(_FUNCTION, "_nodes_by_depth", "nodes_by_depth"),
+    Canary(_FUNCTION, "_inputs_struct", "has_layer_graph"),
+    Canary(_FUNCTION, "_outputs_struct", "outputs_structure"),
+    Canary("keras.src.models.functional:Functional", "_standardize_inputs",
+           "standardize_inputs"),
+    Canary("keras:Input", "_keras_history", "producing_layer",
+           make=_keras_input),
+    Canary("keras.src.layers.layer:Layer", "_call_context_args",
+           "call_context_args"),
+    Canary("keras.src.backend.tensorflow.core:Variable", "_initialize",
+           "reinitialize_variable"),
+    Canary("keras.src.trainers.trainer:Trainer", "_compute_loss",
+           "compute_loss"),
+    Canary("keras.src.trainers.trainer:Trainer", "_loss_tracker",
+           "loss_tracker"),
+    Canary("keras.src.losses.loss", "unscale_loss_for_distribution",
+           "unscale_loss_for_distribution"),
+]
 
 
 

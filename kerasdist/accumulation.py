@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from tensorflow.python.distribute import values as values_lib
+
+from kerasdist import _internals
+from kerasdist._validate import check_int
 
 __all__ = ["accumulate_gradients"]
 
@@ -73,11 +75,7 @@ def accumulate_gradients(
         model.compile(optimizer=opt, loss="mse")
     ```
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(
-            "Invalid value for argument `steps`. Received: "
-            f"steps={steps!r}. Expected an integer >= 2."
-        )
+    steps = check_int("steps", steps, 2)
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise ValueError(
             "Invalid value for argument `optimizer`. Received: "
@@ -116,10 +114,7 @@ class _DistributedAccumulation:
             or ctx is None
         ):
             return super()._backend_apply_gradients(grads, trainable_variables)
-        acc = [
-            self._accumulated_gradients[self._get_variable_index(v)]
-            for v in trainable_variables
-        ]
+        acc = _internals.accumulators(self, trainable_variables)
         tf_vars = [_tf_var(v) for v in trainable_variables]
         ctx.merge_call(
             self._kd_merge_apply, args=(list(grads),),
@@ -129,7 +124,7 @@ class _DistributedAccumulation:
     def _kd_merge_apply(self, distribution, grads, tf_vars, acc):
         steps = self.gradient_accumulation_steps
         is_update_step = tf.equal(
-            (self._iterations + 1) % steps, 0
+            (_internals.iterations_variable(self) + 1) % steps, 0
         )
 
         def accumulate():
@@ -154,22 +149,22 @@ class _DistributedAccumulation:
                         parts.append(
                             (tf.cast(gr, ar.dtype) + ar.read_value()) / steps
                         )
-                parts = self._clip_gradients(parts)
+                parts = _internals.clip_gradients(self, parts)
                 for i, p in enumerate(parts):
                     local[i].append(p)
-            per_replica = [values_lib.PerReplica(tuple(p)) for p in local]
+            per_replica = [_internals.make_per_replica(tuple(p)) for p in local]
             reduced = distribution.extended.batch_reduce_to(
                 tf.distribute.ReduceOp.SUM,
                 [(p, p) for p in per_replica],
             )
             if self.weight_decay is not None:
                 for var in tf_vars:
-                    if self._use_weight_decay(var):
+                    if _internals.uses_weight_decay(self, var):
                         distribution.extended.update(
                             var, self._kd_weight_decay, group=False
                         )
-            self._distributed_tf_update_step(
-                distribution, list(zip(reduced, tf_vars, strict=True)),
+            _internals.distributed_update_step(
+                self, distribution, list(zip(reduced, tf_vars, strict=True)),
                 self.learning_rate,
             )
             for a in acc:

@@ -39,7 +39,8 @@ from __future__ import annotations
 from typing import Any
 
 import tensorflow as tf
-from tensorflow.python.distribute import values as values_lib
+
+from kerasdist import _internals
 
 __all__ = ["COMPRESSIONS", "check_compression", "enable", "get_compression"]
 
@@ -95,7 +96,7 @@ def get_compression(strategy: tf.distribute.Strategy) -> str | None:
     >>> get_compression(tf.distribute.get_strategy()) is None
     True
     """
-    return getattr(strategy.extended, "_kd_compression", None)
+    return getattr(type(strategy.extended), "_kd_compression", None)
 
 
 def enable(strategy: tf.distribute.Strategy, compression: str | None) -> None:
@@ -127,11 +128,9 @@ def enable(strategy: tf.distribute.Strategy, compression: str | None) -> None:
     compression = check_compression(compression)
     extended = strategy.extended
     base = type(extended)
-    if getattr(base, "_kd_compressed_base", None) is not None:
-        base = base._kd_compressed_base  # noqa: SLF001
+    base = getattr(base, "_kd_compressed_base", None) or base
     if compression is None:
         extended.__class__ = base
-        extended._kd_compression = None  # noqa: SLF001
         return
     if not hasattr(base, "_batch_reduce_to") or not isinstance(
         strategy,
@@ -144,13 +143,13 @@ def enable(strategy: tf.distribute.Strategy, compression: str | None) -> None:
             f"strategy={type(strategy).__name__}."
         )
     # A per-instance subclass of the strategy's `extended` class (isinstance
-    # checks elsewhere in tf.distribute keep working).
+    # checks elsewhere in tf.distribute keep working); it records the
+    # compression, so nothing is set on the instance.
     extended.__class__ = type(
         f"Compressed{base.__name__}",
         (_CompressedBatchReduce, base),
-        {"_kd_compressed_base": base},
+        {"_kd_compressed_base": base, "_kd_compression": compression},
     )
-    extended._kd_compression = compression  # noqa: SLF001
 
 
 class _CompressedBatchReduce:
@@ -171,13 +170,13 @@ class _CompressedBatchReduce:
 def _components(value: Any) -> tuple:
     # With one replica per worker (multi-worker on CPUs), `merge_call` hands
     # over plain tensors rather than `PerReplica` values.
-    if isinstance(value, values_lib.PerReplica):
+    if _internals.is_per_replica(value):
         return tuple(value.values)
     return (value,)
 
 
 def _compressible(value: Any) -> bool:
-    if not isinstance(value, (values_lib.PerReplica, tf.Tensor)):
+    if not (_internals.is_per_replica(value) or isinstance(value, tf.Tensor)):
         return False
     return all(
         isinstance(c, tf.Tensor)
@@ -235,7 +234,7 @@ def batch_reduce(reduce, compression, reduce_op, pairs, options):
                     )
                     for i in index
                 ]))
-        bounds = values_lib.PerReplica(bounds)
+        bounds = _internals.make_per_replica(bounds)
         summed = reduce(
             tf.distribute.ReduceOp.SUM, [(bounds, bounds)], options
         )[0]
@@ -256,7 +255,7 @@ def batch_reduce(reduce, compression, reduce_op, pairs, options):
                 if scales is not None:
                     c = c * tf.cast(scales[c.device][k], c.dtype)
                 parts.append(tf.cast(c, wire))
-        packed = values_lib.PerReplica(parts)
+        packed = _internals.make_per_replica(parts)
         new_pairs[i] = (packed, packed if destination is value else
                         destination)
     reduced = reduce(reduce_op, new_pairs, options)
@@ -274,8 +273,8 @@ def batch_reduce(reduce, compression, reduce_op, pairs, options):
                         scale = next(iter(scales.values()))
                     c = c / tf.cast(scale[k], dtype)
                 parts.append(c)
-        if isinstance(result, values_lib.DistributedValues):
-            reduced[i] = values_lib.Mirrored(tuple(parts))
+        if isinstance(result, tf.distribute.DistributedValues):
+            reduced[i] = _internals.make_mirrored(tuple(parts))
         else:
             reduced[i] = parts[0]
     return reduced

@@ -14,6 +14,9 @@ import warnings
 
 import tensorflow as tf
 
+from kerasdist import _internals
+from kerasdist._validate import check_int
+
 __all__ = ["SHARD_POLICIES", "distribute", "per_replica_batch_size"]
 
 SHARD_POLICIES = ("auto", "file", "data", "off")
@@ -25,13 +28,6 @@ _READER_OPS = (
     "FixedLengthRecordDataset",
     "ArrayRecordDataset",
 )
-
-
-def _num_workers(strategy: tf.distribute.Strategy) -> int:
-    extended = strategy.extended
-    if getattr(extended, "_in_multi_worker_mode", lambda: False)():
-        return int(extended._num_workers)  # noqa: SLF001 (no public API)
-    return 1
 
 
 def per_replica_batch_size(
@@ -57,16 +53,7 @@ def per_replica_batch_size(
     64
     """
     replicas = strategy.num_replicas_in_sync
-    if (
-        isinstance(global_batch_size, bool)
-        or not isinstance(global_batch_size, int)
-        or global_batch_size < 1
-    ):
-        raise ValueError(
-            "Invalid value for argument `global_batch_size`. Received: "
-            f"global_batch_size={global_batch_size!r}. Expected a positive "
-            "integer."
-        )
+    global_batch_size = check_int("global_batch_size", global_batch_size)
     if global_batch_size % replicas:
         lower = global_batch_size // replicas * replicas
         raise ValueError(
@@ -81,7 +68,7 @@ def per_replica_batch_size(
 def _input_files(dataset: tf.data.Dataset) -> list[str] | None:
     """Files read by `dataset` if it reads files, else None."""
     graph = tf.compat.v1.GraphDef()
-    graph.ParseFromString(dataset._as_serialized_graph().numpy())  # noqa: SLF001
+    graph.ParseFromString(_internals.serialized_dataset_graph(dataset))
     nodes = list(graph.node)
     for f in graph.library.function:
         nodes.extend(f.node_def)
@@ -195,7 +182,7 @@ def distribute(
             f"shard_policy={shard_policy!r}. Expected one of "
             f"{list(SHARD_POLICIES)}."
         )
-    num_workers = _num_workers(strategy)
+    num_workers = _internals.num_workers(strategy)
     if global_batch_size is not None:
         per_replica_batch_size(global_batch_size, strategy)
         dataset = dataset.batch(

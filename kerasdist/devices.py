@@ -6,6 +6,9 @@ import os
 
 import tensorflow as tf
 
+from kerasdist import _internals
+from kerasdist._validate import check_int
+
 __all__ = ["gpus", "local_devices", "virtual_cpus"]
 
 
@@ -39,11 +42,7 @@ def virtual_cpus(n: int) -> list[str]:
     strategy = kd.get_strategy("mirrored")
     ```
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(
-            "Invalid value for argument `n`. "
-            f"Received: n={n!r}. Expected a positive integer."
-        )
+    n = check_int("n", n)
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(
@@ -168,10 +167,8 @@ def check_devices(devices: list[str]) -> list[str]:
         # This process's own address space: "/job:localhost/replica:0/task:0"
         # alone, "/job:worker/replica:0/task:<i>" once a multi-worker
         # strategy started its server (no public API gives it).
-        from tensorflow.python.eager import context
-
         out.append(
-            f"{context.context().host_address_space()}/device:"
+            f"{_internals.host_address_space()}/device:"
             f"{spec.device_type.upper()}:{spec.device_index or 0}"
         )
     return out

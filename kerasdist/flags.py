@@ -32,7 +32,6 @@ if __name__ == "__main__":
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
@@ -390,13 +389,6 @@ def strategy_from_flags(flags_values: absl_flags.FlagValues | None = None):
     kwargs: dict[str, Any] = {"communication": _value(fv, "all_reduce")}
     compression = _value(fv, "compression")
     if compression and compression != "none":
-        params = inspect.signature(strategies.get_strategy).parameters
-        if "compression" not in params:
-            raise ValueError(
-                f"Flag `--compression={compression}` needs gradient "
-                "compression in kd.get_strategy(compression=...), which this "
-                "version of kerasdist does not have. Use --compression=none."
-            )
         kwargs["compression"] = compression
     return strategies.get_strategy(name, **kwargs)
 

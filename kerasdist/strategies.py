@@ -30,15 +30,18 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
+from kerasdist import _internals
 from kerasdist import cluster as cluster_lib
 from kerasdist import compression as compression_lib
 from kerasdist import devices as devices_lib
+from kerasdist._validate import check_int
 
 __all__ = [
     "MirroredStrategy",
     "MultiWorkerMirroredStrategy",
     "STRATEGY_NAMES",
     "get_strategy",
+    "scope_or_null",
 ]
 
 STRATEGY_NAMES = ("auto", "one_device", "mirrored", "multi_worker")
@@ -110,7 +113,7 @@ class MirroredStrategy(_KerasCompatibleReduce, tf.distribute.MirroredStrategy):
     """`tf.distribute.MirroredStrategy` that is correct with Keras 3.
 
     Synchronous data parallelism over the devices of one machine. Accepts
-    exactly the arguments of `tf.distribute.MirroredStrategy`.
+    the arguments of `tf.distribute.MirroredStrategy`, plus `compression`.
 
     Args:
         devices: list of str or None. Devices to replicate over; defaults
@@ -137,7 +140,9 @@ class MirroredStrategy(_KerasCompatibleReduce, tf.distribute.MirroredStrategy):
     def __init__(self, devices=None, cross_device_ops=None, *,
                  compression=None):
         compression = compression_lib.check_compression(compression)
-        self._collective_key_base = next(_next_key_base) * _KEY_STRIDE
+        _internals.set_collective_key_base(
+            self, next(_next_key_base) * _KEY_STRIDE
+        )
         super().__init__(devices=devices, cross_device_ops=cross_device_ops)
         if compression is not None:
             compression_lib.enable(self, compression)
@@ -289,67 +294,22 @@ def get_strategy(
             "Invalid value for argument `name`. "
             f"Received: name={name!r}. Expected one of {list(STRATEGY_NAMES)}."
         )
-    if isinstance(bytes_per_pack, bool) or not isinstance(
-        bytes_per_pack, int
-    ) or bytes_per_pack < 0:
-        raise ValueError(
-            "Invalid value for argument `bytes_per_pack`. Received: "
-            f"bytes_per_pack={bytes_per_pack!r}. Expected an integer >= 0 "
-            "(0 lets TensorFlow decide)."
-        )
+    bytes_per_pack = check_int(
+        "bytes_per_pack", bytes_per_pack, 0, hint="0 lets TensorFlow decide."
+    )
     compression = compression_lib.check_compression(compression)
-    if timeout_seconds is None:
-        env = os.environ.get("KERASDIST_COLLECTIVE_TIMEOUT", "").strip()
-        timeout_seconds = float(env) if env else None
-    if timeout_seconds is not None and timeout_seconds <= 0:
-        raise ValueError(
-            "Invalid value for argument `timeout_seconds`. Received: "
-            f"timeout_seconds={timeout_seconds!r}. Expected a positive "
-            "number of seconds, or None for no timeout."
-        )
+    timeout_seconds = _timeout_seconds(timeout_seconds)
     task = cluster_lib.from_env()
-    if name == "auto":
-        if task.is_multi_worker:
-            name = "multi_worker"
-        elif devices is not None:
-            name = "mirrored" if len(devices) > 1 else "one_device"
-        else:
-            name = "mirrored" if len(devices_lib.gpus()) > 1 else "one_device"
+    name = _resolve_auto(name, task, devices)
     if devices is not None:
         devices = devices_lib.check_devices(list(devices))
-
     if name == "multi_worker":
-        if communication not in _COMMUNICATIONS:
-            raise ValueError(
-                "Invalid value for argument `communication`. Received: "
-                f"communication={communication!r}. Expected one of "
-                f"{list(_COMMUNICATIONS)} for the 'multi_worker' strategy."
-            )
-        if devices is not None:
-            raise ValueError(
-                "Argument `devices` is not supported with name='multi_worker':"
-                " each worker uses all its GPUs, else its CPU. Received: "
-                f"devices={devices!r}."
-            )
-        strategy = MultiWorkerMirroredStrategy(
-            communication_options=_communication_options(
-                communication, bytes_per_pack, timeout_seconds
-            ),
-            compression=compression,
+        strategy = _multi_worker_strategy(
+            devices, communication, bytes_per_pack, timeout_seconds,
+            compression,
         )
     elif name == "mirrored":
-        if communication not in _MIRRORED_CROSS_DEVICE_OPS:
-            raise ValueError(
-                "Invalid value for argument `communication`. Received: "
-                f"communication={communication!r}. Expected one of "
-                f"{list(_MIRRORED_CROSS_DEVICE_OPS)} for the 'mirrored' "
-                "strategy ('ring' is a multi-worker collective)."
-            )
-        strategy = MirroredStrategy(
-            devices=devices or devices_lib.local_devices(),
-            cross_device_ops=_mirrored_cross_device_ops(communication),
-            compression=compression,
-        )
+        strategy = _mirrored_strategy(devices, communication, compression)
     else:  # one_device
         device = (devices or devices_lib.local_devices())[0]
         strategy = tf.distribute.OneDeviceStrategy(device)
@@ -362,22 +322,98 @@ def get_strategy(
     return strategy
 
 
-def scope_or_null(strategy: tf.distribute.Strategy | None):
+def _timeout_seconds(timeout_seconds: float | None) -> float | None:
+    """The collective timeout: the argument, else the environment's."""
+    if timeout_seconds is None:
+        env = os.environ.get("KERASDIST_COLLECTIVE_TIMEOUT", "").strip()
+        timeout_seconds = float(env) if env else None
+    if timeout_seconds is not None and timeout_seconds <= 0:
+        raise ValueError(
+            "Invalid value for argument `timeout_seconds`. Received: "
+            f"timeout_seconds={timeout_seconds!r}. Expected a positive "
+            "number of seconds, or None for no timeout."
+        )
+    return timeout_seconds
+
+
+def _resolve_auto(name: str, task, devices: list[str] | None) -> str:
+    """The strategy `"auto"` stands for here; other names unchanged."""
+    if name != "auto":
+        return name
+    if task.is_multi_worker:
+        return "multi_worker"
+    if devices is not None:
+        return "mirrored" if len(devices) > 1 else "one_device"
+    return "mirrored" if len(devices_lib.gpus()) > 1 else "one_device"
+
+
+def _multi_worker_strategy(
+    devices, communication, bytes_per_pack, timeout_seconds, compression
+) -> MultiWorkerMirroredStrategy:
+    if communication not in _COMMUNICATIONS:
+        raise ValueError(
+            "Invalid value for argument `communication`. Received: "
+            f"communication={communication!r}. Expected one of "
+            f"{list(_COMMUNICATIONS)} for the 'multi_worker' strategy."
+        )
+    if devices is not None:
+        raise ValueError(
+            "Argument `devices` is not supported with name='multi_worker':"
+            " each worker uses all its GPUs, else its CPU. Received: "
+            f"devices={devices!r}."
+        )
+    return MultiWorkerMirroredStrategy(
+        communication_options=_communication_options(
+            communication, bytes_per_pack, timeout_seconds
+        ),
+        compression=compression,
+    )
+
+
+def _mirrored_strategy(devices, communication, compression) -> (
+    MirroredStrategy
+):
+    if communication not in _MIRRORED_CROSS_DEVICE_OPS:
+        raise ValueError(
+            "Invalid value for argument `communication`. Received: "
+            f"communication={communication!r}. Expected one of "
+            f"{list(_MIRRORED_CROSS_DEVICE_OPS)} for the 'mirrored' "
+            "strategy ('ring' is a multi-worker collective)."
+        )
+    return MirroredStrategy(
+        devices=devices or devices_lib.local_devices(),
+        cross_device_ops=_mirrored_cross_device_ops(communication),
+        compression=compression,
+    )
+
+
+def scope_or_null(
+    strategy: tf.distribute.Strategy | None,
+) -> contextlib.AbstractContextManager:
     """`strategy.scope()`, or a do-nothing context when `strategy` is None.
 
+    Lets one code path build a model with or without a strategy (as TF
+    Model Garden's `distribute_utils.get_strategy_scope` does), e.g. when
+    a pipeline-parallel model uses devices itself and no data parallelism.
+
     Args:
-        strategy: a strategy or None.
+        strategy: `tf.distribute.Strategy` or None.
 
     Returns:
-        A context manager.
+        A context manager: `strategy.scope()`, or
+        `contextlib.nullcontext()` for None.
 
     Example:
 
     ```python
-    with scope_or_null(None):
-        model = build_model()
+    import keras
+    import kerasdist as kd
+
+    strategy = None  # or kd.get_strategy("mirrored")
+    with kd.scope_or_null(strategy):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     ```
     """
-    return strategy.scope() if strategy is not None else (
-        contextlib.nullcontext()
-    )
+    if strategy is None:
+        return contextlib.nullcontext()
+    return strategy.scope()

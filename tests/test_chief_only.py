@@ -79,13 +79,13 @@ def test_non_chief_checkpoint_goes_to_a_deleted_temp_dir(tmp_path):
         keras.callbacks.ModelCheckpoint(str(path), save_weights_only=True),
         task=_task(1))
     saved = []
-    clean = wrapped._clean
+    clean = wrapped._clean  # noqa: SLF001 (kerasdist's own hook)
 
     def record_then_clean():  # ChiefOnly cleans its temp dir per epoch
         saved.append(os.path.exists(wrapped.callback.filepath))
         clean()
 
-    wrapped._clean = record_then_clean
+    wrapped._clean = record_then_clean  # noqa: SLF001
     _fit([wrapped])
     assert saved == [True, True]
     assert not path.exists() and list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import kerasdist as kd
+from kerasdist._internals import collective_dtypes
 from kerasdist.testing import run_scenario
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,15 +34,6 @@ def _all_reduce(strategy, per_replica_values):
     return [np.asarray(v) for v in out], step
 
 
-def _collective_dtypes(fn):
-    dtypes = []
-    for cf in fn._list_all_concrete_functions():
-        for op in cf.graph.get_operations():
-            if op.type == "CollectiveReduceV2":
-                dtypes.append(op.get_attr("T").name)
-    return sorted(dtypes)
-
-
 def test_fp16_all_reduce_runs_in_half_precision_and_scales_per_tensor():
     strategy = kd.get_strategy("mirrored", devices=DEVICES,
                                compression="fp16")
@@ -53,7 +45,7 @@ def test_fp16_all_reduce_runs_in_half_precision_and_scales_per_tensor():
         results, fn = _all_reduce(strategy, per_replica)
         for r in results:
             np.testing.assert_allclose(r, [column.sum()], rtol=2e-3)
-    assert "float16" in _collective_dtypes(fn)
+    assert "float16" in collective_dtypes(fn)
     # A plain cast, for contrast, loses both.
     with np.errstate(over="ignore"):
         assert np.isinf(np.float16(40000.0) + np.float16(40000.0))
@@ -65,7 +57,7 @@ def test_bf16_all_reduce():
                                compression="bf16")
     results, fn = _all_reduce(strategy, [[1.0, 1e30], [2.0, 1e30]])
     np.testing.assert_allclose(results[0], [3.0, 2e30], rtol=1e-2)
-    assert set(_collective_dtypes(fn)) == {"bfloat16"}  # one op per device
+    assert set(collective_dtypes(fn)) == {"bfloat16"}  # one op per device
 
 
 def _train(compression):
@@ -113,7 +105,7 @@ def test_compression_can_be_switched_off():
     kd.compression.enable(strategy, None)
     assert kd.compression.get_compression(strategy) is None
     results, fn = _all_reduce(strategy, [[1e-9], [1e-9]])
-    assert set(_collective_dtypes(fn)) == {"float32"}
+    assert set(collective_dtypes(fn)) == {"float32"}
     np.testing.assert_allclose(results[0], [2e-9], rtol=1e-6)
 
 

@@ -152,16 +152,10 @@ def test_strategy_from_flags_bad_combination():
 
 
 def test_strategy_from_flags_compression():
-    import inspect
-
     fv = parsed("--strategy=mirrored", "--compression=fp16")
-    supported = "compression" in inspect.signature(kd.get_strategy).parameters
-    if not supported:
-        with pytest.raises(ValueError, match=r"--compression=fp16"):
-            kd_flags.strategy_from_flags(fv)
-        pytest.skip("kd.get_strategy(compression=...) not available yet")
     strategy = kd_flags.strategy_from_flags(fv)
     assert strategy.num_replicas_in_sync == 4
+    assert kd.compression.get_compression(strategy) == "fp16"
 
 
 def test_callbacks_from_flags_none_by_default():

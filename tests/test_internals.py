@@ -43,3 +43,33 @@ def test_check_int_accepts_numpy_integers():
 
     assert check_int("keep", np.int64(3)) == 3
     assert type(check_int("keep", np.int32(3))) is int
+
+
+def test_instance_attribute_assigned_in_source_counts_as_present():
+    class Owner:
+        def __init__(self):
+            self._made_in_init = 1
+
+    assert _internals.missing_attribute(Owner, "_made_in_init", "x") is None
+    gone = _internals.missing_attribute(Owner, "_made", "demo", "Owner")
+    assert gone.startswith("Owner._made no longer exists")
+
+
+def test_canary_with_make_checks_the_built_instance():
+    canary = _internals.Canary(
+        "keras:Input", "_keras_historyX", "producing_layer",
+        make=lambda keras_input: keras_input((1,)),
+    )
+    message = canary.missing()
+    assert message.startswith("keras:Input._keras_historyX no longer")
+    assert "producing_layer" in message
+
+
+def test_every_private_use_has_a_canary():
+    used = {c.used_by for c in _internals.CANARIES}
+    for name in ("num_workers", "make_per_replica", "host_address_space",
+                 "serialized_dataset_graph", "collective_dtypes",
+                 "learning_rate_attribute", "accumulators",
+                 "distributed_update_step", "nodes_by_depth",
+                 "reinitialize_variable", "compute_loss", "loss_tracker"):
+        assert name in used, name

@@ -32,7 +32,7 @@ def _one_sgd_step(loss, strategy=None):
 
     x = np.arange(8, dtype="float32").reshape(8, 1) / 8
     y = np.ones((8, 1), "float32")
-    with kd.strategies.scope_or_null(strategy):
+    with kd.scope_or_null(strategy):
         model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(
             1, kernel_initializer="zeros", bias_initializer="zeros")])
         model.compile(keras.optimizers.SGD(0.1), loss)

@@ -1,48 +1,20 @@
 """Tests for kd.placement.PipelineModel: GPipe training equals unsplit."""
 
 import keras
+import model_builders
 import numpy as np
 import pytest
 import tensorflow as tf
+from model_builders import CPUS, data, sequential
 
 import kerasdist as kd
 
-CPUS = ["/cpu:0", "/cpu:1", "/cpu:2", "/cpu:3"]
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def sequential(name="seq"):
-    return keras.Sequential(
-        [keras.Input((8,))]
-        + [
-            keras.layers.Dense(12, activation="tanh", name=f"h{i}")
-            for i in range(4)
-        ]
-        + [keras.layers.Dense(3, name="out")],
-        name=name,
-    )
-
-
 def skip_model(name="res"):
-    """A residual block whose skip crosses the stage boundaries."""
-    i = keras.Input((8,), name="x")
-    a = keras.layers.Dense(12, activation="tanh", name="a")(i)
-    b = keras.layers.Dense(
-        12,
-        activation="tanh",
-        name="b",
-        kernel_regularizer=keras.regularizers.L2(0.01),
-    )(a)
-    c = keras.layers.Dense(12, name="c")(b)
-    s = keras.layers.Add(name="skip")([a, c])
-    o = keras.layers.Dense(3, name="out")(s)
-    return keras.Model(i, o, name=name)
-
-
-def data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, 8)).astype("float32")
-    return x, rng.integers(0, 3, n)
+    """The residual model, with an L2 term in the loss."""
+    return model_builders.skip_model(name, l2=0.01)
 
 
 def optimizer(name):
@@ -87,7 +59,7 @@ def test_pipelined_training_matches_unsplit(
     ref, model, pipe = pair(
         build, CPUS[:num_devices], opt, num_microbatches=m, recompute=recompute
     )
-    x, y = data()
+    x, y = data(64)
     h_ref = ref.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     h = pipe.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     assert h_ref.history["loss"][1] < h_ref.history["loss"][0]

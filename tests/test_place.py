@@ -6,38 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from model_builders import CPUS, data, sequential, skip_model
 
 import kerasdist as kd
-
-CPUS = ["/cpu:0", "/cpu:1", "/cpu:2", "/cpu:3"]
-
-
-def sequential(name="seq"):
-    return keras.Sequential(
-        [keras.Input((8,))]
-        + [
-            keras.layers.Dense(12, activation="tanh", name=f"h{i}")
-            for i in range(4)
-        ]
-        + [keras.layers.Dense(3, name="out")],
-        name=name,
-    )
-
-
-def skip_model(name="res"):
-    i = keras.Input((8,), name="x")
-    a = keras.layers.Dense(12, activation="tanh", name="a")(i)
-    b = keras.layers.Dense(12, activation="tanh", name="b")(a)
-    c = keras.layers.Dense(12, name="c")(b)
-    s = keras.layers.Add(name="skip")([a, c])
-    o = keras.layers.Dense(3, name="out")(s)
-    return keras.Model(i, o, name=name)
-
-
-def data(n=32, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, 8)).astype("float32")
-    return x, rng.integers(0, 3, n)
 
 
 def device_index(device):

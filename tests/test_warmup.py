@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import kerasdist as kd
+from kerasdist import _internals
 from kerasdist.callbacks import LearningRateWarmup, WarmupSchedule
 
 BASE = 0.01
@@ -101,7 +102,9 @@ def test_composes_with_a_keras_schedule_inside_the_compiled_step():
     base = np.array([BASE if t <= 5 else BASE / 10 for t in range(8)])
     factor = _ramp(1.0, 1.0, 2.0, 4, 8)
     np.testing.assert_allclose(applied, base * factor, rtol=1e-5)
-    assert isinstance(model.optimizer._learning_rate, WarmupSchedule)
+    assert isinstance(
+        _internals.learning_rate_attribute(model.optimizer), WarmupSchedule
+    )
 
 
 def test_hands_over_to_reduce_lr_on_plateau_after_warmup():
@@ -178,11 +181,11 @@ def test_warmup_schedule_round_trips_through_optimizer_config():
     inner = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
     opt = keras.optimizers.SGD(WarmupSchedule(inner, 4, 1.0, 3.0))
     clone = keras.optimizers.SGD.from_config(opt.get_config())
-    sched = clone._learning_rate
+    sched = _internals.learning_rate_attribute(clone)
     assert isinstance(sched, WarmupSchedule)
     for step in (0, 2, 4, 20):
         assert float(sched(step)) == pytest.approx(
-            float(opt._learning_rate(step)))
+            float(_internals.learning_rate_attribute(opt)(step)))
 
 
 def test_schedule_warmup_added_on_a_second_fit_takes_effect():

@@ -21,11 +21,12 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-import kerasdist as kd  # noqa: E402
+import kerasdist as kd
+from kerasdist._internals import collective_dtypes
 
 DIM = 8
 
@@ -104,30 +105,6 @@ class PidWriter(keras.callbacks.Callback):
         with open(os.path.join(self.log_dir, f"{os.getpid()}.txt"), "a") as f:
             f.write(f"{epoch}\n")
         self.epochs += 1
-
-
-def collective_dtypes(tf_function) -> list[str]:
-    """dtypes of the CollectiveReduceV2 ops in a traced tf.function."""
-    seen, out = set(), []
-
-    def walk(graph):
-        for op in graph.get_operations():
-            if op.type == "CollectiveReduceV2":
-                out.append(op.get_attr("T").name)
-        for fn in getattr(graph, "_functions", {}).values():
-            g = getattr(fn, "graph", None)
-            if g is not None and id(g) not in seen:
-                seen.add(id(g))
-                walk(g)
-
-    # Keras's `train_function` is a Python closure over tf.functions.
-    fns = [tf_function] + [
-        c.cell_contents for c in (tf_function.__closure__ or ())
-    ]
-    for fn in fns:
-        for cf in getattr(fn, "_list_all_concrete_functions", list)():
-            walk(cf.graph)
-    return sorted(out)
 
 
 def scenario_metric_average(strategy, rank, result):

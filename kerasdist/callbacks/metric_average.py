@@ -26,6 +26,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerasdist import _internals
+
 __all__ = ["MetricAverage", "MetricAverageError", "average_over_workers"]
 
 
@@ -35,13 +37,6 @@ class MetricAverageError(RuntimeError):
     Raised on every worker at the same step (the keys are compared through
     a collective first), so the group fails together instead of hanging.
     """
-
-
-def _num_workers(strategy: tf.distribute.Strategy) -> int:
-    extended = strategy.extended
-    if getattr(extended, "_in_multi_worker_mode", lambda: False)():
-        return int(extended._num_workers)  # noqa: SLF001 (no public API)
-    return 1
 
 
 def _is_number(value) -> bool:
@@ -85,7 +80,7 @@ def average_over_workers(
     ```
     """
     values = np.asarray(values, dtype=np.float64)
-    workers = _num_workers(strategy)
+    workers = _internals.num_workers(strategy)
     if workers == 1:
         return values
     mean = getattr(strategy, "_kd_mean_over_workers", None)
@@ -104,6 +99,7 @@ def average_over_workers(
                 tf.distribute.ReduceOp.MEAN, per_replica, axis=None
             )
 
+        # kerasdist's own cache on the strategy, not a TF attribute.
         strategy._kd_mean_over_workers = mean  # noqa: SLF001
     return np.asarray(mean(tf.constant(values)), dtype=np.float64)
 
@@ -158,7 +154,7 @@ class MetricAverage(keras.callbacks.Callback):
         if not logs:
             return
         strategy = self._strategy()
-        if _num_workers(strategy) == 1:
+        if _internals.num_workers(strategy) == 1:
             return
         keys = sorted(k for k, v in logs.items() if _is_number(v))
         digest = _key_digest(keys)

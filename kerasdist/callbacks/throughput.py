@@ -14,6 +14,7 @@ import keras
 from absl import logging
 
 from kerasdist import cluster as cluster_lib
+from kerasdist._validate import check_int
 
 __all__ = ["Throughput"]
 
@@ -70,14 +71,10 @@ class Throughput(keras.callbacks.Callback):
         num_replicas: int | None = None,
     ):
         super().__init__()
-        if isinstance(global_batch_size, bool) or not isinstance(
-            global_batch_size, int
-        ) or global_batch_size < 1:
-            raise ValueError(
-                "Invalid value for argument `global_batch_size`. Received: "
-                f"global_batch_size={global_batch_size!r}. Expected a "
-                "positive integer (examples per step over all replicas)."
-            )
+        global_batch_size = check_int(
+            "global_batch_size", global_batch_size,
+            hint="It counts examples per step over all replicas.",
+        )
         if baseline_examples_per_sec is not None and (
             isinstance(baseline_examples_per_sec, bool)
             or not isinstance(baseline_examples_per_sec, (int, float))
@@ -89,13 +86,7 @@ class Throughput(keras.callbacks.Callback):
                 f"{baseline_examples_per_sec!r}. Expected a positive number "
                 "or None."
             )
-        if isinstance(skip_steps, bool) or not isinstance(
-            skip_steps, int
-        ) or skip_steps < 0:
-            raise ValueError(
-                "Invalid value for argument `skip_steps`. Received: "
-                f"skip_steps={skip_steps!r}. Expected an integer >= 0."
-            )
+        skip_steps = check_int("skip_steps", skip_steps, 0)
         self.global_batch_size = global_batch_size
         self.baseline_examples_per_sec = (
             None if baseline_examples_per_sec is None

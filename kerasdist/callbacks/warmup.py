@@ -27,7 +27,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from kerasdist import _internals
 from kerasdist import cluster as cluster_lib
+from kerasdist._validate import check_int
 
 __all__ = ["LearningRateWarmup", "WarmupSchedule", "scale_learning_rate"]
 
@@ -241,15 +243,8 @@ class LearningRateWarmup(keras.callbacks.Callback):
                 f"Received: warmup_steps={warmup_steps!r}, "
                 f"warmup_epochs={warmup_epochs!r}."
             )
-        if warmup_steps is not None and (
-            isinstance(warmup_steps, bool)
-            or not isinstance(warmup_steps, int)
-            or warmup_steps < 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `warmup_steps`. Received: "
-                f"warmup_steps={warmup_steps!r}. Expected a positive integer."
-            )
+        if warmup_steps is not None:
+            warmup_steps = check_int("warmup_steps", warmup_steps)
         if warmup_epochs is not None and (
             isinstance(warmup_epochs, bool)
             or not isinstance(warmup_epochs, (int, float))
@@ -273,16 +268,13 @@ class LearningRateWarmup(keras.callbacks.Callback):
                 "Invalid value for argument `target_lr`. Received: "
                 f"target_lr={target_lr!r}. Expected a positive number."
             )
-        for name, value in (("steps_per_epoch", steps_per_epoch),
-                            ("num_replicas", num_replicas)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int)
-                or value < 1
-            ):
-                raise ValueError(
-                    f"Invalid value for argument `{name}`. Received: "
-                    f"{name}={value!r}. Expected a positive integer or None."
-                )
+        if steps_per_epoch is not None:
+            steps_per_epoch = check_int(
+                "steps_per_epoch", steps_per_epoch, hint="Or None."
+            )
+        if num_replicas is not None:
+            num_replicas = check_int("num_replicas", num_replicas,
+                                     hint="Or None.")
         self.warmup_steps = warmup_steps
         self.warmup_epochs = warmup_epochs
         self.scale = scale
@@ -331,7 +323,7 @@ class LearningRateWarmup(keras.callbacks.Callback):
         opt = self._optimizer()
         self._total = self._resolve_steps()
         self._done = False
-        lr = getattr(opt, "_learning_rate", None)
+        lr = _internals.learning_rate_attribute(opt)
         step = int(opt.iterations.numpy())
         if isinstance(lr, WarmupSchedule):
             # Already wrapped: by an earlier fit, or restored from a saved
@@ -343,11 +335,10 @@ class LearningRateWarmup(keras.callbacks.Callback):
             base = float(lr(0))
             self._start, self._end = self._factors(base)
             wrapped = WarmupSchedule(lr, self._total, self._start, self._end)
-            # Keras keeps the schedule in `_learning_rate` and evaluates it at
-            # `iterations` inside the train step; swapping it before the
-            # first step (the train function is traced on its first call)
-            # puts the ramp in the compiled step.
-            opt._learning_rate = wrapped  # noqa: SLF001
+            # Keras evaluates the schedule at `iterations` inside the train
+            # step; swapping it before the first step (the train function is
+            # traced on its first call) puts the ramp in the compiled step.
+            _internals.set_learning_rate_schedule(opt, wrapped)
             if step > 0 and hasattr(self.model, "make_train_function"):
                 # A train step traced by an earlier fit captured the old
                 # schedule; `fit` reads `model.train_function` at each step.

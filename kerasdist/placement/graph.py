@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 import keras
 from keras import tree
 
+from kerasdist import _internals
+
 
 def functional_of(model) -> keras.Model:
     """Returns the functional graph behind `model`.
@@ -43,7 +45,7 @@ def functional_of(model) -> keras.Model:
     if isinstance(model, keras.Sequential):
         # Keras 3 keeps a built Sequential model's graph in `_functional`
         # (keras/src/models/sequential.py, `build`).
-        functional = getattr(model, "_functional", None)
+        functional = _internals.sequential_graph(model)
         if functional is None:
             raise ValueError(
                 f"Sequential model {model.name!r} has no known input shape, "
@@ -51,7 +53,7 @@ def functional_of(model) -> keras.Model:
                 "keras.Input(shape) or call model.build(input_shape) first."
             )
         return functional
-    if hasattr(model, "_nodes_by_depth") and hasattr(model, "_inputs_struct"):
+    if _internals.has_layer_graph(model):
         return model
     raise ValueError(
         f"Model {model.name!r} of type {type(model).__name__} is a "
@@ -97,8 +99,9 @@ class LayerGraph:
         self.functional = functional_of(model)
         f = self.functional
         self.nodes = []
-        for depth in sorted(f._nodes_by_depth, reverse=True):
-            for node in f._nodes_by_depth[depth]:
+        by_depth = _internals.nodes_by_depth(f)
+        for depth in sorted(by_depth, reverse=True):
+            for node in by_depth[depth]:
                 if node.operation is None or node.is_input:
                     continue
                 self.nodes.append(node)
@@ -118,7 +121,7 @@ class LayerGraph:
         for node in self.nodes:
             for t in node.outputs:
                 self.tensors[id(t)] = t
-        input_layers = {id(t._keras_history[0]) for t in f.inputs}
+        input_layers = {id(_internals.producing_layer(t)) for t in f.inputs}
         self.layers = [
             layer for layer in f.layers if id(layer) not in input_layers
         ]
@@ -165,7 +168,8 @@ class LayerGraph:
                     raise ValueError(
                         f"Invalid plan: layer {node.operation.name!r} "
                         f"(stage {s}) uses the output of "
-                        f"{t._keras_history[0].name!r} (stage {producer}). "
+                        f"{_internals.producing_layer(t).name!r} "
+                        f"(stage {producer}). "
                         "Stages must form a chain: a layer may only use "
                         "tensors from its own or earlier stages."
                     )
@@ -193,11 +197,13 @@ class LayerGraph:
 
     def flat_inputs(self, x) -> list:
         """Flattens model inputs `x` in the order of the graph's inputs."""
-        return list(self.functional._standardize_inputs(x))
+        return _internals.standardize_inputs(self.functional, x)
 
     def pack_outputs(self, flat: Sequence):
         """Packs flat output values into the model's output structure."""
-        out = tree.pack_sequence_as(self.functional._outputs_struct, flat)
+        out = tree.pack_sequence_as(
+            _internals.outputs_structure(self.functional), flat
+        )
         if isinstance(out, (list, tuple)) and len(out) == 1:
             return out[0]
         return out
@@ -209,8 +215,8 @@ def call_operation(operation, training, *args, **kwargs):
     Mirrors `keras/src/models/functional.py` `operation_fn`, which injects
     the call-context arguments a functional model receives.
     """
-    if training is not None and "training" in getattr(
-        operation, "_call_context_args", {}
+    if training is not None and "training" in _internals.call_context_args(
+        operation
     ):
         kwargs["training"] = training
     return operation(*args, **kwargs)

@@ -24,8 +24,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kerasdist import cluster
+from kerasdist import _internals, cluster
 from kerasdist import devices as devices_lib
+from kerasdist._validate import check_int
 from kerasdist.placement import graph as graph_lib
 from kerasdist.placement import planning as plan_lib
 
@@ -93,75 +94,15 @@ class PipelineModel(keras.Model):
         recompute: bool = False,
         name: str | None = None,
     ):
-        if (
-            isinstance(num_microbatches, bool)
-            or not isinstance(num_microbatches, int)
-            or num_microbatches < 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `num_microbatches`. "
-                f"Received: num_microbatches={num_microbatches!r}. Expected "
-                "a positive integer."
-            )
+        num_microbatches = check_int("num_microbatches", num_microbatches)
         if not isinstance(recompute, bool):
             raise ValueError(
                 "Invalid value for argument `recompute`. "
                 f"Received: recompute={recompute!r}. Expected True or False."
             )
         graph = graph_lib.LayerGraph(model)
-        for layer in graph.layers:
-            if getattr(layer, "activity_regularizer", None) is not None:
-                raise ValueError(
-                    f"Layer {layer.name!r} has an activity_regularizer, "
-                    "which PipelineModel does not support (its loss is "
-                    "added inside call()). Use a weight regularizer "
-                    "(kernel_regularizer=...) or remove it."
-                )
-        if plan is None:
-            if devices is None:
-                raise ValueError(
-                    "Invalid value for argument `devices`. Received: "
-                    "devices=None and plan=None. Expected a list of device "
-                    "names (one stage per device), or a plan with devices."
-                )
-            devices = list(devices)
-            if not devices:
-                raise ValueError(
-                    "Invalid value for argument `devices`. Received: "
-                    "devices=[]. Expected at least one device name."
-                )
-            devices_lib.check_devices(devices)
-            plan = plan_lib.plan(
-                model, min(len(devices), len(graph.operations)), devices=devices
-            )
-        elif not isinstance(plan, plan_lib.Plan):
-            raise ValueError(
-                "Invalid value for argument `plan`. "
-                f"Received: plan={plan!r}. Expected a "
-                "kerasdist.placement.Plan (from kd.placement.plan)."
-            )
-        elif plan.model_name != model.name:
-            raise ValueError(
-                f"Invalid value for argument `plan`: it was made for model "
-                f"{plan.model_name!r}, not {model.name!r}."
-            )
-        if devices is None:
-            devices = plan.devices
-            if None in devices:
-                raise ValueError(
-                    "Invalid value for argument `devices`. Received: "
-                    f"devices=None, and the plan names no device for some "
-                    f"stages ({devices}). Expected a list of device names."
-                )
-        devices = list(devices)
-        if plan.num_stages > len(devices):
-            raise ValueError(
-                "Invalid value for argument `devices`. "
-                f"Received: devices={devices} ({len(devices)} device(s)) "
-                f"for a plan with {plan.num_stages} stages. Expected at "
-                "least one device per stage."
-            )
-        devices = devices_lib.check_devices(devices[: plan.num_stages])
+        _check_layers(graph)
+        plan, devices = _resolve_plan(model, graph, devices, plan)
         stages = graph.stages(plan.assignment)
         super().__init__(name=name or f"{model.name}_pipeline")
         self.inner_model = model
@@ -229,14 +170,29 @@ class PipelineModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        pipe, m = self._pipe, self.num_microbatches
-        micro = _split_all(pipe.graph.flat_inputs(x), m, strict=True)
+        pipe = self._pipe
+        micro = _split_all(
+            pipe.graph.flat_inputs(x), self.num_microbatches, strict=True
+        )
         values = [
             dict(zip(pipe.graph.input_ids, xs, strict=False)) for xs in micro
         ]
+        tapes = self._forward(values)
+        y_pred, grad_values, var_grads = self._loss_backward(
+            x, y, sample_weight, values
+        )
+        for stage in reversed(pipe.stages):
+            self._stage_backward(stage, values, tapes, grad_values, var_grads)
+        self._apply_gradients(var_grads)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-        # Forward: every (stage, micro-batch); the dataflow lets stage k+1
-        # work on micro-batch i-1 while stage k works on micro-batch i.
+    def _forward(self, values):
+        """Runs every (stage, micro-batch); returns their tapes.
+
+        The dataflow lets stage k+1 work on micro-batch i-1 while stage k
+        works on micro-batch i. With `recompute`, no tape is kept.
+        """
+        pipe = self._pipe
         tapes = {}
         for stage in pipe.stages:
             with tf.device(pipe.devices[stage.index]):
@@ -249,29 +205,39 @@ class PipelineModel(keras.Model):
                             tape.watch(vals[t])
                         graph_lib.run_nodes(stage.nodes, vals, True)
                     tapes[stage.index, i] = tape
+        return tapes
 
-        # Loss on the whole batch, exactly as keras.Model.train_step does.
+    def _loss_backward(self, x, y, sample_weight, values):
+        """Loss on the whole batch, as keras.Model.train_step computes it.
+
+        Returns:
+            (y_pred, grad_values, var_grads): the predictions; per
+            micro-batch, the loss gradient of each model output; per
+            variable id, the list of its gradient parts so far (the
+            regularization losses').
+        """
+        pipe, m = self._pipe, self.num_microbatches
         with tf.device(pipe.devices[-1]):
             with tf.GradientTape() as loss_tape:
                 parts = [
                     [vals[t] for vals in values] for t in pipe.graph.output_ids
                 ]
-                for ps in parts:
-                    for p in ps:
-                        loss_tape.watch(p)
+                for p in (p for ps in parts for p in ps):
+                    loss_tape.watch(p)
                 flat = [
                     ps[0] if m == 1 else tf.concat(ps, axis=0) for ps in parts
                 ]
                 y_pred = pipe.graph.pack_outputs(flat)
-                loss = self._compute_loss(
+                loss = _internals.compute_loss(
+                    self,
                     x=x,
                     y=y,
                     y_pred=y_pred,
                     sample_weight=sample_weight,
                     training=True,
                 )
-                self._loss_tracker.update_state(
-                    _unscale(loss),
+                _internals.loss_tracker(self).update_state(
+                    _internals.unscale_loss_for_distribution(loss),
                     sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
                 )
                 if self.optimizer is not None:
@@ -294,55 +260,56 @@ class PipelineModel(keras.Model):
             for v, g in zip(trainable, grads[k:], strict=False)
             if g is not None
         }
+        return y_pred, grad_values, var_grads
 
-        # Backward: stages in reverse, each micro-batch from its own tape.
-        for stage in reversed(pipe.stages):
-            s = stage.index
-            stage_vars = [v for v in pipe.variables[s] if v.trainable]
-            with tf.device(pipe.devices[s]):
-                for i in reversed(range(m)):
-                    vals = values[i]
-                    outs = [t for t in stage.outputs if _is_float(vals[t])]
-                    out_grads = [grad_values[i].get(t) for t in outs]
-                    if all(g is None for g in out_grads):
-                        continue
-                    out_grads = [
-                        tf.zeros_like(vals[t]) if g is None else g
-                        for t, g in zip(outs, out_grads, strict=False)
-                    ]
-                    ins = pipe.float_inputs[s]
-                    if self.recompute:
-                        tape, local = self._recompute(stage, vals, out_grads)
-                        targets = [local[t] for t in outs]
-                        in_values = [local[t] for t in ins]
-                    else:
-                        tape = tapes[s, i]
-                        targets = [vals[t] for t in outs]
-                        in_values = [vals[t] for t in ins]
-                    g = tape.gradient(
-                        targets,
-                        stage_vars + in_values,
-                        output_gradients=out_grads,
-                        unconnected_gradients=tf.UnconnectedGradients.NONE,
-                    )
-                    for v, gv in zip(
-                        stage_vars, g[: len(stage_vars)], strict=False
-                    ):
-                        if gv is not None:
-                            var_grads.setdefault(id(v), []).append(gv)
-                    for t, gi in zip(ins, g[len(stage_vars) :], strict=False):
-                        if gi is not None:
-                            _add_grad(grad_values[i], t, gi)
+    def _stage_backward(self, stage, values, tapes, grad_values, var_grads):
+        """One stage's backward pass, micro-batches in reverse.
 
-        # Sum over micro-batches on each variable's device; apply once.
+        Adds the stage's variable gradients to `var_grads` and its input
+        gradients to `grad_values` (for the stage before it).
+        """
+        pipe = self._pipe
+        s = stage.index
+        stage_vars = [v for v in pipe.variables[s] if v.trainable]
+        ins = pipe.float_inputs[s]
+        with tf.device(pipe.devices[s]):
+            for i in reversed(range(self.num_microbatches)):
+                vals = values[i]
+                outs = [t for t in stage.outputs if _is_float(vals[t])]
+                out_grads = [grad_values[i].get(t) for t in outs]
+                if all(g is None for g in out_grads):
+                    continue
+                out_grads = [
+                    tf.zeros_like(vals[t]) if g is None else g
+                    for t, g in zip(outs, out_grads, strict=False)
+                ]
+                if self.recompute:
+                    tape, local = self._recompute(stage, vals, out_grads)
+                else:
+                    tape, local = tapes[s, i], vals
+                g = tape.gradient(
+                    [local[t] for t in outs],
+                    stage_vars + [local[t] for t in ins],
+                    output_gradients=out_grads,
+                    unconnected_gradients=tf.UnconnectedGradients.NONE,
+                )
+                for v, gv in zip(stage_vars, g[: len(stage_vars)],
+                                 strict=False):
+                    if gv is not None:
+                        var_grads.setdefault(id(v), []).append(gv)
+                for t, gi in zip(ins, g[len(stage_vars) :], strict=False):
+                    _add_grad(grad_values[i], t, gi)
+
+    def _apply_gradients(self, var_grads):
+        """Sums over micro-batches on each variable's device; applies once."""
+        pipe = self._pipe
+        trainable = self.trainable_variables
         summed = []
         for v in trainable:
-            parts = var_grads.get(id(v))
             with tf.device(pipe.device_of_variable.get(id(v))):
-                summed.append(_sum_grads(parts, v))
+                summed.append(_sum_grads(var_grads.get(id(v)), v))
         if trainable:
             self.optimizer.apply_gradients(zip(summed, trainable, strict=False))
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def _recompute(self, stage, vals, out_grads):
         """Re-runs a stage's forward pass once its output gradients exist."""
@@ -407,6 +374,78 @@ class PipelineModel(keras.Model):
             )
 
 
+def _check_layers(graph: graph_lib.LayerGraph) -> None:
+    """Rejects layers whose losses PipelineModel cannot collect."""
+    for layer in graph.layers:
+        if getattr(layer, "activity_regularizer", None) is not None:
+            raise ValueError(
+                f"Layer {layer.name!r} has an activity_regularizer, "
+                "which PipelineModel does not support (its loss is "
+                "added inside call()). Use a weight regularizer "
+                "(kernel_regularizer=...) or remove it."
+            )
+
+
+def _resolve_plan(model, graph, devices, plan):
+    """The plan to run and one checked device per stage.
+
+    Returns:
+        (Plan, list of str): `plan` (or a parameter-balanced plan over
+        `devices`) and the fully qualified device of each stage.
+    """
+    if plan is None:
+        devices = _checked_device_list(devices)
+        plan = plan_lib.plan(
+            model, min(len(devices), len(graph.operations)), devices=devices
+        )
+    elif not isinstance(plan, plan_lib.Plan):
+        raise ValueError(
+            "Invalid value for argument `plan`. "
+            f"Received: plan={plan!r}. Expected a "
+            "kerasdist.placement.Plan (from kd.placement.plan)."
+        )
+    elif plan.model_name != model.name:
+        raise ValueError(
+            f"Invalid value for argument `plan`: it was made for model "
+            f"{plan.model_name!r}, not {model.name!r}."
+        )
+    if devices is None:
+        devices = plan.devices
+        if None in devices:
+            raise ValueError(
+                "Invalid value for argument `devices`. Received: "
+                f"devices=None, and the plan names no device for some "
+                f"stages ({devices}). Expected a list of device names."
+            )
+    devices = list(devices)
+    if plan.num_stages > len(devices):
+        raise ValueError(
+            "Invalid value for argument `devices`. "
+            f"Received: devices={devices} ({len(devices)} device(s)) "
+            f"for a plan with {plan.num_stages} stages. Expected at "
+            "least one device per stage."
+        )
+    return plan, devices_lib.check_devices(devices[: plan.num_stages])
+
+
+def _checked_device_list(devices) -> list[str]:
+    """`devices` as a non-empty list of existing devices (no plan given)."""
+    if devices is None:
+        raise ValueError(
+            "Invalid value for argument `devices`. Received: "
+            "devices=None and plan=None. Expected a list of device "
+            "names (one stage per device), or a plan with devices."
+        )
+    devices = list(devices)
+    if not devices:
+        raise ValueError(
+            "Invalid value for argument `devices`. Received: "
+            "devices=[]. Expected at least one device name."
+        )
+    devices_lib.check_devices(devices)
+    return devices
+
+
 class _Stages:
     """The stages a PipelineModel runs (kept out of Keras tracking)."""
 
@@ -448,12 +487,9 @@ def _move_variables(pipe: _Stages) -> None:
                 tf.DeviceSpec.from_string(device)
             ):
                 continue
-            # Keras 3 has no API to move a variable: `Variable._initialize`
-            # (keras/src/backend/tensorflow/core.py) builds the tf.Variable
-            # under the current device scope. The KerasVariable object (and
-            # so its path, name and any optimizer reference) is unchanged.
+            # Keras 3 has no API to move a variable (see _internals).
             with tf.init_scope(), tf.device(device):
-                v._initialize(tf.identity(v.value))
+                _internals.reinitialize_variable(v, tf.identity(v.value))
             moved += 1
     if cluster.is_chief():
         logging.info(
@@ -498,13 +534,6 @@ def _build_optimizer_on_devices(optimizer, variables) -> None:
 
 def _is_float(t) -> bool:
     return tf.as_dtype(t.dtype).is_floating
-
-
-def _unscale(loss):
-    # keras.Model.train_step logs the loss unscaled for distribution.
-    from keras.src.losses import loss as loss_module
-
-    return loss_module.unscale_loss_for_distribution(loss)
 
 
 def _add_grad(grads: dict, key, g) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasdist import devices as devices_lib
+from kerasdist._validate import check_int
 from kerasdist.placement import graph as graph_lib
 
 __all__ = ["Plan", "Stage", "plan"]
@@ -249,15 +250,26 @@ def plan(
     ```
     """
     graph = graph_lib.LayerGraph(model)
-    for name, value in (
-        ("batch_size", batch_size),
-        ("num_microbatches", num_microbatches),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"Invalid value for argument `{name}`. "
-                f"Received: {name}={value!r}. Expected a positive integer."
-            )
+    batch_size, num_microbatches = _check_batching(batch_size,
+                                                   num_microbatches)
+    slots = optimizer_slots(optimizer)
+    costs = _costs(graph, cost, batch_size, sample_inputs)
+    if isinstance(num_stages, Mapping):
+        assignment, stage_devices = _manual_assignment(graph, num_stages)
+    else:
+        assignment = _balanced_assignment(graph, costs, num_stages)
+        stage_devices = _default_devices(devices, num_stages)
+    micro = batch_size // num_microbatches
+    stages = [
+        _stage_of(sg, stage_devices[sg.index], costs, micro, slots)
+        for sg in graph.stages(assignment)
+    ]
+    return Plan(model.name, tuple(stages), micro, slots)
+
+
+def _check_batching(batch_size, num_microbatches) -> tuple[int, int]:
+    batch_size = check_int("batch_size", batch_size)
+    num_microbatches = check_int("num_microbatches", num_microbatches)
     if batch_size % num_microbatches:
         raise ValueError(
             "Invalid value for argument `batch_size`. "
@@ -265,64 +277,56 @@ def plan(
             f"num_microbatches={num_microbatches} does not divide. Expected "
             "a multiple of num_microbatches."
         )
-    slots = optimizer_slots(optimizer)
-    costs = _costs(graph, cost, batch_size, sample_inputs)
-    if isinstance(num_stages, Mapping):
-        assignment, stage_devices = _manual_assignment(graph, num_stages)
-    else:
-        if (
-            isinstance(num_stages, bool)
-            or not isinstance(num_stages, int)
-            or not 1 <= num_stages <= len(graph.operations)
-        ):
-            raise ValueError(
-                "Invalid value for argument `num_stages`. "
-                f"Received: num_stages={num_stages!r}. Expected an integer "
-                f"from 1 to {len(graph.operations)} (the number of layers "
-                f"of model {model.name!r}), or a dict of layer-name regex "
-                "to device."
-            )
-        cuts = partition(
-            [costs[op.name] for op in graph.operations], num_stages
+    return batch_size, num_microbatches
+
+
+def _balanced_assignment(graph, costs, num_stages) -> dict[str, int]:
+    """{operation name: stage} for `num_stages` cost-balanced stages."""
+    num_ops = len(graph.operations)
+    if (
+        isinstance(num_stages, bool)
+        or not isinstance(num_stages, int)
+        or not 1 <= num_stages <= num_ops
+    ):
+        raise ValueError(
+            "Invalid value for argument `num_stages`. "
+            f"Received: num_stages={num_stages!r}. Expected an integer "
+            f"from 1 to {num_ops} (the number of layers "
+            f"of model {graph.model.name!r}), or a dict of layer-name regex "
+            "to device."
         )
-        assignment = {}
-        for s, (lo, hi) in enumerate(
-            zip([0, *cuts], [*cuts, len(graph.operations)], strict=False)
-        ):
-            for op in graph.operations[lo:hi]:
-                assignment[op.name] = s
-        stage_devices = _default_devices(devices, num_stages)
-    stage_graphs = graph.stages(assignment)
-    micro = batch_size // num_microbatches
-    stages = []
-    for sg in stage_graphs:
-        weights = _unique(
-            [w for op in sg.operations for w in getattr(op, "weights", [])]
-        )
-        trainable = _unique(
-            [
-                w
-                for op in sg.operations
-                for w in getattr(op, "trainable_weights", [])
-            ]
-        )
-        activation = 0
-        for node in sg.nodes:
-            for t in node.outputs:
-                activation += micro * _example_bytes(t)
-        stages.append(
-            Stage(
-                index=sg.index,
-                device=stage_devices[sg.index],
-                layers=tuple(op.name for op in sg.operations),
-                cost=float(sum(costs[op.name] for op in sg.operations)),
-                params=sum(_size(w) for w in weights),
-                param_bytes=sum(_bytes(w) for w in weights),
-                slot_bytes=slots * sum(_bytes(w) for w in trainable),
-                activation_bytes=activation,
-            )
-        )
-    return Plan(model.name, tuple(stages), micro, slots)
+    cuts = partition([costs[op.name] for op in graph.operations], num_stages)
+    assignment = {}
+    for s, (lo, hi) in enumerate(
+        zip([0, *cuts], [*cuts, num_ops], strict=False)
+    ):
+        for op in graph.operations[lo:hi]:
+            assignment[op.name] = s
+    return assignment
+
+
+def _stage_of(sg, device, costs, micro, slots) -> Stage:
+    """The `Stage` row of one stage graph: cost, parameters, memory."""
+    weights = _unique(
+        [w for op in sg.operations for w in getattr(op, "weights", [])]
+    )
+    trainable = _unique(
+        [w for op in sg.operations
+         for w in getattr(op, "trainable_weights", [])]
+    )
+    activation = sum(
+        micro * _example_bytes(t) for node in sg.nodes for t in node.outputs
+    )
+    return Stage(
+        index=sg.index,
+        device=device,
+        layers=tuple(op.name for op in sg.operations),
+        cost=float(sum(costs[op.name] for op in sg.operations)),
+        params=sum(_size(w) for w in weights),
+        param_bytes=sum(_bytes(w) for w in weights),
+        slot_bytes=slots * sum(_bytes(w) for w in trainable),
+        activation_bytes=activation,
+    )
 
 
 def partition(costs: Sequence[float], num_parts: int) -> list[int]:
