@@ -179,7 +179,7 @@ class MultiWorkerMirroredStrategy(
                  *, compression=None):
         compression = compression_lib.check_compression(compression)
         if cluster_resolver is None:
-            cluster_lib.from_env()  # Raises a readable TFConfigError.
+            cluster_lib.resolve()  # Readable error; exports SLURM/K8s.
         super().__init__(
             cluster_resolver=cluster_resolver,
             communication_options=communication_options,
@@ -302,7 +302,7 @@ def get_strategy(
             f"timeout_seconds={timeout_seconds!r}. Expected a positive "
             "number of seconds, or None for no timeout."
         )
-    task = cluster_lib.from_env()
+    task = cluster_lib.resolve()
     if name == "auto":
         if task.is_multi_worker:
             name = "multi_worker"
