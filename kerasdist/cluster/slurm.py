@@ -10,8 +10,8 @@ wrong once a step runs on fewer nodes than the allocation). Unlike
   hostlist order is numeric, `node9` before `node10`; TF sorts names as
   strings) and ranks placed by `SLURM_DISTRIBUTION` (block or cyclic);
 - needs no GPU and no `nvidia-smi` (tensorflow/tensorflow#56894);
-- gives several tasks on one node distinct ports (base + `SLURM_LOCALID`
-  order on that node).
+- gives every task its own port, base + rank, so several tasks on one node
+  (and several emulated nodes on one machine) never share a port.
 
 Addresses are each node's `NodeAddr` (what SLURM itself uses to reach the
 node; it defaults to the node name) from `scontrol show node`, or the node
@@ -38,10 +38,10 @@ __all__ = [
     "rank_hosts",
 ]
 
-# The first port of the job's workers on each node; task k on a node listens
-# on base + k. Default: derived from SLURM_JOB_ID (see `_port_base`).
+# The port of rank 0; rank r listens on base + r. Default: derived from
+# SLURM_JOB_ID (see `_port_base`), so two jobs sharing a node differ.
 ENV_PORT_BASE = "KERASDIST_PORT_BASE"
-_MAX_TASKS_PER_NODE = 64
+_PORTS_PER_JOB = 2000
 
 
 def expand_hostlist(hostlist: str, *, use_scontrol: bool = True) -> list[str]:
@@ -243,22 +243,26 @@ def _get_int(environ: Mapping[str, str], name: str, minimum: int = 0) -> int:
     return int(raw)
 
 
-def _port_base(environ: Mapping[str, str]) -> int:
+def _port_base(environ: Mapping[str, str], num_tasks: int) -> int:
     raw = environ.get(ENV_PORT_BASE, "").strip()
     if raw:
-        if not raw.isdigit() or not 1024 <= int(raw) <= 65535 - (
-            _MAX_TASKS_PER_NODE
-        ):
+        if not raw.isdigit() or not 1024 <= int(raw) <= 65536 - num_tasks:
             raise ClusterConfigError(
                 f"{ENV_PORT_BASE} must be a port number in [1024, "
-                f"{65535 - _MAX_TASKS_PER_NODE}]. Received: "
-                f"{ENV_PORT_BASE}={raw!r}."
+                f"{65536 - num_tasks}] (rank r uses {ENV_PORT_BASE} + r, "
+                f"{num_tasks} tasks). Received: {ENV_PORT_BASE}={raw!r}."
             )
         return int(raw)
-    # One block of ports per job, so two jobs sharing a node do not collide.
+    if num_tasks > _PORTS_PER_JOB:
+        raise ClusterConfigError(
+            f"SLURM_STEP_NUM_TASKS={num_tasks} is more than the "
+            f"{_PORTS_PER_JOB} ports kerasdist reserves per job by default. "
+            f"Set {ENV_PORT_BASE} to a port with {num_tasks} free ports "
+            "above it."
+        )
     job = environ.get("SLURM_JOB_ID", "0").strip()
     job_id = int(job) if job.isdigit() else 0
-    return 20000 + (job_id % 600) * _MAX_TASKS_PER_NODE
+    return 15000 + (job_id % 25) * _PORTS_PER_JOB
 
 
 @functools.lru_cache(maxsize=32)
@@ -309,7 +313,7 @@ def from_slurm(environ: Mapping[str, str] | None = None) -> TaskInfo | None:
     ...     "SLURM_STEP_TASKS_PER_NODE": "2,1",
     ...     "KERASDIST_PORT_BASE": "12345"})
     >>> info.address
-    'node10:12345'
+    'node10:12347'
     """
     environ = os.environ if environ is None else environ
     if not environ.get("SLURM_PROCID", "").strip():
@@ -323,10 +327,11 @@ def from_slurm(environ: Mapping[str, str] | None = None) -> TaskInfo | None:
     distribution = environ.get("SLURM_DISTRIBUTION", "block").split(":")[0]
     placed = rank_hosts(hosts, counts, distribution or "block")
     _check_local_id(environ, placed[rank], rank)
-    base = _port_base(environ)
+    base = _port_base(environ, num_tasks)
     addresses = _node_addresses(nodelist) if num_tasks > 1 else {}
     workers = [
-        f"{addresses.get(host, host)}:{base + local}" for host, local in placed
+        f"{addresses.get(host, host)}:{base + r}"
+        for r, (host, _) in enumerate(placed)
     ]
     return TaskInfo("worker", rank, {"worker": workers}, source="slurm")
 
@@ -347,11 +352,6 @@ def _check_consistent(
             "SLURM_STEP_NUM_TASKS and SLURM_STEP_TASKS_PER_NODE disagree: "
             f"SLURM_STEP_NUM_TASKS={num_tasks} but the per-node counts "
             f"{counts} sum to {sum(counts)}."
-        )
-    if max(counts) > _MAX_TASKS_PER_NODE:
-        raise ClusterConfigError(
-            f"SLURM_STEP_TASKS_PER_NODE asks for {max(counts)} tasks on one "
-            f"node; kerasdist supports at most {_MAX_TASKS_PER_NODE}."
         )
     if not 0 <= rank < num_tasks:
         raise ClusterConfigError(
