@@ -7,6 +7,10 @@ each `slurmd -N nodeX` is a node on its own 127.0.0.x address). Every daemon
 is recorded by PID and stopped by PID (`stop()`), even on failure. Ports are
 picked free on 127.0.0.1 so a stray SLURM on the machine does not interfere.
 
+`cred_expire=10` (default 120 s): SLURM holds a requeued job for
+`cred_expire + 1` seconds before it may start again; 10 s keeps the
+requeue tests quick without changing what happens.
+
 Node names are `node9` and `node10` on purpose: string-sorting them puts
 `node10` first, which is what TF's `SlurmClusterResolver` gets wrong.
 """
@@ -146,7 +150,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire=10
 ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SwitchType=switch/none
