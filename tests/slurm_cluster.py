@@ -97,7 +97,7 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Stops every daemon this object started, by PID."""
-        for name, pid in reversed(list(self.pids.items())):
+        for pid in reversed(list(self.pids.values())):
             _stop_pid(pid)
         self.pids.clear()
 

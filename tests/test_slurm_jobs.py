@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-
 import slurm_cluster
 from fault_worker import lineage, read_steps, retrained
 
