@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 from fault_worker import lineage, read_steps, retrained
 
+# Keep Ray on the loopback address: by default it replaces 127.0.0.1 with
+# the host's outward address when connecting (resolve_ip_for_localhost in
+# ray/_private/services.py); read when Ray is first imported.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray", reason="Ray not installed: pip install "
                           "'kerasdist[ray]'")
 
@@ -45,7 +49,10 @@ def ray_cluster():
             for _ in range(3)
         ]
         cluster.wait_for_nodes()
+        assert cluster.address.startswith("127.0.0.1:"), cluster.address
         ray.init(address=cluster.address)
+        assert all(n["NodeManagerAddress"] == "127.0.0.1"
+                   for n in ray.nodes())
         yield cluster, nodes
     finally:
         ray.shutdown()

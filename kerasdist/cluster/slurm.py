@@ -78,10 +78,13 @@ def expand_hostlist(hostlist: str, *, use_scontrol: bool = True) -> list[str]:
 
 @functools.lru_cache(maxsize=32)
 def _scontrol_hostnames(hostlist: str) -> tuple[str, ...]:
-    res = subprocess.run(
-        ["scontrol", "show", "hostnames", hostlist],
-        capture_output=True, text=True, timeout=60,
-    )
+    try:
+        res = subprocess.run(
+            ["scontrol", "show", "hostnames", hostlist],
+            capture_output=True, text=True, timeout=15,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return tuple(_expand_python(hostlist))
     if res.returncode != 0 or not res.stdout.split():
         # scontrol without a reachable configuration: parse it ourselves.
         return tuple(_expand_python(hostlist))
@@ -273,7 +276,7 @@ def _node_addresses(nodelist: str) -> dict[str, str]:
     try:
         res = subprocess.run(
             ["scontrol", "-o", "show", "node", nodelist],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=15,
         )
     except (OSError, subprocess.TimeoutExpired):
         return {}
