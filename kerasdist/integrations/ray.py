@@ -183,9 +183,10 @@ class BackupAndRestore(_BackupAndRestore):
     Every backup is also reported with `ray.train.report`: all workers call
     it at the same step (after the same save), the chief with the backup
     files as a `ray.train.Checkpoint`, the others without. When Ray
-    restarts the group, each worker copies the files of
-    `ray.train.get_checkpoint()` that its `backup_dir` lacks (e.g. a fresh
-    node), and training resumes at the exact step of the newest backup.
+    restarts the group, each worker makes its `backup_dir` match
+    `ray.train.get_checkpoint()` (copying what a fresh node lacks, dropping
+    backups Ray never registered), and training resumes at the exact step
+    of that checkpoint.
 
     Args:
         backup_dir: str. As for `kd.callbacks.BackupAndRestore`; need not be
@@ -232,13 +233,23 @@ class BackupAndRestore(_BackupAndRestore):
         return int(self.model.optimizer.iterations.numpy())
 
     def _restore_from_ray(self) -> None:
+        """Makes `backup_dir` hold exactly Ray's newest checkpoint's backups.
+
+        Files the checkpoint has and the directory lacks are copied in;
+        backups newer than the checkpoint's newest are removed: the group
+        failed before every worker reported them (Ray registers a checkpoint
+        only when all workers have reported it), so a worker on another
+        node may not have them, and all workers must resume from the same
+        backup.
+        """
         checkpoint = ray_train.get_checkpoint()
         if checkpoint is None:
             return
         os.makedirs(self.backup_dir, exist_ok=True)
-        have = set(_backup_files(self.backup_dir))
         with checkpoint.as_directory() as source:
-            for name in _backup_files(source):
+            wanted = _backup_files(source)
+            have = set(_backup_files(self.backup_dir))
+            for name in wanted:
                 if name in have:
                     continue
                 # Atomic: another worker on this node may copy the same file.
@@ -247,6 +258,13 @@ class BackupAndRestore(_BackupAndRestore):
                 )
                 shutil.copyfile(os.path.join(source, name), tmp)
                 os.replace(tmp, os.path.join(self.backup_dir, name))
+        newest = max(wanted, default="")
+        for name in have - set(wanted):
+            if name > newest:
+                try:
+                    os.unlink(os.path.join(self.backup_dir, name))
+                except FileNotFoundError:  # a peer on this node did it
+                    pass
 
     def _report(self, step: int, logs) -> None:
         self._reported_step = step
