@@ -177,7 +177,9 @@ def test_nothing_set_is_one_worker_alone():
 def test_resolve_exports_tf_config_for_tensorflow(monkeypatch):
     for key, value in slurm_env(2, 0, "node10").items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("TF_CONFIG", raising=False)
+    # setenv first so monkeypatch restores "unset" after resolve() sets it.
+    monkeypatch.setenv("TF_CONFIG", "")
+    monkeypatch.delenv("TF_CONFIG")
     info = cluster.resolve()
     exported = json.loads(os.environ["TF_CONFIG"])
     assert exported["task"] == {"type": "worker", "index": 2}

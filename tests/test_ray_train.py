@@ -36,7 +36,6 @@ def ray_cluster():
     """Head (no trainer slot) + 3 nodes with one trainer slot each."""
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS])
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "include_dashboard": False,
