@@ -197,3 +197,19 @@ def test_too_few_resources_is_a_clear_error_before_training(
     assert re.search(r"5 worker\(s\) need 5 (CPU|trainer)", message)
     assert "Lower num_workers" in message
     assert not (tmp_path / "b").exists()  # nothing trained, nothing written
+
+
+def test_check_resources_counts_whole_workers_per_node():
+    from kerasdist.integrations.ray import RayResourcesError, check_resources
+
+    nodes = [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 0.5}]
+    total = {"CPU": 2.5}
+    check_resources(train.ScalingConfig(num_workers=2), total, nodes)
+    # 2.5 CPUs in all, but only two nodes can hold a 1-CPU worker.
+    with pytest.raises(RayResourcesError, match="room for 2 such worker"):
+        check_resources(train.ScalingConfig(num_workers=3), total, nodes)
+    # Elastic: the minimum must fit.
+    check_resources(train.ScalingConfig(num_workers=(2, 8)), total, nodes)
+    with pytest.raises(RayResourcesError, match="need 1 GPU"):
+        check_resources(train.ScalingConfig(num_workers=1, use_gpu=True),
+                        total, nodes)

@@ -55,10 +55,10 @@ def reference(tmp_path_factory):
         return [f[k] for k in f.files]
 
 
-def submit(slurm, tmp_path, *worker_args, max_restarts=3):
+def submit(slurm, tmp_path, *worker_args, max_restarts=3, sbatch_args=()):
     out, backup = tmp_path / "out", tmp_path / "backup"
     res = slurm.run(
-        "sbatch", "--parsable", f"--chdir={tmp_path}",
+        "sbatch", "--parsable", f"--chdir={tmp_path}", *sbatch_args,
         f"--output={tmp_path}/job-%j.out", SBATCH,
         sys.executable, WORKER, "--out", str(out), "--backup_dir",
         str(backup), "--epochs", str(EPOCHS), "--save_freq", "4",
@@ -134,6 +134,14 @@ def test_preemption_saves_requeues_and_resumes_losing_nothing(
     wait_for_steps(steps, STEPS_PER_EPOCH + 3, job_id, slurm)
     signalled = time.monotonic()
     slurm.run("scancel", "--signal=TERM", job_id)
+    resumed_after = None
+    deadline = signalled + 900
+    while resumed_after is None and time.monotonic() < deadline:
+        if any(r["attempt"] >= 1000 for r in read_steps(steps)):
+            resumed_after = time.monotonic() - signalled
+        elif slurm.job_state(job_id)["JobState"] in ("FAILED", "CANCELLED"):
+            break
+        time.sleep(0.5)
     state = slurm.wait_job(job_id, timeout=900)
     log = job_log(tmp_path, job_id)
     assert state["JobState"] == "COMPLETED", log
@@ -151,9 +159,29 @@ def test_preemption_saves_requeues_and_resumes_losing_nothing(
     assert every_step_once(records)
     assert_same_weights(final_weights(out), reference)
     print(
-        f"\nSLURM preemption: 0 steps retrained; requeued and finished "
-        f"{time.monotonic() - signalled:.1f}s after the signal"
+        f"\nSLURM preemption: 0 steps retrained; first step after the "
+        f"requeue {resumed_after:.1f}s after the signal (SLURM holds a "
+        "requeued job cred_expire + 1 = 11 s here)"
     )
+
+
+def test_preemption_without_requeue_reruns_srun_in_the_job(
+    slurm, reference, tmp_path
+):
+    # Not requeueable: exit_for_restart() exits 75 and the job's loop reruns
+    # srun on the same allocation.
+    job_id, out = submit(slurm, tmp_path, sbatch_args=["--no-requeue"])
+    steps = out / "steps-0.jsonl"
+    wait_for_steps(steps, STEPS_PER_EPOCH + 3, job_id, slurm)
+    slurm.run("scancel", "--signal=TERM", job_id)
+    state = slurm.wait_job(job_id, timeout=900)
+    log = job_log(tmp_path, job_id)
+    assert state["JobState"] == "COMPLETED", log
+    assert state["Restarts"] == "0" and "step exited 75, restart 1/3" in log
+    records = read_steps(steps)
+    assert {r["attempt"] for r in records} == {0, 1}
+    assert retrained(records) == 0 and every_step_once(records)
+    assert_same_weights(final_weights(out), reference)
 
 
 def test_killed_task_is_rerun_by_the_job_loop_from_the_backup(
