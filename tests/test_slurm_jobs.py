@@ -66,6 +66,7 @@ def submit(slurm, tmp_path, *worker_args, max_restarts=3, sbatch_args=()):
         extra_env={
             "PYTHONPATH": ROOT, "KERASDIST_MAX_RESTARTS": str(max_restarts),
             "KERASDIST_COLLECTIVE_TIMEOUT": "120",
+            "KERASDIST_SRUN_WAIT": "20",
         },
     )
     return res.stdout.strip().split(";")[0], out

@@ -105,10 +105,10 @@ def exit_for_restart() -> None:
     on the engine this worker runs under (`restart_engine()`):
 
     - `kerasdist-run` (and by default): exit with `RESTART_EXIT_CODE` (75).
-    - SLURM: `scontrol requeue $SLURM_JOB_ID` when the job is requeueable
-      (`sbatch --requeue`), then exit 75; if it is not (or the requeue
-      fails), exit 75 for the batch script's restart loop to rerun `srun`
-      (see `deploy/slurm/train.sbatch`).
+    - SLURM: task 0 runs `scontrol requeue $SLURM_JOB_ID` when the job is
+      requeueable (`sbatch --requeue`); every task exits 75, which, when
+      the job was not requeued, the batch script's restart loop answers by
+      rerunning `srun` (see `deploy/slurm/train.sbatch`).
     - Kubernetes: exit with `kubernetes_restart_exit_code()` (default 143,
       >= 128 as TFJob's `ExitCode` policy needs), which kerasdist's
       JobSet/Job manifests map to a group restart.
@@ -257,16 +257,18 @@ def kubernetes_restart_exit_code(environ=None) -> int:
 def slurm_requeue(environ=None) -> bool:
     """Requeues this SLURM batch job if it may be (`scontrol requeue`).
 
-    Runs at most once per process. Skipped when `KERASDIST_SLURM_REQUEUE`
-    is `0`, when the job is not requeueable (`Requeue=0` in `scontrol show
-    job`, i.e. not submitted with `--requeue`), or outside SLURM. Every task
-    may call it: SLURM requeues the job once and ignores the rest.
+    Runs at most once per process, and only in task 0 (the chief, which
+    writes the backup: requeueing kills every task of the job, so no other
+    task may do it while the chief may still be saving). Skipped when
+    `KERASDIST_SLURM_REQUEUE` is `0`, when the job is not requeueable
+    (`Requeue=0` in `scontrol show job`, i.e. not submitted with
+    `--requeue`), or outside SLURM.
 
     Args:
         environ: mapping or None. Defaults to `os.environ`.
 
     Returns:
-        bool. True if SLURM accepted the requeue.
+        bool. True if SLURM accepted the requeue (False in other tasks).
 
     Example:
 
@@ -280,6 +282,8 @@ def slurm_requeue(environ=None) -> bool:
     job_id = environ.get("SLURM_JOB_ID", "").strip()
     if _requeued or not job_id or environ.get(ENV_SLURM_REQUEUE) == "0":
         return _requeued
+    if environ.get("SLURM_PROCID", "0").strip() != "0":
+        return False
     try:
         shown = subprocess.run(
             ["scontrol", "-o", "show", "job", job_id],
