@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kerasdist-installed
 
-.PHONY: install train test lint docs bench clean
+.PHONY: install train test lint docs bench clean engines
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,docs,bench]"
+	$(PY) -m pip install -q -e ".[test,docs,bench,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,7 +21,18 @@ train: install
 	$(VENV)/bin/kerasdist-run --num_workers 2 --max_restarts 2 -- \
 		$(PY) examples/quickstart.py --epochs 3
 
-test: install
+# Real engines for the tests: Debian's SLURM (slurmctld, slurmd, client
+# commands) and munge, installed with apt-get when missing (as root, else
+# through sudo). The SLURM tests start and stop their own daemons.
+engines:
+	command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			slurm-wlm munge; }
+	test -s /etc/munge/munge.key || $(SUDO) mungekey --create 2>/dev/null \
+		|| $(SUDO) create-munge-key -f
+
+test: install engines
 	$(PY) -m ruff check kerasdist tests benchmarks examples
 	$(PY) -m pytest -q tests
 

@@ -184,7 +184,7 @@ class MultiWorkerMirroredStrategy(
                  *, compression=None):
         compression = compression_lib.check_compression(compression)
         if cluster_resolver is None:
-            cluster_lib.from_env()  # Raises a readable TFConfigError.
+            cluster_lib.resolve()  # Readable error; exports SLURM/K8s.
         super().__init__(
             cluster_resolver=cluster_resolver,
             communication_options=communication_options,
@@ -299,7 +299,7 @@ def get_strategy(
     )
     compression = compression_lib.check_compression(compression)
     timeout_seconds = _timeout_seconds(timeout_seconds)
-    task = cluster_lib.from_env()
+    task = cluster_lib.resolve()
     name = _resolve_auto(name, task, devices)
     if devices is not None:
         devices = devices_lib.check_devices(list(devices))

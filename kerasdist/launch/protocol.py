@@ -25,19 +25,29 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 
 __all__ = [
+    "DEFAULT_K8S_RESTART_EXIT_CODE",
+    "ENGINES",
+    "ENV_ENGINE",
     "ENV_HEARTBEAT_FILE",
+    "ENV_K8S_RESTART_EXIT_CODE",
+    "ENV_SLURM_REQUEUE",
     "ENV_NUM_WORKERS",
     "ENV_RESTART_COUNT",
     "ENV_WORKER_INDEX",
     "PERMANENT_EXIT_CODE",
     "PREEMPTION_SIGNALS",
     "RESTART_EXIT_CODE",
+    "RestartRequested",
     "exit_for_restart",
     "install_permanent_error_hook",
+    "kubernetes_restart_exit_code",
+    "restart_engine",
     "restart_count",
+    "slurm_requeue",
     "touch_heartbeat",
 ]
 
@@ -138,11 +148,23 @@ def install_permanent_error_hook() -> bool:
 def exit_for_restart() -> None:
     """Leaves the process so that the engine restarts it ("saved, restart me").
 
-    Call it only after the state was saved. Under `kerasdist-run` (and by
-    default) it exits with `RESTART_EXIT_CODE`.
+    Call it only after the state was saved. What "restart me" means depends
+    on the engine this worker runs under (`restart_engine()`):
+
+    - `kerasdist-run` (and by default): exit with `RESTART_EXIT_CODE` (75).
+    - SLURM: task 0 runs `scontrol requeue $SLURM_JOB_ID` when the job is
+      requeueable (`sbatch --requeue`); every task exits 75, which, when
+      the job was not requeued, the batch script's restart loop answers by
+      rerunning `srun` (see `deploy/slurm/train.sbatch`).
+    - Kubernetes: exit with `kubernetes_restart_exit_code()` (default 143,
+      >= 128 as TFJob's `ExitCode` policy needs), which kerasdist's
+      JobSet/Job manifests map to a group restart.
+    - Ray Train: raise `RestartRequested`; Ray's `FailureConfig` restarts
+      the worker group from the last reported checkpoint.
 
     Raises:
-        SystemExit: always.
+        SystemExit: except under Ray Train.
+        RestartRequested: under Ray Train.
 
     Example:
 
@@ -153,4 +175,174 @@ def exit_for_restart() -> None:
     """
     sys.stdout.flush()
     sys.stderr.flush()
+    engine = restart_engine()
+    if engine == "ray":
+        raise RestartRequested(
+            "kerasdist: state saved; asking Ray Train to restart the group"
+        )
+    if engine == "slurm":
+        slurm_requeue()
+        sys.exit(RESTART_EXIT_CODE)
+    if engine == "kubernetes":
+        sys.exit(kubernetes_restart_exit_code())
     sys.exit(RESTART_EXIT_CODE)
+
+
+# ---------------------------------------------------------------------------
+# Per-engine mapping of "saved, restart me" (owner: cluster engines).
+# ---------------------------------------------------------------------------
+
+ENV_ENGINE = "KERASDIST_ENGINE"
+ENV_K8S_RESTART_EXIT_CODE = "KERASDIST_K8S_RESTART_EXIT_CODE"
+ENV_SLURM_REQUEUE = "KERASDIST_SLURM_REQUEUE"
+ENGINES = ("kerasdist-run", "slurm", "kubernetes", "ray")
+DEFAULT_K8S_RESTART_EXIT_CODE = 143
+_requeued = False
+
+
+class RestartRequested(RuntimeError):
+    """Raised under Ray Train by `exit_for_restart()`: saved, restart me.
+
+    Ray Train treats an exception in the training function as a worker
+    failure and, within `FailureConfig(max_failures)`, restarts the whole
+    group from the last reported checkpoint. Recovery treats it as a
+    restart, not a bug.
+
+    Example:
+
+    >>> issubclass(RestartRequested, RuntimeError)
+    True
+    """
+
+
+def restart_engine(environ=None) -> str:
+    """Which engine restarts this worker: one of `ENGINES`.
+
+    `KERASDIST_ENGINE` chooses explicitly; otherwise `kerasdist-run` (its
+    workers have `KERASDIST_WORKER_INDEX`), then Ray Train (a training
+    session is active), then SLURM (`SLURM_JOB_ID`), then Kubernetes
+    (`KUBERNETES_SERVICE_HOST`), else `"kerasdist-run"`.
+
+    Args:
+        environ: mapping or None. Defaults to `os.environ`.
+
+    Returns:
+        str.
+
+    Raises:
+        ValueError: if `KERASDIST_ENGINE` is not one of `ENGINES`.
+
+    Example:
+
+    >>> restart_engine({"SLURM_JOB_ID": "7"})
+    'slurm'
+    """
+    environ = os.environ if environ is None else environ
+    chosen = environ.get(ENV_ENGINE, "").strip()
+    if chosen:
+        if chosen not in ENGINES:
+            raise ValueError(
+                f"Invalid value for {ENV_ENGINE}. Received: "
+                f"{ENV_ENGINE}={chosen!r}. Expected one of {list(ENGINES)}."
+            )
+        return chosen
+    if environ.get(ENV_WORKER_INDEX, "").strip():
+        return "kerasdist-run"
+    if environ is os.environ and _in_ray_train():
+        return "ray"
+    if environ.get("SLURM_JOB_ID", "").strip():
+        return "slurm"
+    if environ.get("KUBERNETES_SERVICE_HOST", "").strip():
+        return "kubernetes"
+    return "kerasdist-run"
+
+
+def _in_ray_train() -> bool:
+    if "ray.train" not in sys.modules:
+        return False
+    from kerasdist.cluster.ray import ray_world
+
+    return ray_world() is not None
+
+
+def kubernetes_restart_exit_code(environ=None) -> int:
+    """The exit code meaning "saved, restart me" under Kubernetes.
+
+    `KERASDIST_K8S_RESTART_EXIT_CODE`, default 143. It must be in
+    [128, 255]: Kubeflow TFJob's `ExitCode` restart policy retries only
+    codes >= 128 (`IsRetryableExitCode` in training-operator), and the
+    JobSet/Job manifests' `podFailurePolicy` must name the same code.
+
+    Args:
+        environ: mapping or None. Defaults to `os.environ`.
+
+    Returns:
+        int.
+
+    Raises:
+        ValueError: if the variable is not an integer in [128, 255].
+
+    Example:
+
+    >>> kubernetes_restart_exit_code({})
+    143
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get(ENV_K8S_RESTART_EXIT_CODE, "").strip()
+    if not raw:
+        return DEFAULT_K8S_RESTART_EXIT_CODE
+    if not raw.isdigit() or not 128 <= int(raw) <= 255:
+        raise ValueError(
+            f"Invalid value for {ENV_K8S_RESTART_EXIT_CODE}. Received: "
+            f"{ENV_K8S_RESTART_EXIT_CODE}={raw!r}. Expected an exit code in "
+            "[128, 255] (TFJob retries only codes >= 128), the same as the "
+            "podFailurePolicy's onExitCodes."
+        )
+    return int(raw)
+
+
+def slurm_requeue(environ=None) -> bool:
+    """Requeues this SLURM batch job if it may be (`scontrol requeue`).
+
+    Runs at most once per process, and only in task 0 (the chief, which
+    writes the backup: requeueing kills every task of the job, so no other
+    task may do it while the chief may still be saving). Skipped when
+    `KERASDIST_SLURM_REQUEUE` is `0`, when the job is not requeueable
+    (`Requeue=0` in `scontrol show job`, i.e. not submitted with
+    `--requeue`), or outside SLURM.
+
+    Args:
+        environ: mapping or None. Defaults to `os.environ`.
+
+    Returns:
+        bool. True if SLURM accepted the requeue (False in other tasks).
+
+    Example:
+
+    ```python
+    if not protocol.slurm_requeue():
+        sys.exit(protocol.RESTART_EXIT_CODE)  # the batch loop reruns srun
+    ```
+    """
+    global _requeued
+    environ = os.environ if environ is None else environ
+    job_id = environ.get("SLURM_JOB_ID", "").strip()
+    if _requeued or not job_id or environ.get(ENV_SLURM_REQUEUE) == "0":
+        return _requeued
+    if environ.get("SLURM_PROCID", "0").strip() != "0":
+        return False
+    try:
+        shown = subprocess.run(
+            ["scontrol", "-o", "show", "job", job_id],
+            capture_output=True, text=True, timeout=60,
+        )
+        if " Requeue=1 " not in f" {shown.stdout} " or shown.returncode:
+            return False
+        done = subprocess.run(
+            ["scontrol", "requeue", job_id],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    _requeued = done.returncode == 0
+    return _requeued

@@ -1,4 +1,4 @@
-"""Cluster description: read, validate and write `TF_CONFIG`.
+"""`TF_CONFIG`: read, validate and write it; `TaskInfo`.
 
 `TF_CONFIG` is the JSON environment variable through which TensorFlow learns
 the cluster (every task's address) and which task this process is. kerasdist
@@ -15,12 +15,14 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kerasdist.errors import PermanentError
+
 __all__ = [
+    "ClusterConfigError",
     "TaskInfo",
     "TFConfigError",
     "free_ports",
     "from_env",
-    "is_chief",
     "make_tf_config",
 ]
 
@@ -30,8 +32,29 @@ _TRAINING_TYPES = ("chief", "worker")
 _KNOWN_TYPES = ("chief", "worker", "evaluator", "ps")
 
 
-class TFConfigError(ValueError):
-    """`TF_CONFIG` is malformed; the message names the problem and the fix."""
+class ClusterConfigError(PermanentError, ValueError):
+    """The environment describes the cluster wrongly.
+
+    Raised for a malformed or contradictory `TF_CONFIG`, SLURM, Kubernetes
+    or Ray environment; the message names the variable, the value received
+    and the fix. It is a `kerasdist.errors.PermanentError`: restarting the
+    worker cannot fix it, so recovery does not retry it.
+
+    Example:
+
+    >>> issubclass(ClusterConfigError, ValueError)
+    True
+    """
+
+
+class TFConfigError(ClusterConfigError):
+    """`TF_CONFIG` is malformed; the message names the problem and the fix.
+
+    Example:
+
+    >>> issubclass(TFConfigError, ClusterConfigError)
+    True
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +69,10 @@ class TaskInfo:
         cluster: dict. Task type to list of `"host:port"` addresses, as in
             `TF_CONFIG["cluster"]`. Empty when running alone. Defaults to
             `{}`.
+        source: str. Where the description came from: `"tf_config"`,
+            `"slurm"`, `"kubernetes"`, `"ray"` or `"single"` (nothing found:
+            one worker alone). Not compared by `==`. Defaults to
+            `"single"`.
 
     Example:
 
@@ -59,6 +86,7 @@ class TaskInfo:
     cluster: Mapping[str, Sequence[str]] = dataclasses.field(
         default_factory=dict
     )
+    source: str = dataclasses.field(default="single", compare=False)
 
     @property
     def num_workers(self) -> int:
@@ -91,6 +119,25 @@ class TaskInfo:
     def is_multi_worker(self) -> bool:
         """True when the cluster has more than one training task."""
         return self.num_workers > 1
+
+    def to_tf_config(self) -> dict:
+        """This description as a `TF_CONFIG` dict.
+
+        Returns:
+            dict, ready for `json.dumps`; `{}` when running alone.
+
+        Example:
+
+        >>> info = TaskInfo("worker", 1, {"worker": ["a:1", "b:2"]})
+        >>> info.to_tf_config()["task"]
+        {'type': 'worker', 'index': 1}
+        """
+        if not self.cluster:
+            return {}
+        return {
+            "cluster": {k: list(v) for k, v in self.cluster.items()},
+            "task": {"type": self.task_type, "index": self.task_index},
+        }
 
     @property
     def address(self) -> str | None:
@@ -163,6 +210,13 @@ def parse(config: Any) -> TaskInfo:
             "TF_CONFIG must be a JSON object with keys 'cluster' and 'task'. "
             f"Received: {config!r}."
         )
+    cluster = _parse_cluster(config)
+    task_type, index = _parse_task(config.get("task"), cluster)
+    return TaskInfo(task_type, index, cluster, source="tf_config")
+
+
+def _parse_cluster(config: dict) -> dict[str, list[str]]:
+    """The validated `cluster` of a decoded TF_CONFIG."""
     cluster = config.get("cluster")
     if not cluster:
         raise TFConfigError(
@@ -176,32 +230,11 @@ def parse(config: Any) -> TaskInfo:
             "TF_CONFIG 'cluster' must map task types to lists of addresses. "
             f"Received: cluster={cluster!r}."
         )
-    seen: dict[str, str] = {}
-    clean: dict[str, list[str]] = {}
-    for task_type, addresses in cluster.items():
-        if task_type not in _KNOWN_TYPES:
-            raise TFConfigError(
-                f"TF_CONFIG cluster has an unknown task type {task_type!r}. "
-                f"Expected some of {list(_KNOWN_TYPES)}."
-            )
-        if isinstance(addresses, str) or not isinstance(
-            addresses, (list, tuple)
-        ):
-            raise TFConfigError(
-                f"TF_CONFIG cluster[{task_type!r}] must be a list of "
-                f"'host:port' strings. Received: {addresses!r}."
-            )
-        for i, address in enumerate(addresses):
-            _check_address(address, f"cluster[{task_type!r}][{i}]")
-            where = f"{task_type}:{i}"
-            if address in seen:
-                raise TFConfigError(
-                    f"TF_CONFIG gives the same address {address!r} to "
-                    f"{seen[address]} and {where}. Every task needs its own "
-                    "host:port."
-                )
-            seen[address] = where
-        clean[task_type] = list(addresses)
+    clean = {
+        task_type: _parse_addresses(task_type, addresses)
+        for task_type, addresses in cluster.items()
+    }
+    _check_unique(clean)
     if len(clean.get("chief", ())) > 1:
         raise TFConfigError(
             "TF_CONFIG cluster may have at most one 'chief'. "
@@ -212,7 +245,43 @@ def parse(config: Any) -> TaskInfo:
             "TF_CONFIG cluster has no 'worker' or 'chief' task. "
             f"Received: cluster={json.dumps(cluster)}."
         )
-    task = config.get("task")
+    return clean
+
+
+def _parse_addresses(task_type: Any, addresses: Any) -> list[str]:
+    """One task type's address list, each checked as `host:port`."""
+    if task_type not in _KNOWN_TYPES:
+        raise TFConfigError(
+            f"TF_CONFIG cluster has an unknown task type {task_type!r}. "
+            f"Expected some of {list(_KNOWN_TYPES)}."
+        )
+    if isinstance(addresses, str) or not isinstance(addresses, (list, tuple)):
+        raise TFConfigError(
+            f"TF_CONFIG cluster[{task_type!r}] must be a list of "
+            f"'host:port' strings. Received: {addresses!r}."
+        )
+    for i, address in enumerate(addresses):
+        _check_address(address, f"cluster[{task_type!r}][{i}]")
+    return list(addresses)
+
+
+def _check_unique(cluster: dict[str, list[str]]) -> None:
+    """Every task has its own address."""
+    seen: dict[str, str] = {}
+    for task_type, addresses in cluster.items():
+        for i, address in enumerate(addresses):
+            where = f"{task_type}:{i}"
+            if address in seen:
+                raise TFConfigError(
+                    f"TF_CONFIG gives the same address {address!r} to "
+                    f"{seen[address]} and {where}. Every task needs its own "
+                    "host:port."
+                )
+            seen[address] = where
+
+
+def _parse_task(task: Any, cluster: dict[str, list[str]]) -> tuple[str, int]:
+    """This task's (type, index), checked against the cluster."""
     if not isinstance(task, dict) or "type" not in task:
         raise TFConfigError(
             "TF_CONFIG has no 'task' with a 'type' and an 'index'. "
@@ -221,23 +290,23 @@ def parse(config: Any) -> TaskInfo:
         )
     task_type = task["type"]
     index = task.get("index", 0)
-    if task_type not in clean:
+    if task_type not in cluster:
         raise TFConfigError(
             f"TF_CONFIG task type {task_type!r} is not in the cluster, "
-            f"which has {sorted(clean)}."
+            f"which has {sorted(cluster)}."
         )
     if isinstance(index, bool) or not isinstance(index, int):
         raise TFConfigError(
             f"TF_CONFIG task index must be an integer. Received: "
             f"index={index!r}."
         )
-    if not 0 <= index < len(clean[task_type]):
+    if not 0 <= index < len(cluster[task_type]):
         raise TFConfigError(
             f"TF_CONFIG task index {index} is out of range: cluster has "
-            f"{len(clean[task_type])} {task_type!r} task(s), so the index "
-            f"must be in [0, {len(clean[task_type]) - 1}]."
+            f"{len(cluster[task_type])} {task_type!r} task(s), so the index "
+            f"must be in [0, {len(cluster[task_type]) - 1}]."
         )
-    return TaskInfo(task_type, index, clean)
+    return task_type, index
 
 
 def _check_address(address: Any, where: str) -> None:
@@ -250,24 +319,6 @@ def _check_address(address: Any, where: str) -> None:
             f"TF_CONFIG {where} is not a 'host:port' address. "
             f"Received: {address!r}. Expected e.g. '10.0.0.2:2222'."
         )
-
-
-def is_chief(environ: Mapping[str, str] | None = None) -> bool:
-    """True if this process is the chief (see `TaskInfo.is_chief`).
-
-    Args:
-        environ: mapping or None. Environment to read; defaults to
-            `os.environ`.
-
-    Returns:
-        bool. True when running alone.
-
-    Example:
-
-    >>> is_chief({})
-    True
-    """
-    return from_env(environ).is_chief
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

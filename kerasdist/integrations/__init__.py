@@ -1,0 +1,8 @@
+"""Thin adapters onto engines users already run (optional extras).
+
+- `kerasdist.integrations.ray`: Ray Train (`pip install kerasdist[ray]`).
+
+Each is imported on its own, so kerasdist does not need the engine.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,129 @@
+"""Training functions run by Ray Train workers in tests/test_ray_train.py.
+
+Importable by the Ray workers (the test puts tests/ on their PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+
+def docs_example(config):
+    """Ray's "Get started with TensorFlow/Keras" example, as in Ray's docs,
+    with only kerasdist's lines added (marked) and generated data instead
+    of the MNIST download."""
+    import numpy as np
+    import tensorflow as tf
+    from ray import train
+
+    import kerasdist as kd  # kerasdist
+    from kerasdist.integrations.ray import BackupAndRestore  # kerasdist
+
+    def mnist_dataset(batch_size):
+        rng = np.random.RandomState(0)
+        x_train = rng.randint(0, 255, size=(640, 28, 28)).astype("uint8")
+        y_train = rng.randint(0, 10, size=(640,)).astype("int64")
+        x_train = x_train / np.float32(255)
+        return (
+            tf.data.Dataset.from_tensor_slices((x_train, y_train))
+            .shuffle(640, seed=0).repeat().batch(batch_size)
+        )
+
+    def build_and_compile_cnn_model():
+        model = tf.keras.Sequential([
+            tf.keras.layers.InputLayer(input_shape=(28, 28)),
+            tf.keras.layers.Reshape(target_shape=(28, 28, 1)),
+            tf.keras.layers.Conv2D(8, 3, activation="relu"),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(32, activation="relu"),
+            tf.keras.layers.Dense(10),
+        ])
+        model.compile(
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True),
+            optimizer=tf.keras.optimizers.SGD(learning_rate=0.001),
+            metrics=["accuracy"],
+        )
+        return model
+
+    per_worker_batch_size = config.get("batch_size", 64)
+    num_workers = train.get_context().get_world_size()
+    # Ray's docs: strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = kd.MultiWorkerMirroredStrategy()  # kerasdist
+    global_batch_size = per_worker_batch_size * num_workers
+    multi_worker_dataset = mnist_dataset(global_batch_size)
+    with strategy.scope():
+        multi_worker_model = build_and_compile_cnn_model()
+    history = multi_worker_model.fit(
+        multi_worker_dataset, epochs=config["epochs"], steps_per_epoch=5,
+        # Ray's docs: callbacks=[ReportCheckpointCallback()]
+        callbacks=[BackupAndRestore(config["backup_dir"])],  # kerasdist
+        verbose=0,
+    )
+    return history.history
+
+
+def _attempt(out: str, rank: int) -> int:
+    """How many times this rank has started (0 on the first run)."""
+    os.makedirs(out, exist_ok=True)
+    n = sum(1 for f in os.listdir(out) if f.startswith(f"start-{rank}-"))
+    with open(os.path.join(out, f"start-{rank}-{uuid.uuid4().hex}"), "w"):
+        pass
+    return n
+
+
+def fault_job(config):
+    """tests/fault_worker.py's deterministic job as a Ray Train function."""
+    import sys
+
+    import keras
+    import numpy as np
+    import ray
+    import tensorflow as tf
+    from ray import train
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import fault_worker
+
+    import kerasdist as kd
+    from kerasdist.integrations.ray import BackupAndRestore
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    out = config["out"]
+    context = train.get_context()
+    rank = context.get_world_rank()
+    attempt = _attempt(out, rank)
+    with open(os.path.join(out, f"node-{rank}-{attempt}.json"), "w") as f:
+        json.dump({"node_id": ray.get_runtime_context().get_node_id(),
+                   "pid": os.getpid()}, f)
+    strategy = kd.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = fault_worker.build_model()
+
+    class StepLog(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            record = {"attempt": attempt, "epoch": self.epoch, "step": batch,
+                      "id_sum": round(float(logs["id_sum"]) * 2)}
+            with open(os.path.join(out, f"steps-{rank}.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if config.get("step_delay"):
+                import time
+
+                time.sleep(config["step_delay"])
+
+    model.fit(
+        fault_worker.make_dataset(strategy), epochs=config["epochs"],
+        verbose=0,
+        callbacks=[StepLog(), BackupAndRestore(
+            os.path.join(config["backup_root"], f"node-{rank}"), 4)],
+    )
+    if rank == 0:
+        np.savez(os.path.join(out, "final.npz"),
+                 *[np.asarray(w) for w in model.get_weights()])
+    keras.backend.clear_session()

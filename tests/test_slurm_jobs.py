@@ -1,0 +1,209 @@
+"""Keras 3 training as real SLURM jobs (slurmctld + two slurmd, munged).
+
+The job file is `deploy/slurm/train.sbatch`, unchanged; the training script
+is tests/fault_worker.py (deterministic data, a log of which batch each step
+trained) through tests/slurm_worker.py.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import slurm_cluster
+from fault_worker import lineage, read_steps, retrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SBATCH = os.path.join(ROOT, "deploy", "slurm", "train.sbatch")
+WORKER = os.path.join(ROOT, "tests", "slurm_worker.py")
+STEPS_PER_EPOCH = 12  # fault_worker: 192 examples, global batch 16
+EPOCHS = 3
+
+pytestmark = [pytest.mark.real_component, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """munged, slurmctld and slurmd x2 for the session, stopped by PID."""
+    why = slurm_cluster.missing()
+    if why:
+        pytest.skip(f"SLURM cannot run here: {why}")
+    cluster = slurm_cluster.start(str(tmp_path_factory.mktemp("slurm")))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same training, unfailed, on one device in one process."""
+    out = tmp_path_factory.mktemp("reference")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    for key in [k for k in env if k.startswith(("SLURM", "TF_CONFIG"))]:
+        env.pop(key)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "fault_worker.py"),
+         "--out", str(out), "--backup_dir", str(out / "backup"),
+         "--strategy", "one_device", "--epochs", str(EPOCHS)],
+        env=env, check=True, timeout=600, capture_output=True,
+    )
+    with np.load(out / "final.npz") as f:
+        return [f[k] for k in f.files]
+
+
+def submit(slurm, tmp_path, *worker_args, max_restarts=3, sbatch_args=()):
+    out, backup = tmp_path / "out", tmp_path / "backup"
+    res = slurm.run(
+        "sbatch", "--parsable", f"--chdir={tmp_path}", *sbatch_args,
+        f"--output={tmp_path}/job-%j.out", SBATCH,
+        sys.executable, WORKER, "--out", str(out), "--backup_dir",
+        str(backup), "--epochs", str(EPOCHS), "--save_freq", "4",
+        *worker_args,
+        extra_env={
+            "PYTHONPATH": ROOT, "KERASDIST_MAX_RESTARTS": str(max_restarts),
+            "KERASDIST_COLLECTIVE_TIMEOUT": "120",
+            "KERASDIST_SRUN_WAIT": "20",
+        },
+    )
+    return res.stdout.strip().split(";")[0], out
+
+
+def job_log(tmp_path, job_id):
+    try:
+        with open(tmp_path / f"job-{job_id}.out") as f:
+            return f.read()[-6000:]
+    except OSError:
+        return "(no job output)"
+
+
+def final_weights(out):
+    with np.load(out / "final.npz") as f:
+        return [f[k] for k in f.files]
+
+
+def assert_same_weights(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def every_step_once(records):
+    kept = lineage(records)
+    steps = [(r["epoch"], r["step"]) for r in kept]
+    return steps == [
+        (e, s) for e in range(EPOCHS) for s in range(STEPS_PER_EPOCH)
+    ]
+
+
+def test_two_task_srun_job_matches_single_device(slurm, reference,
+                                                 tmp_path):
+    start = time.monotonic()
+    job_id, out = submit(slurm, tmp_path)
+    state = slurm.wait_job(job_id, timeout=600)
+    assert state["JobState"] == "COMPLETED", job_log(tmp_path, job_id)
+    # Two tasks on two (emulated) nodes, SLURM's rank order.
+    assert state["NodeList"] == "node[9-10]"
+    records = read_steps(out / "steps-0.jsonl")
+    assert every_step_once(records) and retrained(records) == 0
+    assert_same_weights(final_weights(out), reference)
+    print(f"\nSLURM 2-task job: {time.monotonic() - start:.1f}s")
+
+
+def wait_for_steps(path, count, job_id, slurm, timeout=400):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if len(read_steps(path)) >= count:
+                return
+        except (OSError, ValueError):
+            pass
+        state = slurm.job_state(job_id)["JobState"]
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), state
+        time.sleep(0.5)
+    raise TimeoutError(f"fewer than {count} steps in {path}")
+
+
+def test_preemption_saves_requeues_and_resumes_losing_nothing(
+    slurm, reference, tmp_path
+):
+    job_id, out = submit(slurm, tmp_path)
+    steps = out / "steps-0.jsonl"
+    wait_for_steps(steps, STEPS_PER_EPOCH + 3, job_id, slurm)
+    signalled = time.monotonic()
+    slurm.run("scancel", "--signal=TERM", job_id)
+    resumed_after = None
+    deadline = signalled + 900
+    while resumed_after is None and time.monotonic() < deadline:
+        if any(r["attempt"] >= 1000 for r in read_steps(steps)):
+            resumed_after = time.monotonic() - signalled
+        elif slurm.job_state(job_id)["JobState"] in ("FAILED", "CANCELLED"):
+            break
+        time.sleep(0.5)
+    state = slurm.wait_job(job_id, timeout=900)
+    log = job_log(tmp_path, job_id)
+    assert state["JobState"] == "COMPLETED", log
+    assert int(state.get("Restarts", "0")) == 1, state  # requeued once
+    records = read_steps(steps)
+    requeued = [r for r in records if r["attempt"] >= 1000]
+    assert requeued, "no step ran after the requeue"
+    first = requeued[0]
+    before = [r for r in records if r["attempt"] < 1000]
+    # Resumed exactly after the last step trained before the signal's save.
+    assert (first["epoch"], first["step"]) == (
+        before[-1]["epoch"], before[-1]["step"] + 1
+    ) or (first["step"] == 0 and first["epoch"] == before[-1]["epoch"] + 1)
+    assert retrained(records) == 0
+    assert every_step_once(records)
+    assert_same_weights(final_weights(out), reference)
+    print(
+        f"\nSLURM preemption: 0 steps retrained; first step after the "
+        f"requeue {resumed_after:.1f}s after the signal (SLURM holds a "
+        "requeued job cred_expire + 1 = 11 s here)"
+    )
+
+
+def test_preemption_without_requeue_reruns_srun_in_the_job(
+    slurm, reference, tmp_path
+):
+    # Not requeueable: exit_for_restart() exits 75 and the job's loop reruns
+    # srun on the same allocation.
+    job_id, out = submit(slurm, tmp_path, sbatch_args=["--no-requeue"])
+    steps = out / "steps-0.jsonl"
+    wait_for_steps(steps, STEPS_PER_EPOCH + 3, job_id, slurm)
+    slurm.run("scancel", "--signal=TERM", job_id)
+    state = slurm.wait_job(job_id, timeout=900)
+    log = job_log(tmp_path, job_id)
+    assert state["JobState"] == "COMPLETED", log
+    assert state["Restarts"] == "0" and "step exited 75, restart 1/3" in log
+    records = read_steps(steps)
+    assert {r["attempt"] for r in records} == {0, 1}
+    assert retrained(records) == 0 and every_step_once(records)
+    assert_same_weights(final_weights(out), reference)
+
+
+def test_killed_task_is_rerun_by_the_job_loop_from_the_backup(
+    slurm, reference, tmp_path
+):
+    # Worker 1 SIGKILLs itself after epoch 1, step 5 on the first srun.
+    job_id, out = submit(slurm, tmp_path, "--fault", "0:1:1:5:SIGKILL")
+    state = slurm.wait_job(job_id, timeout=900)
+    log = job_log(tmp_path, job_id)
+    assert state["JobState"] == "COMPLETED", log
+    assert "restart 1/3" in log
+    records = read_steps(out / "steps-0.jsonl")
+    assert {r["attempt"] for r in records} == {0, 1}
+    resumed = [r for r in records if r["attempt"] == 1][0]
+    # save_freq 4: the last backup before step (1, 5) is after step (1, 3).
+    assert (resumed["epoch"], resumed["step"]) == (1, 4)
+    assert every_step_once(records)
+    assert_same_weights(final_weights(out), reference)
+    print(f"\nSLURM killed task: {retrained(records)} step(s) retrained")
+
+
+def test_sbatch_template_is_valid_bash():
+    assert shutil.which("bash")
+    subprocess.run(["bash", "-n", SBATCH], check=True)
