@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kerasdist-installed
 
-.PHONY: install train test lint docs bench clean
+.PHONY: install train test lint docs bench clean test-oldest
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,32 @@ bazel-test: install
 		$(SUDO) apt-get install -y -q bazel-bootstrap; }
 	KERASDIST_PYTHON=$(abspath $(PY)) bazel test //...
 
+# Oldest supported versions: the lower ends of setup.cfg's ranges in their
+# own venv (never the main one), running the core suite (strategies, data,
+# backups, launcher). Keep the pins equal to setup.cfg's lower bounds.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_STAMP := $(OLDEST_VENV)/.kerasdist-installed
+OLDEST_PINS := tensorflow==2.16.1 keras==3.0.5
+OLDEST_TESTS := tests/test_mirrored_parity.py tests/test_multi_worker.py \
+	tests/test_strategy_selection.py tests/test_data.py \
+	tests/test_backup_and_restore.py tests/test_launch.py \
+	tests/test_cluster.py
+
+$(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(OLDEST_PY) || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install -q --upgrade pip
+	$(OLDEST_PY) -m pip install -q -e ".[test]" $(OLDEST_PINS)
+	$(OLDEST_PY) -m pip check
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_PY) -c "import tensorflow as tf, keras; \
+		print('oldest: tensorflow', tf.__version__, 'keras', keras.__version__)"
+	$(OLDEST_PY) -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+
 bench: install
 	$(PY) -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) docs/_build build *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) docs/_build build *.egg-info
