@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kerasdist-installed
 
-.PHONY: install train test lint docs bench clean test-oldest
+.PHONY: install train test lint docs bench clean test-oldest bench-jax-venv
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,8 +62,22 @@ test-oldest: $(OLDEST_STAMP)
 		print('oldest: tensorflow', tf.__version__, 'keras', keras.__version__)"
 	$(OLDEST_PY) -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
 
-bench: install
-	$(PY) -m benchmarks.run
+# peer_step_time's JAX half: Keras 3 on JAX in its own venv (never the main
+# one), with the same Keras version as .venv.
+JAX_VENV ?= .venv-jax
+JAX_STAMP := $(JAX_VENV)/.kerasdist-installed
+
+$(JAX_STAMP): $(STAMP) Makefile
+	test -x $(JAX_VENV)/bin/python || $(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_VENV)/bin/python -m pip install -q "jax[cpu]<1" \
+		"keras==$$($(PY) -c 'import keras; print(keras.__version__)')"
+	touch $(JAX_STAMP)
+
+bench-jax-venv: $(JAX_STAMP)
+
+bench: install bench-jax-venv
+	KERASDIST_JAX_PYTHON=$(abspath $(JAX_VENV))/bin/python \
+		$(PY) -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) docs/_build build *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) $(JAX_VENV) docs/_build build *.egg-info
