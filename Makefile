@@ -44,7 +44,7 @@ bazel-test: install
 OLDEST_VENV ?= .venv-oldest
 OLDEST_PY := $(OLDEST_VENV)/bin/python
 OLDEST_STAMP := $(OLDEST_VENV)/.kerasdist-installed
-OLDEST_PINS := tensorflow==2.16.1 keras==3.0.5
+OLDEST_PINS := tensorflow==2.16.1 keras==3.10.0
 OLDEST_TESTS := tests/test_mirrored_parity.py tests/test_multi_worker.py \
 	tests/test_strategy_selection.py tests/test_data.py \
 	tests/test_backup_and_restore.py tests/test_launch.py \
