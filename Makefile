@@ -41,6 +41,9 @@ bazel-test: install
 # Oldest supported versions: the lower ends of setup.cfg's ranges in their
 # own venv (never the main one), running the core suite (strategies, data,
 # backups, launcher). Keep the pins equal to setup.cfg's lower bounds.
+# Keras < 3.10 fails data-parallel parity with TF 2.16.1 (no loss scaling by
+# replicas before 3.8, keras-team/keras#19891; reported metrics differ
+# before 3.10): see docs/guide/benchmarks.md.
 OLDEST_VENV ?= .venv-oldest
 OLDEST_PY := $(OLDEST_VENV)/bin/python
 OLDEST_STAMP := $(OLDEST_VENV)/.kerasdist-installed
@@ -57,10 +60,13 @@ $(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
 	$(OLDEST_PY) -m pip check
 	touch $(OLDEST_STAMP)
 
+# Tests needing an engine (marked real_component: Ray, SLURM, ...) run in the
+# main suite; this venv has only the core dependencies.
 test-oldest: $(OLDEST_STAMP)
 	$(OLDEST_PY) -c "import tensorflow as tf, keras; \
 		print('oldest: tensorflow', tf.__version__, 'keras', keras.__version__)"
-	$(OLDEST_PY) -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+	$(OLDEST_PY) -m pytest -q -p no:cacheprovider -m "not real_component" \
+		$(OLDEST_TESTS)
 
 # peer_step_time's JAX half: Keras 3 on JAX in its own venv (never the main
 # one), with the same Keras version as .venv.
