@@ -266,7 +266,7 @@ def build_metrics_now(model: Any, epoch_iterator: Any) -> None:
     try:
         with model.distribute_strategy.scope():
             model._symbolic_build(data_batch=spec)
-    except Exception:  # best effort: only the metrics' state is at stake
+    except Exception:  # noqa: BLE001 (best effort: only metrics' state)
         pass
 
 

@@ -31,7 +31,8 @@ def test_write_then_read_round_trip_leaves_no_temporary(tmp_path):
 
 def test_read_refuses_a_torn_file(tmp_path):
     path = _write(tmp_path, 3)
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(zipfile.BadZipFile):

@@ -1,14 +1,14 @@
 """The CI guard: a skipped real-component test fails the run under CI=true."""
 
+import pathlib
 import subprocess
 import sys
 import textwrap
 
 
 def _run(tmp_path, ci: str) -> subprocess.CompletedProcess:
-    (tmp_path / "conftest.py").write_text(
-        open(__file__.replace("test_ci_skip_guard.py", "conftest.py")).read()
-    )
+    here = pathlib.Path(__file__).parent
+    (tmp_path / "conftest.py").write_text((here / "conftest.py").read_text())
     (tmp_path / "test_x.py").write_text(textwrap.dedent("""
         import pytest
 

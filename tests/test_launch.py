@@ -470,7 +470,7 @@ def test_docs_options_table_is_generated_from_worker_spec():
     fields = [f.name for f in dataclasses.fields(kd.launch.WorkerSpec)]
     for name in fields[1:]:  # Every option but `command`.
         assert f"`--{name} " in table
-        assert f"--{name}" in kd.launch.cli._parser().format_help()
+        assert f"--{name}" in kd.launch.cli._parser().format_help()  # noqa: SLF001
         assert name in inspect.signature(kd.launch.run).parameters
 
 

@@ -81,7 +81,7 @@ def read_newest(
         try:
             meta, values = store.read(path)
             break
-        except Exception as e:  # any damage: fall back
+        except Exception as e:  # noqa: BLE001 (any damage: fall back)
             unreadable.append(path)
             warnings.warn(
                 f"kd.callbacks.BackupAndRestore: backup {path} is "

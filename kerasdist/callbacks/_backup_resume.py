@@ -239,8 +239,9 @@ class EpochLogs(keras.callbacks.Callback):
         self.owner = owner
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and self.owner._steps_this_epoch == 0 and (
-            self.owner._resumed_epoch == epoch
+        owner = self.owner
+        if logs is not None and owner._steps_this_epoch == 0 and (  # noqa: SLF001
+            owner._resumed_epoch == epoch  # noqa: SLF001
         ):
             results = self.model.get_metrics_result()
             logs.update({k: v for k, v in results.items() if k not in logs})

@@ -41,7 +41,7 @@ def ray_world() -> tuple[int, int] | None:
     try:
         context = train.get_context()
         return context.get_world_rank(), context.get_world_size()
-    except Exception:  # Not in a training session: Ray raises its own kinds.
+    except Exception:  # noqa: BLE001 (not in a session: Ray raises its own kinds)
         return None
 
 

@@ -230,7 +230,7 @@ class WorkerSpec:
             )
 
 
-def _options() -> list[dataclasses.Field]:
+def option_fields() -> list[dataclasses.Field]:
     """`WorkerSpec`'s fields that are options (all but `command`)."""
     return [
         f for f in dataclasses.fields(WorkerSpec) if f.metadata["flag"]
@@ -755,7 +755,7 @@ def run(
     assert result.ok, result.summary()
     ```
     """
-    known = {f.name for f in _options()}
+    known = {f.name for f in option_fields()}
     unknown = sorted(set(options) - known)
     if unknown:
         raise LauncherError(
@@ -798,7 +798,7 @@ def _signature() -> inspect.Signature:
     params += [
         inspect.Parameter(f.name, keyword, default=f.default,
                           annotation=f.type)
-        for f in _options()
+        for f in option_fields()
     ]
     return inspect.Signature(params, return_annotation="RunResult")
 
@@ -806,5 +806,5 @@ def _signature() -> inspect.Signature:
 run.__signature__ = _signature()
 if run.__doc__:  # None under `python -OO`.
     run.__doc__ = run.__doc__.replace(
-        "OPTIONS.", ", ".join(f"`{f.name}`" for f in _options()) + "."
+        "OPTIONS.", ", ".join(f"`{f.name}`" for f in option_fields()) + "."
     )

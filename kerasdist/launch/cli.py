@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
             "succeeded, else the last failure's."
         ),
     )
-    for field in agent._options():
+    for field in agent.option_fields():
         parser.add_argument(
             f"--{field.name}",
             type=field.metadata["parse"],
@@ -73,7 +73,7 @@ def options_table() -> str:
     '| option | default | meaning |'
     """
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
-    for field in agent._options():
+    for field in agent.option_fields():
         meta = field.metadata
         rows.append(
             f"| `--{field.name} {meta['metavar']}` | {meta['default_text']} "

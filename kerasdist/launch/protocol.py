@@ -117,7 +117,7 @@ def _exit_on_permanent_error(previous):
             # collective; the launcher stops those).
             os._exit(PERMANENT_EXIT_CODE)
 
-    hook._kerasdist_permanent = True
+    hook._kerasdist_permanent = True  # noqa: SLF001 (our own marker)
     return hook
 
 
