@@ -134,6 +134,55 @@ def check_canaries(
 # compression.py, data.py, devices.py).
 # ---------------------------------------------------------------------------
 
+CANARIES.append(Canary("keras.src.backend.tensorflow.trainer",
+                       "TFEpochIterator",
+                       "_internals.keras_data_adapter_calling"))
+
+
+def keras_data_adapter_calling(max_depth: int = 8) -> tuple[Any, str] | None:
+    """The Keras data adapter whose epoch iterator is distributing a dataset.
+
+    Keras's `TFEpochIterator.__init__` (`keras/src/backend/tensorflow/
+    trainer.py`) calls `strategy.experimental_distribute_dataset` with the
+    dataset its `data_adapter` made; the adapter knows what the dataset does
+    not: the `batch_size` the user passed and the size of the partial last
+    batch. Keras gives the strategy no other handle on them.
+
+    Args:
+        max_depth: int. How many callers up to look. Defaults to 8.
+
+    Returns:
+        `(data_adapter, method)` where `method` is the `Trainer` method that
+        made the iterator (`"fit"`, `"evaluate"`, `"predict"`), or None if
+        the caller is not Keras's epoch iterator.
+
+    Example:
+
+    >>> keras_data_adapter_calling() is None
+    True
+    """
+    import inspect
+
+    from keras.src.backend.tensorflow import trainer
+
+    init_code = trainer.TFEpochIterator.__init__.__code__
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            if frame.f_code is init_code:
+                iterator = frame.f_locals.get("self")
+                adapter = getattr(iterator, "data_adapter", None)
+                caller = frame.f_back
+                method = caller.f_code.co_name if caller else ""
+                return (adapter, method) if adapter is not None else None
+        return None
+    finally:
+        del frame
+
+
 
 
 # ---------------------------------------------------------------------------

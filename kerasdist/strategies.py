@@ -30,8 +30,10 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
+from kerasdist import _internals
 from kerasdist import cluster as cluster_lib
 from kerasdist import compression as compression_lib
+from kerasdist import data as data_lib
 from kerasdist import devices as devices_lib
 
 __all__ = [
@@ -51,6 +53,21 @@ def _is_single_value(value: Any) -> bool:
                               tf.Variable)) or not tf.nest.is_nested(value)
 
 
+# Dtypes every cross-device all-reduce implements: TF's collective ops
+# (CollectiveReduceV2 / NCCL) accept only these, and a mean of strings or
+# booleans means nothing anyway.
+_REDUCIBLE_DTYPES = frozenset({
+    tf.bfloat16, tf.float16, tf.float32, tf.float64, tf.int32, tf.int64,
+})
+
+
+def _is_reducible(value: Any) -> bool:
+    if isinstance(value, tf.distribute.DistributedValues):
+        value = value.values[0]
+    dtype = getattr(value, "dtype", None)
+    return dtype is None or tf.as_dtype(dtype) in _REDUCIBLE_DTYPES
+
+
 def _rank(value: Any) -> int | None:
     if isinstance(value, tf.distribute.DistributedValues):
         value = value.values[0]
@@ -66,7 +83,9 @@ class _KerasCompatibleReduce:
 
         Unlike `tf.distribute.Strategy.reduce`, `value` may be a nested
         structure of per-replica values (each leaf is reduced), and
-        `axis=0` on a scalar reduces across replicas only.
+        `axis=0` on a scalar reduces across replicas only. A per-replica
+        value whose dtype no all-reduce implements (string, bool, int8, ...)
+        is not reduced: the first local replica's value is returned.
 
         Args:
             reduce_op: `tf.distribute.ReduceOp` or `"SUM"`/`"MEAN"`.
@@ -90,11 +109,82 @@ class _KerasCompatibleReduce:
             return tf.nest.map_structure(
                 lambda v: self.reduce(reduce_op, v, axis=axis), value
             )
+        if isinstance(value, tf.distribute.DistributedValues) and not (
+            _is_reducible(value)
+        ):
+            # Issues 15.1 / 16.2: Keras's `_maybe_symbolic_build` reduces the
+            # whole first batch with "MEAN" only to learn its structure and
+            # shapes; a string or boolean element (TextVectorization inputs,
+            # keras_hub's `padding_mask`) has no all-reduce ("Value for attr
+            # 'T' of string is not in the list of allowed values"). Such a
+            # value cannot be averaged: take the first local replica's.
+            return self.experimental_local_results(value)[0]
         if axis is not None and _rank(value) == 0:
             # Upstream bug 2 (same reports): Keras asks for axis=0 on scalar
             # logs; the mean over replicas is axis=None.
             axis = None
         return parent.reduce(reduce_op, value, axis=axis)
+
+    def experimental_distribute_dataset(self, dataset, options=None):
+        """Distributes `dataset`; under Keras, refuses uneven global batches.
+
+        As `tf.distribute.Strategy.experimental_distribute_dataset`. When
+        Keras's `fit`, `evaluate` or `predict` calls it with more than one
+        replica, a global batch that would not split evenly over the
+        replicas (`batch_size=3` on 2 replicas, or a last partial batch of
+        1) is refused with `kerasdist.data.UnevenBatchError` before the
+        first step: Keras's loss scaling is only exact for even splits, and
+        across workers such a batch crashes TensorFlow's collectives. Custom
+        loops that call this method themselves are not checked
+        (`tf.nn.compute_average_loss(..., global_batch_size=...)` is exact
+        for any split).
+
+        Args:
+            dataset: `tf.data.Dataset` of global batches.
+            options: `tf.distribute.InputOptions` or None.
+
+        Returns:
+            A `tf.distribute.DistributedDataset`.
+
+        Raises:
+            kerasdist.data.UnevenBatchError: for NumPy/tensor inputs whose
+                `batch_size` or last partial batch does not divide over the
+                replicas. A `tf.data.Dataset` input whose batch size is
+                only known when read raises `tf.errors.
+                InvalidArgumentError` with the same advice when that batch
+                is read.
+
+        Example:
+
+        ```python
+        dist = strategy.experimental_distribute_dataset(ds.batch(64))
+        ```
+        """
+        if (
+            isinstance(dataset, tf.data.Dataset)
+            and self.num_replicas_in_sync > 1
+        ):
+            caller = _internals.keras_data_adapter_calling()
+            if caller is not None:
+                dataset = _check_keras_input(self, dataset, caller[0])
+        return super().experimental_distribute_dataset(dataset, options)
+
+
+def _check_keras_input(strategy, dataset, adapter):
+    """Checks the batches Keras made from `adapter` split evenly."""
+    try:
+        batch_size = adapter.batch_size
+        partial = adapter.partial_batch_size if batch_size else None
+        batches = adapter.num_batches
+    except NotImplementedError:
+        batch_size = partial = batches = None
+    if batch_size is None:  # A dataset: its batches are checked as read.
+        return data_lib.assert_even_batches(dataset, strategy)
+    examples = None
+    if batches:
+        examples = (batches - 1) * batch_size + (partial or batch_size)
+    data_lib.check_keras_batches(batch_size, partial, strategy, examples)
+    return dataset
 
 
 # Collective group/instance keys of every MirroredStrategy in a process start
