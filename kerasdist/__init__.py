@@ -39,7 +39,7 @@ import importlib as _importlib
 # etc. import it when first touched.
 _SUBMODULES = frozenset({
     "accumulation", "callbacks", "cluster", "compression", "data", "devices",
-    "flags", "launch", "placement", "strategies", "testing",
+    "flags", "launch", "losses", "placement", "strategies", "testing",
 })
 _NAMES = {
     "MirroredStrategy": "kerasdist.strategies",
@@ -47,6 +47,7 @@ _NAMES = {
     "get_strategy": "kerasdist.strategies",
     "accumulate_gradients": "kerasdist.accumulation",
     "scale_learning_rate": "kerasdist.callbacks.warmup",
+    "scale_loss": "kerasdist.losses",
     "is_chief": "kerasdist.cluster",
     "virtual_cpus": "kerasdist.devices",
 }
@@ -82,8 +83,10 @@ __all__ = [
     "get_strategy",
     "is_chief",
     "launch",
+    "losses",
     "placement",
     "scale_learning_rate",
+    "scale_loss",
     "virtual_cpus",
     "__version__",
 ]

@@ -176,9 +176,9 @@ def assert_even_batches(
         first = next(t for t in tf.nest.flatten(structure)
                      if isinstance(t, tf.Tensor) and t.shape.rank)
         size = tf.shape(first, out_type=tf.int64)[0]
-        with tf.control_dependencies([tf.debugging.assert_equal(
-                size % replicas, tf.constant(0, tf.int64),
-                message=message, data=[size])]):
+        with tf.control_dependencies([tf.debugging.Assert(
+                tf.equal(size % replicas, 0),
+                [message, "Global batch size:", size])]):
             return tf.nest.map_structure(
                 lambda t: tf.identity(t) if isinstance(t, tf.Tensor) else t,
                 structure)
