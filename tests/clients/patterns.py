@@ -10,6 +10,8 @@ dropout masks, per-replica BatchNorm statistics) are compared across
 workers only.
 """
 
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -52,33 +54,39 @@ def _result(model, history=None, evaluation=None, extra=None):
 
 
 class HandLossModel(keras.Model):
-    """keras.io "customizing fit": a mean loss computed by hand."""
-
-    scale = True
+    """keras.io "customizing fit": a mean loss computed by hand, scaled."""
 
     def train_step(self, data):
         x, y = data
         with tf.GradientTape() as tape:
             loss = ops.mean(ops.square(y - self(x, training=True)))
-            # The one-line change for several replicas:
-            to_minimize = kd.scale_loss(loss) if self.scale else loss
-        grads = tape.gradient(to_minimize, self.trainable_variables)
+            scaled = kd.scale_loss(loss)  # The one-line change.
+        grads = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(
             zip(grads, self.trainable_variables, strict=True))
         return {"loss": loss}
 
 
-class UnscaledHandLossModel(HandLossModel):
-    scale = False
+class UnscaledHandLossModel(keras.Model):
+    """The same step exactly as the keras.io guide writes it."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = ops.mean(ops.square(y - self(x, training=True)))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(
+            zip(grads, self.trainable_variables, strict=True))
+        return {"loss": loss}
 
 
-def hand_loss(strategy, scale=True):
+def hand_loss(strategy, scale=True, learning_rate=0.1):
     x, y = _xy()
     with kd.strategies.scope_or_null(strategy):
         inp = keras.Input((4,))
         cls = HandLossModel if scale else UnscaledHandLossModel
         model = cls(inp, keras.layers.Dense(1)(inp))
-        model.compile(keras.optimizers.SGD(0.1))
+        model.compile(keras.optimizers.SGD(learning_rate))
         _init(model)
     history = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, verbose=0,
                         shuffle=False).history
@@ -415,3 +423,118 @@ def assert_same(actual, expected, rtol=1e-4, atol=1e-5):
     for k in expected:
         np.testing.assert_allclose(actual[k], expected[k], rtol=rtol,
                                    atol=atol, err_msg=k)
+
+
+# -- uneven batches, XLA, file callbacks, the keras.io guide ----------------
+
+# (examples, batch_size, how): must be refused with more than one replica.
+UNEVEN = {
+    "fit_batch_1": (12, 1, "fit"),
+    "fit_batch_3": (12, 3, "fit"),
+    "fit_partial_1": (9, 4, "fit"),
+    "evaluate_batch_3": (12, 3, "evaluate"),
+    "predict_batch_3": (12, 3, "predict"),
+    "fit_tfdata_batch_3": (12, 3, "fit_tfdata"),
+    "fit_tfdata_partial_1": (9, 4, "fit_tfdata"),
+}
+# Must train as on one device.
+EVEN = {
+    "fit_batch_4": (12, 4, "fit"),
+    "fit_partial_2": (10, 4, "fit"),
+    "fit_tfdata_partial_2": (10, 4, "fit_tfdata"),
+    "predict_partial_2": (10, 4, "predict"),
+}
+
+
+def uneven(strategy, case):
+    n, batch, how = {**UNEVEN, **EVEN}[case]
+    rng = np.random.RandomState(9)
+    x = rng.normal(size=(n, 3)).astype("float32")
+    y = rng.normal(size=(n, 3)).astype("float32")
+    with kd.strategies.scope_or_null(strategy):
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        _init(model)
+    extra = {}
+    if how == "fit":
+        model.fit(x, y, batch_size=batch, epochs=2, verbose=0,
+                  shuffle=False)
+        extra["eval"] = np.array(model.evaluate(x, y, batch_size=batch,
+                                                verbose=0))
+    elif how == "fit_tfdata":
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+        model.fit(ds, epochs=2, verbose=0)
+    elif how == "evaluate":
+        extra["eval"] = np.array(model.evaluate(x, y, batch_size=batch,
+                                                verbose=0))
+    else:
+        extra["predict"] = model.predict(x, batch_size=batch, verbose=0)
+    return _result(model, extra=extra)
+
+
+def jit(strategy):
+    x, y = _xy(10)
+    with kd.strategies.scope_or_null(strategy):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+        _init(model)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    return _result(model)
+
+
+def _small_model():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    _init(model)
+    return model
+
+
+def file_callbacks(strategy, directory):
+    """ModelCheckpoint and CSVLogger as users write them.
+
+    (TensorBoard is adapted the same way but needs the tensorboard package,
+    which is not a test dependency.)
+    """
+    x, y = _xy(11)
+    os.makedirs(directory, exist_ok=True)  # CSVLogger does not create it.
+    with kd.strategies.scope_or_null(strategy):
+        model = _small_model()
+    model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, shuffle=False,
+              callbacks=[
+                  keras.callbacks.ModelCheckpoint(
+                      os.path.join(directory, "ckpt-{epoch}.keras")),
+                  keras.callbacks.CSVLogger(
+                      os.path.join(directory, "log.csv")),
+              ])
+    return _result(model)
+
+
+def keras_backup(strategy, directory):
+    x, y = _xy(12)
+    with kd.strategies.scope_or_null(strategy):
+        model = _small_model()
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
+              callbacks=[keras.callbacks.BackupAndRestore(directory)])
+
+
+def run_training(make_strategy, checkpoint_dir, epochs=1):
+    """keras.io "Multi-GPU distributed training with TensorFlow", fault
+    tolerance part: make or restore the model, fit with ModelCheckpoint."""
+    x, y = _xy(13)
+    strategy = make_strategy()
+    with strategy.scope():
+        checkpoints = [os.path.join(checkpoint_dir, name)
+                       for name in os.listdir(checkpoint_dir)]
+        if checkpoints:
+            model = keras.models.load_model(
+                max(checkpoints, key=os.path.getctime))
+        else:
+            model = _small_model()
+    start = [np.asarray(w) for w in model.get_weights()]
+    model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0,
+              shuffle=False, callbacks=[keras.callbacks.ModelCheckpoint(
+                  os.path.join(checkpoint_dir, "ckpt-{epoch}.keras"))])
+    out = _result(model)
+    out.update({f"start{i}": w for i, w in enumerate(start)})
+    out["restored"] = np.array(bool(checkpoints))
+    return out
