@@ -16,6 +16,7 @@ import inspect
 import warnings
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 __all__ = ["scale_loss", "warn_if_custom_train_step"]
@@ -79,10 +80,11 @@ def warn_if_custom_train_step(model: Any, strategy: Any) -> bool:
 
     Called by kerasdist's strategies when `fit` starts with more than one
     replica. A `train_step` whose source mentions `compute_loss(`,
-    `scale_loss` or `compute_average_loss(` is taken to scale its loss;
-    any other gets one warning naming the fix (`kd.scale_loss`). A
-    `keras.losses.Loss` object called inside the step scales too; such a
-    step can silence the warning with `warnings.filterwarnings`.
+    `scale_loss`, `compute_average_loss(`, or calls a `keras.losses.Loss`
+    the model holds (`self.loss_fn(...)`, as the keras.io GAN example does;
+    Keras scales those) is taken to scale its loss; any other gets one
+    warning naming the fix (`kd.scale_loss`). A correct step that is
+    warned about can silence it with `warnings.filterwarnings`.
 
     Args:
         model: `keras.Model` being fitted.
@@ -106,7 +108,11 @@ def warn_if_custom_train_step(model: Any, strategy: Any) -> bool:
         source = inspect.getsource(cls.train_step)
     except (OSError, TypeError):
         source = ""
-    if any(marker in source for marker in _SCALED_MARKERS):
+    markers = list(_SCALED_MARKERS) + [
+        f"self.{name}(" for name, value in vars(model).items()
+        if isinstance(value, keras.losses.Loss)
+    ]
+    if any(marker in source for marker in markers):
         return False
     _warned.add(cls)
     warnings.warn(
