@@ -186,6 +186,23 @@ def assert_even_batches(
     return dataset.map(check)
 
 
+def _check_last_batch(dataset, strategy, global_batch_size, drop_remainder):
+    """Refuses a partial last batch that would split unevenly."""
+    examples = int(dataset.cardinality())
+    replicas = strategy.num_replicas_in_sync
+    last = examples % global_batch_size if examples > 0 else 0
+    if drop_remainder or not last % replicas:
+        return
+    raise UnevenBatchError(
+        "Invalid value for argument `drop_remainder`. Received: "
+        f"drop_remainder=False with {examples} examples and "
+        f"global_batch_size={global_batch_size}, which leaves a last batch "
+        f"of {last} example(s); it does not divide over the "
+        f"{_replicas_text(strategy)}. Pass drop_remainder=True, or use "
+        f"{examples - last % replicas} examples."
+    )
+
+
 def _num_workers(strategy: tf.distribute.Strategy) -> int:
     extended = strategy.extended
     if getattr(extended, "_in_multi_worker_mode", lambda: False)():
@@ -331,6 +348,9 @@ def distribute(
         ValueError: if `global_batch_size` does not divide over the replicas,
             `shard_policy` is unknown, or the dataset has fewer global
             batches than there are workers (some worker would have no data).
+        UnevenBatchError: if the number of examples is known and would
+            leave a last batch that does not divide over the replicas
+            (unless `drop_remainder=True`).
 
     Example:
 
@@ -357,6 +377,8 @@ def distribute(
     num_workers = _num_workers(strategy)
     if global_batch_size is not None:
         per_replica_batch_size(global_batch_size, strategy)
+        _check_last_batch(dataset, strategy, global_batch_size,
+                          drop_remainder)
         dataset = dataset.batch(
             global_batch_size, drop_remainder=drop_remainder
         )

@@ -18,6 +18,15 @@ multi-worker collectives:
 
 Both are fixed by a `reduce` that maps over structures and treats `axis=0` on
 a rank-0 value as the mean over replicas, which is what Keras means there.
+That `reduce` also never all-reduces strings or booleans (issues 15.1, 16.2).
+
+Where Keras's `fit`/`evaluate`/`predict` distributes its input
+(`experimental_distribute_dataset`), kerasdist checks, before the first
+step, what would otherwise crash or silently train differently on several
+replicas: uneven global batches, Keras's file-writing callbacks, XLA on CPU
+workers, custom training steps (see `docs/guide/custom_loops.md`). A process
+has at most one `MultiWorkerMirroredStrategy`, handed back when created
+again with the same cluster and options.
 """
 
 from __future__ import annotations
@@ -41,10 +50,10 @@ from kerasdist.errors import PermanentError
 __all__ = [
     "CollectivesAfterStartupError",
     "MirroredStrategy",
-    "MultiWorkerStrategyConflictError",
-    "UnbuiltOptimizerError",
     "MultiWorkerMirroredStrategy",
+    "MultiWorkerStrategyConflictError",
     "STRATEGY_NAMES",
+    "UnbuiltOptimizerError",
     "get_strategy",
 ]
 
@@ -182,6 +191,15 @@ class _KerasCompatibleReduce:
         loops that call this method themselves are not checked
         (`tf.nn.compute_average_loss(..., global_batch_size=...)` is exact
         for any split).
+
+        At the same point, before the first step, kerasdist also: makes
+        Keras's `ModelCheckpoint`/`CSVLogger`/`TensorBoard` write from the
+        chief only and refuses `keras.callbacks.BackupAndRestore` (several
+        workers, see `kerasdist.callbacks.adapt_file_callbacks`); turns
+        `jit_compile=True` off with a warning on CPU workers (TensorFlow
+        has no XLA collectives on CPU); warns once about a custom
+        `train_step` that may not scale its loss (`kd.scale_loss`); and
+        refuses optimizers a custom model holds but has not built.
 
         Args:
             dataset: `tf.data.Dataset` of global batches.
@@ -402,6 +420,11 @@ class MultiWorkerMirroredStrategy(
     of `tf.distribute.MultiWorkerMirroredStrategy`; `TF_CONFIG` is validated
     first so a malformed one is a clear error rather than a hang.
 
+    TensorFlow supports one multi-worker strategy per process. Creating it
+    again with the same cluster and options (a script's `run_training()`
+    called twice) returns the existing one; anything else raises
+    `MultiWorkerStrategyConflictError`.
+
     Args:
         cluster_resolver: `tf.distribute.cluster_resolver.ClusterResolver`
             or None. Defaults to reading `TF_CONFIG`.
@@ -411,6 +434,12 @@ class MultiWorkerMirroredStrategy(
         compression: str or None. `"fp16"` or `"bf16"` all-reduces
             gradients in 16 bits (see `kerasdist.compression`). Defaults to
             None (no compression).
+
+    Raises:
+        MultiWorkerStrategyConflictError: if the process already has one
+            with another cluster or options.
+        CollectivesAfterStartupError: if TensorFlow already ran an
+            operation in this process.
 
     Example:
 
@@ -638,6 +667,11 @@ def get_strategy(
             does not exist, `"multi_worker"` options that are invalid, or an
             unknown `compression`.
         kerasdist.cluster.TFConfigError: if `TF_CONFIG` is malformed.
+        MultiWorkerStrategyConflictError: for `"multi_worker"` when this
+            process already has a multi-worker strategy with another
+            cluster or options (the same ones hand it back).
+        CollectivesAfterStartupError: for `"multi_worker"` created after
+            TensorFlow ran an operation in this process.
 
     Example:
 
