@@ -26,10 +26,14 @@ VOCAB = ["the", "cat", "dog", "sat", "ran", "on", "mat", "fast"]
 
 
 def _init(model, seed=42):
+    """Same random trainable weights under every strategy (statistics such
+    as BatchNormalization's moving variance keep their initial values)."""
     rng = np.random.RandomState(seed)
-    model.set_weights([rng.normal(0, 0.3, w.shape).astype(w.dtype)
-                       if w.dtype.kind == "f" else w
-                       for w in model.get_weights()])
+    model.set_weights([
+        rng.normal(0, 0.3, value.shape).astype(value.dtype)
+        if variable.trainable and value.dtype.kind == "f" else value
+        for variable, value in zip(model.weights, model.get_weights(),
+                                   strict=True)])
 
 
 def _xy(seed=0, n=N):

@@ -72,8 +72,16 @@ def test_pattern_matches_one_device(run, name):
 @pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT + 60)
 def test_bn_dropout_workers_agree(run):
-    losses = _both(run, "bn_dropout")["history_loss"]
+    w0, w1 = run["load"]("bn_dropout", 0), run["load"]("bn_dropout", 1)
+    # BatchNormalization's moving mean/variance (w4, w5) are updated from
+    # each worker's own examples and are not all-reduced (Keras 3 creates
+    # them with aggregation="none"): they differ between workers, as with
+    # TensorFlow's strategy. Everything that is all-reduced agrees.
+    for key in sorted(set(w0) - {"w4", "w5"}):
+        np.testing.assert_array_equal(w1[key], w0[key], err_msg=key)
+    losses = w0["history_loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.isfinite(w0["eval_loss"])
 
 
 @pytest.mark.slow
