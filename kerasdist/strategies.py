@@ -182,15 +182,16 @@ class _KerasCompatibleReduce:
         """Distributes `dataset`; under Keras, refuses uneven global batches.
 
         As `tf.distribute.Strategy.experimental_distribute_dataset`. When
-        Keras's `fit`, `evaluate` or `predict` calls it with more than one
-        replica, a global batch that would not split evenly over the
-        replicas (`batch_size=3` on 2 replicas, or a last partial batch of
-        1) is refused with `kerasdist.data.UnevenBatchError` before the
-        first step: Keras's loss scaling is only exact for even splits, and
-        across workers such a batch crashes TensorFlow's collectives. Custom
-        loops that call this method themselves are not checked
-        (`tf.nn.compute_average_loss(..., global_batch_size=...)` is exact
-        for any split).
+        Keras's `fit` or `evaluate` (and, with several workers, `predict`)
+        calls it with more than one replica, a global batch that would not
+        split evenly over the replicas (`batch_size=3` on 2 replicas, or a
+        last partial batch of 1) is refused with
+        `kerasdist.data.UnevenBatchError` before the first step: Keras's
+        loss scaling is only exact for even splits, and across workers such
+        a batch crashes TensorFlow's collectives. Custom loops that call
+        this method themselves are not checked (`tf.nn.
+        compute_average_loss(..., global_batch_size=...)` is exact for any
+        split).
 
         At the same point, before the first step, kerasdist also: makes
         Keras's `ModelCheckpoint`/`CSVLogger`/`TensorBoard` write from the
@@ -256,6 +257,10 @@ def _check_keras_call(strategy, dataset, site):
             " (which runs inside strategy.scope()), for each optimizer with "
             "the variables it updates",
         )
+    if site.method == "predict" and not multi_worker:
+        # No loss to scale: on one machine an uneven split predicts the
+        # same as one device (Keras concatenates the replicas' outputs).
+        return dataset
     return _check_keras_input(strategy, dataset, site.adapter)
 
 

@@ -68,7 +68,8 @@ def test_custom_loop_with_unbuilt_optimizer_is_refused(strategy):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", sorted(patterns.UNEVEN))
+@pytest.mark.parametrize(
+    "case", sorted(set(patterns.UNEVEN) - {"predict_batch_3"}))
 def test_uneven_batches_are_refused(strategy, case):
     n, batch, how = patterns.UNEVEN[case]
     if how == "fit_tfdata":
@@ -85,8 +86,10 @@ def test_uneven_batches_are_refused(strategy, case):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", sorted(patterns.EVEN))
+@pytest.mark.parametrize("case", sorted(patterns.EVEN) + ["predict_batch_3"])
 def test_even_batches_match_one_device(strategy, case):
+    # On one machine `predict` has no loss to scale: an uneven split
+    # predicts as one device does (across workers it is refused).
     patterns.assert_same(patterns.uneven(strategy, case),
                          patterns.uneven(None, case))
 
