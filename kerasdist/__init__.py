@@ -45,7 +45,7 @@ import importlib as _importlib
 # etc. import it when first touched.
 _SUBMODULES = frozenset({
     "accumulation", "callbacks", "cluster", "compression", "data", "devices",
-    "flags", "launch", "placement", "strategies", "testing",
+    "flags", "launch", "losses", "placement", "strategies", "testing",
 })
 _NAMES = {
     "MirroredStrategy": "kerasdist.strategies",
@@ -54,6 +54,7 @@ _NAMES = {
     "scope_or_null": "kerasdist.strategies",
     "accumulate_gradients": "kerasdist.accumulation",
     "scale_learning_rate": "kerasdist.callbacks.warmup",
+    "scale_loss": "kerasdist.losses",
     "is_chief": "kerasdist.cluster",
     "virtual_cpus": "kerasdist.devices",
 }
@@ -89,9 +90,11 @@ __all__ = [
     "get_strategy",
     "is_chief",
     "launch",
+    "losses",
     "placement",
     "scale_learning_rate",
     "scope_or_null",
+    "scale_loss",
     "virtual_cpus",
     "__version__",
 ]

@@ -586,6 +586,86 @@ CANARIES += [
            "collective_dtypes"),
 ]
 
+CANARIES.append(Canary("keras.src.backend.tensorflow.trainer",
+                       "TFEpochIterator",
+                       "_internals.keras_call_site"))
+
+
+class KerasCallSite:
+    """What Keras's `fit`/`evaluate`/`predict` is distributing a dataset for.
+
+    Args:
+        adapter: the Keras data adapter (`batch_size`,
+            `partial_batch_size`, `num_batches`).
+        method: str. `"fit"`, `"evaluate"` or `"predict"`.
+        model: the `keras.Model` (or None).
+        callbacks: the `callbacks` argument as `fit` holds it (a list, a
+            `CallbackList` or None).
+
+    Example:
+
+    >>> KerasCallSite(None, "fit", None, None).method
+    'fit'
+    """
+
+    def __init__(self, adapter: Any, method: str, model: Any,
+                 callbacks: Any):
+        self.adapter = adapter
+        self.method = method
+        self.model = model
+        self.callbacks = callbacks
+
+
+def keras_call_site(max_depth: int = 8) -> KerasCallSite | None:
+    """The Keras `fit`/`evaluate`/`predict` call distributing a dataset.
+
+    Keras's `TFEpochIterator.__init__` (`keras/src/backend/tensorflow/
+    trainer.py`) calls `strategy.experimental_distribute_dataset` with the
+    dataset its `data_adapter` made, from `Trainer.fit`/`evaluate`/
+    `predict`, before the first step and before `fit` wraps its callbacks.
+    Keras gives the strategy no other handle on the `batch_size` the user
+    passed, the partial last batch, the model or the callbacks, which
+    kerasdist checks there (uneven batches, issue 16.1; file callbacks,
+    14.2; unscaled custom `train_step`, 14.1; XLA on CPU, 16.3).
+
+    Args:
+        max_depth: int. How many callers up to look. Defaults to 8.
+
+    Returns:
+        A `KerasCallSite`, or None if the caller is not Keras's epoch
+        iterator.
+
+    Example:
+
+    >>> keras_call_site() is None
+    True
+    """
+    import inspect
+
+    from keras.src.backend.tensorflow import trainer
+
+    init_code = trainer.TFEpochIterator.__init__.__code__
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            if frame.f_code is not init_code:
+                continue
+            adapter = getattr(frame.f_locals.get("self"), "data_adapter",
+                              None)
+            caller = frame.f_back
+            if adapter is None or caller is None:
+                return None
+            local = caller.f_locals
+            return KerasCallSite(adapter, caller.f_code.co_name,
+                                 local.get("self"), local.get("callbacks"))
+        return None
+    finally:
+        del frame
+
+
 
 
 # ---------------------------------------------------------------------------

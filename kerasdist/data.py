@@ -16,8 +16,15 @@ import tensorflow as tf
 
 from kerasdist import _internals
 from kerasdist._validate import check_int
+from kerasdist.errors import PermanentError
 
-__all__ = ["SHARD_POLICIES", "distribute", "per_replica_batch_size"]
+__all__ = [
+    "SHARD_POLICIES",
+    "UnevenBatchError",
+    "check_keras_batches",
+    "distribute",
+    "per_replica_batch_size",
+]
 
 SHARD_POLICIES = ("auto", "file", "data", "off")
 _READER_OPS = (
@@ -28,6 +35,174 @@ _READER_OPS = (
     "FixedLengthRecordDataset",
     "ArrayRecordDataset",
 )
+
+
+class UnevenBatchError(PermanentError, ValueError):
+    """A global batch that does not split evenly over the replicas.
+
+    Keras scales each replica's mean loss by `1 / num_replicas_in_sync`,
+    which equals the one-device mean only when every replica gets the same
+    number of examples. A batch of 3 on 2 replicas (2 + 1), or of 1 (1 + 0),
+    would train differently from one device, and across workers TensorFlow's
+    collectives fail on it ("Shape mismatch in the collective instance") or
+    crash a worker. kerasdist refuses such a batch before it is trained on.
+    Restarting cannot fix it, so it is a `PermanentError`.
+
+    Example:
+
+    >>> issubclass(UnevenBatchError, ValueError)
+    True
+    """
+
+
+def _replicas_text(strategy: tf.distribute.Strategy) -> str:
+    replicas = strategy.num_replicas_in_sync
+    workers = _internals.num_workers(strategy)
+    if workers > 1:
+        return (f"{replicas} replicas in sync ({workers} workers x "
+                f"{replicas // workers} device(s))")
+    return f"{replicas} replicas in sync"
+
+
+def _multiples(value: int, replicas: int) -> str:
+    lower = value // replicas * replicas
+    return (f"{lower} or {lower + replicas}" if lower
+            else f"{replicas}")
+
+
+def check_keras_batches(
+    batch_size: int | None,
+    partial_batch_size: int | None,
+    strategy: tf.distribute.Strategy,
+    num_examples: int | None = None,
+) -> None:
+    """Refuses batches that would not split evenly over the replicas.
+
+    Called by kerasdist's strategies when Keras's `fit`, `evaluate` or
+    `predict` distributes NumPy / tensor inputs, before the first step.
+
+    Args:
+        batch_size: int or None. The `batch_size` passed to Keras (the
+            global batch); None when unknown.
+        partial_batch_size: int or None. Size of the last, partial batch of
+            each epoch, or None if there is none.
+        strategy: `tf.distribute.Strategy`.
+        num_examples: int or None. Number of examples, for the message.
+            Defaults to None.
+
+    Raises:
+        UnevenBatchError: if `batch_size` or the partial last batch does
+            not divide by `strategy.num_replicas_in_sync`.
+
+    Example:
+
+    >>> check_keras_batches(4, None, tf.distribute.get_strategy())
+    """
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1 or batch_size is None:
+        return
+    if batch_size % replicas:
+        raise UnevenBatchError(
+            "Invalid value for argument `batch_size`. Received: "
+            f"batch_size={batch_size}, a global batch that does not divide "
+            f"over the {_replicas_text(strategy)}, so the replicas would "
+            "train on different numbers of examples and the result would "
+            "differ from one device. Expected a multiple of "
+            f"{replicas}: use e.g. batch_size="
+            f"{_multiples(batch_size, replicas)}."
+        )
+    if partial_batch_size and partial_batch_size % replicas:
+        total = f"{num_examples} examples" if num_examples else "the data"
+        keep = (num_examples - partial_batch_size if num_examples else None)
+        raise UnevenBatchError(
+            "Invalid value for argument `batch_size`. Received: "
+            f"batch_size={batch_size} with {total}, which leaves a last "
+            f"batch of {partial_batch_size} example(s) in every epoch; it "
+            f"does not divide over the {_replicas_text(strategy)}, so that "
+            "step would differ from one device. Use a number of examples "
+            f"whose remainder modulo batch_size is a multiple of {replicas}"
+            + (f" (e.g. the first {keep} examples)" if keep else "")
+            + ", or pass a tf.data.Dataset batched with drop_remainder=True "
+            "(kd.data.distribute(..., drop_remainder=True))."
+        )
+
+
+def assert_even_batches(
+    dataset: tf.data.Dataset, strategy: tf.distribute.Strategy
+) -> tf.data.Dataset:
+    """`dataset` whose global batches are checked to split evenly.
+
+    A batch size known from the dataset's shapes is checked at once; an
+    unknown one (e.g. a last partial batch) is checked as each batch is
+    read, before the step that would train on it.
+
+    Args:
+        dataset: `tf.data.Dataset` of global batches.
+        strategy: `tf.distribute.Strategy`.
+
+    Returns:
+        `tf.data.Dataset`: `dataset`, or `dataset` with a check mapped over
+        it.
+
+    Raises:
+        UnevenBatchError: if the static batch size does not divide over
+            the replicas. A dynamic one raises `tf.errors.
+            InvalidArgumentError` with the same advice when it is read.
+
+    Example:
+
+    ```python
+    ds = assert_even_batches(ds.batch(4, drop_remainder=True), strategy)
+    ```
+    """
+    replicas = strategy.num_replicas_in_sync
+    leaves = [spec for spec in tf.nest.flatten(dataset.element_spec)
+              if isinstance(spec, tf.TensorSpec) and spec.shape.rank]
+    if replicas == 1 or not leaves:
+        return dataset
+    static = leaves[0].shape[0]
+    if static is not None:
+        check_keras_batches(int(static), None, strategy)
+        return dataset
+    message = (
+        "Invalid value for argument `batch_size`: a global batch of the "
+        f"dataset does not divide over the {_replicas_text(strategy)} (its "
+        "size is printed below), so the replicas would train on different "
+        "numbers of examples. Batch the dataset to a multiple of "
+        f"{replicas} with drop_remainder=True, e.g. kd.data.distribute(ds, "
+        "strategy, global_batch_size=..., drop_remainder=True)."
+    )
+
+    def check(*element):
+        structure = element[0] if len(element) == 1 else element
+        first = next(t for t in tf.nest.flatten(structure)
+                     if isinstance(t, tf.Tensor) and t.shape.rank)
+        size = tf.shape(first, out_type=tf.int64)[0]
+        with tf.control_dependencies([tf.debugging.Assert(
+                tf.equal(size % replicas, 0),
+                [message, "Global batch size:", size])]):
+            return tf.nest.map_structure(
+                lambda t: tf.identity(t) if isinstance(t, tf.Tensor) else t,
+                structure)
+
+    return dataset.map(check)
+
+
+def _check_last_batch(dataset, strategy, global_batch_size, drop_remainder):
+    """Refuses a partial last batch that would split unevenly."""
+    examples = int(dataset.cardinality())
+    replicas = strategy.num_replicas_in_sync
+    last = examples % global_batch_size if examples > 0 else 0
+    if drop_remainder or not last % replicas:
+        return
+    raise UnevenBatchError(
+        "Invalid value for argument `drop_remainder`. Received: "
+        f"drop_remainder=False with {examples} examples and "
+        f"global_batch_size={global_batch_size}, which leaves a last batch "
+        f"of {last} example(s); it does not divide over the "
+        f"{_replicas_text(strategy)}. Pass drop_remainder=True, or use "
+        f"{examples - last % replicas} examples."
+    )
 
 
 def per_replica_batch_size(
@@ -159,6 +334,9 @@ def distribute(
         ValueError: if `global_batch_size` does not divide over the replicas,
             `shard_policy` is unknown, or the dataset has fewer global
             batches than there are workers (some worker would have no data).
+        UnevenBatchError: if the number of examples is known and would
+            leave a last batch that does not divide over the replicas
+            (unless `drop_remainder=True`).
 
     Example:
 
@@ -185,6 +363,8 @@ def distribute(
     num_workers = _internals.num_workers(strategy)
     if global_batch_size is not None:
         per_replica_batch_size(global_batch_size, strategy)
+        _check_last_batch(dataset, strategy, global_batch_size,
+                          drop_remainder)
         dataset = dataset.batch(
             global_batch_size, drop_remainder=drop_remainder
         )

@@ -18,6 +18,15 @@ multi-worker collectives:
 
 Both are fixed by a `reduce` that maps over structures and treats `axis=0` on
 a rank-0 value as the mean over replicas, which is what Keras means there.
+That `reduce` also never all-reduces strings or booleans (issues 15.1, 16.2).
+
+Where Keras's `fit`/`evaluate`/`predict` distributes its input
+(`experimental_distribute_dataset`), kerasdist checks, before the first
+step, what would otherwise crash or silently train differently on several
+replicas: uneven global batches, Keras's file-writing callbacks, XLA on CPU
+workers, custom training steps (see `docs/guide/custom_loops.md`). A process
+has at most one `MultiWorkerMirroredStrategy`, handed back when created
+again with the same cluster and options.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import warnings
 from typing import Any
 
 import tensorflow as tf
@@ -33,13 +43,18 @@ from absl import logging
 from kerasdist import _internals
 from kerasdist import cluster as cluster_lib
 from kerasdist import compression as compression_lib
+from kerasdist import data as data_lib
 from kerasdist import devices as devices_lib
 from kerasdist._validate import check_int
+from kerasdist.errors import PermanentError
 
 __all__ = [
+    "CollectivesAfterStartupError",
     "MirroredStrategy",
     "MultiWorkerMirroredStrategy",
+    "MultiWorkerStrategyConflictError",
     "STRATEGY_NAMES",
+    "UnbuiltOptimizerError",
     "get_strategy",
     "scope_or_null",
 ]
@@ -52,6 +67,21 @@ _MIRRORED_CROSS_DEVICE_OPS = ("auto", "nccl", "hierarchical_copy", "one_device")
 def _is_single_value(value: Any) -> bool:
     return isinstance(value, (tf.distribute.DistributedValues, tf.Tensor,
                               tf.Variable)) or not tf.nest.is_nested(value)
+
+
+# Dtypes every cross-device all-reduce implements: TF's collective ops
+# (CollectiveReduceV2 / NCCL) accept only these, and a mean of strings or
+# booleans means nothing anyway.
+_REDUCIBLE_DTYPES = frozenset({
+    tf.bfloat16, tf.float16, tf.float32, tf.float64, tf.int32, tf.int64,
+})
+
+
+def _is_reducible(value: Any) -> bool:
+    if isinstance(value, tf.distribute.DistributedValues):
+        value = value.values[0]
+    dtype = getattr(value, "dtype", None)
+    return dtype is None or tf.as_dtype(dtype) in _REDUCIBLE_DTYPES
 
 
 def _rank(value: Any) -> int | None:
@@ -69,7 +99,9 @@ class _KerasCompatibleReduce:
 
         Unlike `tf.distribute.Strategy.reduce`, `value` may be a nested
         structure of per-replica values (each leaf is reduced), and
-        `axis=0` on a scalar reduces across replicas only.
+        `axis=0` on a scalar reduces across replicas only. A per-replica
+        value whose dtype no all-reduce implements (string, bool, int8, ...)
+        is not reduced: the first local replica's value is returned.
 
         Args:
             reduce_op: `tf.distribute.ReduceOp` or `"SUM"`/`"MEAN"`.
@@ -93,11 +125,250 @@ class _KerasCompatibleReduce:
             return tf.nest.map_structure(
                 lambda v: self.reduce(reduce_op, v, axis=axis), value
             )
+        if isinstance(value, tf.distribute.DistributedValues) and not (
+            _is_reducible(value)
+        ):
+            # Issues 15.1 / 16.2: Keras's `_maybe_symbolic_build` reduces the
+            # whole first batch with "MEAN" only to learn its structure and
+            # shapes; a string or boolean element (TextVectorization inputs,
+            # keras_hub's `padding_mask`) has no all-reduce ("Value for attr
+            # 'T' of string is not in the list of allowed values"). Such a
+            # value cannot be averaged: take the first local replica's.
+            return self.experimental_local_results(value)[0]
         if axis is not None and _rank(value) == 0:
             # Upstream bug 2 (same reports): Keras asks for axis=0 on scalar
             # logs; the mean over replicas is axis=None.
             axis = None
         return parent.reduce(reduce_op, value, axis=axis)
+
+    def run(self, fn, args=(), kwargs=None, options=None):
+        """Runs `fn` on each replica; refuses unbuilt Keras optimizers.
+
+        As `tf.distribute.Strategy.run`. When called while a `tf.function`
+        is traced (TF's custom-loop tutorial), a Keras 3 optimizer that
+        `fn` uses but that is not built yet would create its variables
+        inside the replica function and fail at the first step with
+        "You must feed a value for placeholder tensor" (issue 14.4, with
+        TensorFlow's strategies too). That is refused here, before the
+        step runs, with the fix.
+
+        Args:
+            fn: the replica function.
+            args: tuple. Positional arguments for `fn`.
+            kwargs: dict or None. Keyword arguments for `fn`.
+            options: `tf.distribute.RunOptions` or None.
+
+        Returns:
+            The per-replica results of `fn`.
+
+        Raises:
+            UnbuiltOptimizerError: if `fn` refers to an unbuilt Keras
+                optimizer while a `tf.function` is traced.
+
+        Example:
+
+        ```python
+        losses = strategy.run(step, args=(batch,))
+        ```
+        """
+        if not tf.executing_eagerly():
+            _refuse_unbuilt_optimizers(
+                _optimizers_used_by(fn),
+                "optimizer.build(model.trainable_variables) inside "
+                "`with strategy.scope():`, right after creating the "
+                "optimizer, before the training loop",
+            )
+        return super().run(fn, args=args, kwargs=kwargs, options=options)
+
+    def experimental_distribute_dataset(self, dataset, options=None):
+        """Distributes `dataset`; under Keras, refuses uneven global batches.
+
+        As `tf.distribute.Strategy.experimental_distribute_dataset`. When
+        Keras's `fit` or `evaluate` (and, with several workers, `predict`)
+        calls it with more than one replica, a global batch that would not
+        split evenly over the replicas (`batch_size=3` on 2 replicas, or a
+        last partial batch of 1) is refused with
+        `kerasdist.data.UnevenBatchError` before the first step: Keras's
+        loss scaling is only exact for even splits, and across workers such
+        a batch crashes TensorFlow's collectives. Custom loops that call
+        this method themselves are not checked (`tf.nn.
+        compute_average_loss(..., global_batch_size=...)` is exact for any
+        split).
+
+        At the same point, before the first step, kerasdist also: makes
+        Keras's `ModelCheckpoint`/`CSVLogger`/`TensorBoard` write from the
+        chief only and refuses `keras.callbacks.BackupAndRestore` (several
+        workers, see `kerasdist.callbacks.adapt_file_callbacks`); turns
+        `jit_compile=True` off with a warning on CPU workers (TensorFlow
+        has no XLA collectives on CPU); warns once about a custom
+        `train_step` that may not scale its loss (`kd.scale_loss`); and
+        refuses optimizers a custom model holds but has not built.
+
+        Args:
+            dataset: `tf.data.Dataset` of global batches.
+            options: `tf.distribute.InputOptions` or None.
+
+        Returns:
+            A `tf.distribute.DistributedDataset`.
+
+        Raises:
+            kerasdist.data.UnevenBatchError: for NumPy/tensor inputs whose
+                `batch_size` or last partial batch does not divide over the
+                replicas. A `tf.data.Dataset` input whose batch size is
+                only known when read raises `tf.errors.
+                InvalidArgumentError` with the same advice when that batch
+                is read.
+
+        Example:
+
+        ```python
+        dist = strategy.experimental_distribute_dataset(ds.batch(64))
+        ```
+        """
+        if (
+            isinstance(dataset, tf.data.Dataset)
+            and self.num_replicas_in_sync > 1
+        ):
+            site = _internals.keras_call_site()
+            if site is not None:
+                dataset = _check_keras_call(self, dataset, site)
+        return super().experimental_distribute_dataset(dataset, options)
+
+
+def _check_keras_call(strategy, dataset, site):
+    """Checks what a Keras `fit`/`evaluate`/`predict` call distributes.
+
+    Runs before the first step, on every worker alike, with more than one
+    replica: uneven batches are refused, Keras's file-writing callbacks are
+    made multi-worker safe, an unscaled custom `train_step` is warned of
+    and XLA on CPU under multi-worker is turned off with a warning.
+    """
+    from kerasdist import losses as losses_lib
+    from kerasdist.callbacks import keras_files
+
+    multi_worker = data_lib._num_workers(strategy) > 1  # noqa: SLF001
+    if multi_worker:
+        keras_files.adapt_file_callbacks(site.callbacks)
+        _no_xla_collectives_on_cpu(site.model)
+    if site.method == "fit":
+        losses_lib.warn_if_custom_train_step(site.model, strategy)
+        _refuse_unbuilt_optimizers(
+            _model_optimizers(site.model),
+            "create it and call e.g. `self.d_optimizer.build(self."
+            "discriminator.trainable_variables)` in your model's compile()"
+            " (which runs inside strategy.scope()), for each optimizer with "
+            "the variables it updates",
+        )
+    if site.method == "predict" and not multi_worker:
+        # No loss to scale: on one machine an uneven split predicts the
+        # same as one device (Keras concatenates the replicas' outputs).
+        return dataset
+    return _check_keras_input(strategy, dataset, site.adapter)
+
+
+class UnbuiltOptimizerError(PermanentError, ValueError):
+    """A Keras optimizer used under a strategy before it was built.
+
+    A Keras 3 optimizer creates its variables on its first
+    `apply_gradients`. Inside `strategy.run` in a `tf.function` (a custom
+    training loop, or a custom `train_step` with optimizers of its own, as
+    in the keras.io GAN example) that fails with TensorFlow's "You must
+    feed a value for placeholder tensor". Build it under
+    `strategy.scope()` first.
+
+    Example:
+
+    >>> issubclass(UnbuiltOptimizerError, ValueError)
+    True
+    """
+
+
+def _is_unbuilt_optimizer(value) -> bool:
+    import keras
+
+    return isinstance(value, keras.optimizers.Optimizer) and not (
+        value.built
+    )
+
+
+def _optimizers_used_by(fn) -> list[tuple[str, Any]]:
+    """(name, optimizer) for the unbuilt Keras optimizers `fn` refers to."""
+    fn = getattr(fn, "python_function", fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return []
+    found = []
+    for name, cell in zip(code.co_freevars, fn.__closure__ or (),
+                          strict=False):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # An empty cell.
+            continue
+        found.append((name, value))
+    found += [(name, fn.__globals__[name]) for name in code.co_names
+              if name in getattr(fn, "__globals__", {})]
+    return [(n, v) for n, v in found if _is_unbuilt_optimizer(v)]
+
+
+def _refuse_unbuilt_optimizers(named, fix):
+    if not named:
+        return
+    name, optimizer = named[0]
+    raise UnbuiltOptimizerError(
+        f"The Keras optimizer `{name}` ({type(optimizer).__name__}) is not "
+        "built, and under a tf.distribute strategy it cannot create its "
+        "variables inside the training step (TensorFlow fails at the first "
+        "step with \"You must feed a value for placeholder tensor\"). "
+        f"Build it first: {fix}."
+    )
+
+
+def _model_optimizers(model) -> list[tuple[str, Any]]:
+    """Unbuilt optimizers a custom model holds besides `model.optimizer`."""
+    if model is None:
+        return []
+    main = getattr(model, "optimizer", None)
+    return [(f"{type(model).__name__}.{name}", value)
+            for name, value in vars(model).items()
+            if value is not main and _is_unbuilt_optimizer(value)]
+
+
+def _no_xla_collectives_on_cpu(model):
+    """Falls back from `jit_compile=True` under multi-worker on CPU."""
+    if model is None or not getattr(model, "jit_compile", False):
+        return
+    if devices_lib.gpus():
+        return
+    warnings.warn(
+        "jit_compile=True is not supported by kd.MultiWorkerMirroredStrategy"
+        " on CPU: TensorFlow's XLA has no CPU collectives (\"Collectives are"
+        " not yet implemented for CPU devices when compiling with XLA\"). "
+        "kerasdist trains this model without XLA. To silence this warning, "
+        "compile it with model.compile(..., jit_compile=False).",
+        stacklevel=4,
+    )
+    model.jit_compile = False
+    # A function traced with XLA earlier would keep it.
+    model.train_function = None
+    model.test_function = None
+    model.predict_function = None
+
+
+def _check_keras_input(strategy, dataset, adapter):
+    """Checks the batches Keras made from `adapter` split evenly."""
+    try:
+        batch_size = adapter.batch_size
+        partial = adapter.partial_batch_size if batch_size else None
+        batches = adapter.num_batches
+    except NotImplementedError:
+        batch_size = partial = batches = None
+    if batch_size is None:  # A dataset: its batches are checked as read.
+        return data_lib.assert_even_batches(dataset, strategy)
+    examples = None
+    if batches:
+        examples = (batches - 1) * batch_size + (partial or batch_size)
+    data_lib.check_keras_batches(batch_size, partial, strategy, examples)
+    return dataset
 
 
 # Collective group/instance keys of every MirroredStrategy in a process start
@@ -158,6 +429,11 @@ class MultiWorkerMirroredStrategy(
     of `tf.distribute.MultiWorkerMirroredStrategy`; `TF_CONFIG` is validated
     first so a malformed one is a clear error rather than a hang.
 
+    TensorFlow supports one multi-worker strategy per process. Creating it
+    again with the same cluster and options (a script's `run_training()`
+    called twice) returns the existing one; anything else raises
+    `MultiWorkerStrategyConflictError`.
+
     Args:
         cluster_resolver: `tf.distribute.cluster_resolver.ClusterResolver`
             or None. Defaults to reading `TF_CONFIG`.
@@ -167,6 +443,12 @@ class MultiWorkerMirroredStrategy(
         compression: str or None. `"fp16"` or `"bf16"` all-reduces
             gradients in 16 bits (see `kerasdist.compression`). Defaults to
             None (no compression).
+
+    Raises:
+        MultiWorkerStrategyConflictError: if the process already has one
+            with another cluster or options.
+        CollectivesAfterStartupError: if TensorFlow already ran an
+            operation in this process.
 
     Example:
 
@@ -180,22 +462,141 @@ class MultiWorkerMirroredStrategy(
     ```
     """
 
+    def __new__(cls, cluster_resolver=None, communication_options=None,
+                *, compression=None):
+        # TensorFlow supports one multi-worker collective context per
+        # process: a second strategy re-enables collective ops and aborts
+        # ("Delete called on non-empty BufRendezvous"). The keras.io guide
+        # calls `run_training()`, which creates the strategy, twice. Hand
+        # back the process's strategy when nothing differs (issue 15.2).
+        existing = _PROCESS_MULTI_WORKER.get("strategy")
+        if existing is None:
+            return super().__new__(cls)
+        compression = compression_lib.check_compression(compression)
+        key = _multi_worker_key(cluster_resolver, communication_options,
+                                compression)
+        if key != existing._kd_key:  # noqa: SLF001 (our own attribute)
+            raise MultiWorkerStrategyConflictError(
+                "This process already has a kd.MultiWorkerMirroredStrategy "
+                f"for {_describe_key(existing._kd_key)}, and TensorFlow "  # noqa: SLF001
+                "supports one multi-worker strategy per process. Received "
+                f"{_describe_key(key)}. Reuse the first strategy (create it "
+                "once, at program start, and pass it around), or train the "
+                "other cluster or options in a new process (e.g. a second "
+                "`kerasdist-run`)."
+            )
+        if not isinstance(existing, cls):
+            raise MultiWorkerStrategyConflictError(
+                f"This process already has a {type(existing).__name__}; "
+                f"a {cls.__name__} cannot be created next to it. Reuse the "
+                "first strategy."
+            )
+        if cluster_lib.from_env().is_chief:
+            logging.info("kerasdist: reusing this process's "
+                         "MultiWorkerMirroredStrategy (same cluster and "
+                         "options)")
+        return existing
+
     def __init__(self, cluster_resolver=None, communication_options=None,
                  *, compression=None):
+        if getattr(self, "_kd_key", None) is not None:
+            return  # The process's strategy, handed back by __new__.
         compression = compression_lib.check_compression(compression)
         if cluster_resolver is None:
             cluster_lib.resolve()  # Readable error; exports SLURM/K8s.
-        super().__init__(
-            cluster_resolver=cluster_resolver,
-            communication_options=communication_options,
-        )
+        key = _multi_worker_key(cluster_resolver, communication_options,
+                                compression)
+        try:
+            super().__init__(
+                cluster_resolver=cluster_resolver,
+                communication_options=communication_options,
+            )
+        except RuntimeError as e:
+            if "must be configured at program startup" not in str(e):
+                raise
+            raise CollectivesAfterStartupError(
+                "kd.MultiWorkerMirroredStrategy must be created before "
+                "TensorFlow runs any operation in this process (TensorFlow: "
+                f"{e}). Move `strategy = kd.get_strategy(\"multi_worker\")`"
+                " (or `kd.MultiWorkerMirroredStrategy()`) to the start of "
+                "your program, right after the imports and "
+                "`kd.virtual_cpus(...)`, before creating any tensor, "
+                "dataset, model or layer, and create the model inside "
+                "`strategy.scope()`."
+            ) from e
         if compression is not None:
             compression_lib.enable(self, compression)
+        self._kd_key = key
+        _PROCESS_MULTI_WORKER["strategy"] = self
         # TF's multi-worker runtime has just installed its own SIGTERM
         # handler; record preemption signals for BackupAndRestore instead.
         from kerasdist.callbacks import _backup_preemption
 
         _backup_preemption.record_preemption_signals()
+
+
+# The process's multi-worker strategy (TensorFlow supports one).
+_PROCESS_MULTI_WORKER: dict[str, Any] = {}
+
+
+class MultiWorkerStrategyConflictError(PermanentError, RuntimeError):
+    """A second multi-worker strategy with another cluster in one process.
+
+    TensorFlow configures collective ops once per process, so a process has
+    at most one `MultiWorkerMirroredStrategy`. Creating it again with the
+    same cluster and options returns the first one; anything else raises
+    this error.
+
+    Example:
+
+    >>> issubclass(MultiWorkerStrategyConflictError, RuntimeError)
+    True
+    """
+
+
+class CollectivesAfterStartupError(PermanentError, RuntimeError):
+    """The multi-worker strategy was created after TensorFlow ran an op.
+
+    TensorFlow raises "Collective ops must be configured at program
+    startup"; this error says which line to move where.
+
+    Example:
+
+    >>> issubclass(CollectivesAfterStartupError, RuntimeError)
+    True
+    """
+
+
+def _multi_worker_key(cluster_resolver, communication_options, compression):
+    """What makes two multi-worker strategies the same: cluster, options."""
+    resolver = cluster_resolver or (
+        tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    )
+    cluster = resolver.cluster_spec().as_dict()
+    options = communication_options or (
+        tf.distribute.experimental.CommunicationOptions()
+    )
+    return (
+        tuple(sorted((k, tuple(v) if isinstance(v, list) else
+                      tuple(sorted(v.items())))
+                     for k, v in cluster.items())),
+        resolver.task_type,
+        resolver.task_id,
+        getattr(options, "implementation", None),
+        getattr(options, "bytes_per_pack", 0),
+        getattr(options, "timeout_seconds", None),
+        compression,
+    )
+
+
+def _describe_key(key) -> str:
+    cluster, task_type, task_id, impl, pack, timeout, compression = key
+    impl_name = getattr(impl, "name", impl)
+    return (
+        f"cluster={dict(cluster)}, task={task_type}:{task_id}, "
+        f"communication={impl_name}, bytes_per_pack={pack}, "
+        f"timeout_seconds={timeout}, compression={compression}"
+    )
 
 
 def _communication_options(
@@ -280,6 +681,11 @@ def get_strategy(
             does not exist, `"multi_worker"` options that are invalid, or an
             unknown `compression`.
         kerasdist.cluster.TFConfigError: if `TF_CONFIG` is malformed.
+        MultiWorkerStrategyConflictError: for `"multi_worker"` when this
+            process already has a multi-worker strategy with another
+            cluster or options (the same ones hand it back).
+        CollectivesAfterStartupError: for `"multi_worker"` created after
+            TensorFlow ran an operation in this process.
 
     Example:
 

@@ -78,3 +78,30 @@ def test_bad_policy_and_non_dataset(mirrored2):
                            global_batch_size=2, shard_policy="rows")
     with pytest.raises(TypeError, match="Expected a tf.data.Dataset"):
         kd.data.distribute(np.zeros(4), mirrored2, global_batch_size=2)
+
+
+def test_partial_last_batch_that_splits_unevenly_is_refused(mirrored2):
+    ds = tf.data.Dataset.range(9)
+    with pytest.raises(kd.data.UnevenBatchError) as info:
+        kd.data.distribute(ds, mirrored2, global_batch_size=4)
+    assert str(info.value) == (
+        "Invalid value for argument `drop_remainder`. Received: "
+        "drop_remainder=False with 9 examples and global_batch_size=4, which"
+        " leaves a last batch of 1 example(s); it does not divide over the 2"
+        " replicas in sync. Pass drop_remainder=True, or use 8 examples.")
+    # Even splits and dropped remainders are fine.
+    batches = kd.data.distribute(tf.data.Dataset.range(10), mirrored2,
+                                 global_batch_size=4)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    batches = kd.data.distribute(ds, mirrored2, global_batch_size=4,
+                                 drop_remainder=True)
+    assert [len(b) for b in batches] == [4, 4]
+
+
+def test_keras_numpy_batch_checks(mirrored2):
+    kd.data.check_keras_batches(4, 2, mirrored2, 10)
+    with pytest.raises(kd.data.UnevenBatchError,
+                       match=r"Received: batch_size=3, a global batch that "
+                             r"does not divide over the 2 replicas in sync"
+                             r".*use e\.g\. batch_size=2 or 4\."):
+        kd.data.check_keras_batches(3, None, mirrored2)

@@ -5,6 +5,10 @@ from kerasdist.callbacks.backup_and_restore import (
     BackupMismatchError,
 )
 from kerasdist.callbacks.chief_only import ChiefOnly, RunSummary, chief_verbose
+from kerasdist.callbacks.keras_files import (
+    KerasBackupAndRestoreError,
+    adapt_file_callbacks,
+)
 from kerasdist.callbacks.metric_average import MetricAverage, MetricAverageError
 from kerasdist.callbacks.throughput import Throughput
 from kerasdist.callbacks.warmup import LearningRateWarmup, WarmupSchedule
@@ -13,11 +17,13 @@ __all__ = [
     "BackupAndRestore",
     "BackupMismatchError",
     "ChiefOnly",
+    "KerasBackupAndRestoreError",
     "LearningRateWarmup",
     "MetricAverage",
     "MetricAverageError",
     "RunSummary",
     "Throughput",
     "WarmupSchedule",
+    "adapt_file_callbacks",
     "chief_verbose",
 ]

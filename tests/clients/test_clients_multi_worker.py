@@ -1,0 +1,217 @@
+"""User code patterns on 2 real workers under `kerasdist-run`.
+
+One worker start-up runs every pattern (`clients_worker.py`); each test
+then checks one thing a user would see: both workers end with the same
+weights, equal to one device where the math allows, or a clear error
+before the first step, and no worker crashes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import patterns
+import pytest
+
+from kerasdist import cluster
+from kerasdist.testing import kill_group
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "clients_worker.py")
+TIMEOUT = 1200
+
+
+def _env():
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(HERE))
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, env.get("PYTHONPATH")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.pop("TF_CONFIG", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clients")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kerasdist.launch", "--num_workers", "2",
+         "--max_restarts", "0", "--log_dir", str(out / "logs"), "--",
+         sys.executable, WORKER, str(out), "all"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env=_env())
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, log[-8000:]
+
+    def load(name, rank):
+        return dict(np.load(out / f"{name}-worker{rank}.npz"))
+
+    checks = [json.loads((out / f"checks-worker{r}.json").read_text())
+              for r in (0, 1)]
+    return {"dir": out, "load": load, "checks": checks, "log": log}
+
+
+def _both(run, name):
+    w0, w1 = run["load"](name, 0), run["load"](name, 1)
+    patterns.assert_same(w1, w0, rtol=0, atol=0)
+    return w0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize("name", sorted(patterns.EXACT))
+def test_pattern_matches_one_device(run, name):
+    patterns.assert_same(_both(run, name), patterns.EXACT[name](None))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_bn_dropout_workers_agree(run):
+    w0, w1 = run["load"]("bn_dropout", 0), run["load"]("bn_dropout", 1)
+    # BatchNormalization's moving mean/variance (w4, w5) are updated from
+    # each worker's own examples and are not all-reduced (Keras 3 creates
+    # them with aggregation="none"): they differ between workers, as with
+    # TensorFlow's strategy. Everything that is all-reduced agrees.
+    for key in sorted(set(w0) - {"w4", "w5"}):
+        np.testing.assert_array_equal(w1[key], w0[key], err_msg=key)
+    losses = w0["history_loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.isfinite(w0["eval_loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_strategy_is_handed_back_and_guide_resumes(run):
+    for checks in run["checks"]:
+        assert checks["same_strategy"] is True
+    first = _both(run, "guide_first")
+    second = _both(run, "guide_second")
+    assert not first["restored"] and second["restored"]
+    # The second run_training() starts where the first one ended.
+    for i in range(2):
+        np.testing.assert_array_equal(second[f"start{i}"], first[f"w{i}"])
+    assert sorted(os.listdir(run["dir"] / "guide_ckpt")) == ["ckpt-1.keras"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_other_cluster_in_same_process_raises(run):
+    for checks in run["checks"]:
+        error = checks["other_cluster"]
+        assert error["type"] == "MultiWorkerStrategyConflictError"
+        assert "already has a kd.MultiWorkerMirroredStrategy" in (
+            error["message"])
+        assert "'127.0.0.1:1', '127.0.0.1:2'" in error["message"]
+        assert "Reuse the first strategy" in error["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_unscaled_custom_step_warned_and_2x(run):
+    for checks in run["checks"]:
+        assert len(checks["unscaled_warnings"]) == 1
+        assert "kd.scale_loss(loss)" in checks["unscaled_warnings"][0]
+    patterns.assert_same(
+        _both(run, "hand_loss_unscaled"),
+        patterns.hand_loss(None, scale=False, learning_rate=0.2))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_unbuilt_optimizers_refused(run):
+    for checks in run["checks"]:
+        assert checks["gan_unbuilt"]["type"] == "UnbuiltOptimizerError"
+        assert "self.d_optimizer.build(" in checks["gan_unbuilt"]["message"]
+        assert ("optimizer.build(model.trainable_variables) inside `with "
+                "strategy.scope():`" in checks["unbuilt_loop"]["message"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize("case", sorted(patterns.UNEVEN))
+def test_uneven_batches_refused_without_crash(run, case):
+    n, batch, how = patterns.UNEVEN[case]
+    for checks in run["checks"]:
+        error = checks[f"uneven_{case}"]
+        assert error is not None, case
+        if how == "fit_tfdata":
+            assert error["type"] == "InvalidArgumentError"
+            assert ("does not divide over the 2 replicas in sync (2 workers "
+                    "x 1 device(s))") in error["message"]
+            assert "drop_remainder=True" in error["message"]
+        else:
+            assert error["type"] == "UnevenBatchError"
+            assert error["message"].startswith(
+                "Invalid value for argument `batch_size`. Received: "
+                f"batch_size={batch}")
+            assert "2 replicas in sync (2 workers x 1 device(s))" in (
+                error["message"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize("case", sorted(patterns.EVEN))
+def test_even_batches_match_one_device(run, case):
+    patterns.assert_same(_both(run, f"even_{case}"),
+                         patterns.uneven(None, case))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_jit_compile_falls_back_with_warning(run):
+    for checks in run["checks"]:
+        assert len(checks["jit_warnings"]) == 1
+        assert "kerasdist trains this model without XLA" in (
+            checks["jit_warnings"][0])
+    patterns.assert_same(_both(run, "jit"), patterns.jit(None))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_keras_file_callbacks_work_unchanged(run, tmp_path):
+    files = run["dir"] / "files"
+    assert sorted(os.listdir(files)) == [
+        "ckpt-1.keras", "ckpt-2.keras", "log.csv"]
+    lines = (files / "log.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,") and len(lines) == 3
+    patterns.assert_same(_both(run, "file_callbacks"),
+                         patterns.file_callbacks(None, str(tmp_path)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_keras_backup_and_restore_refused(run):
+    for checks in run["checks"]:
+        error = checks["keras_backup"]
+        assert error["type"] == "KerasBackupAndRestoreError"
+        assert "Replace it with kd.callbacks.BackupAndRestore(" in (
+            error["message"])
+    assert not os.path.exists(run["dir"] / "keras_backup")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_strategy_after_tf_op_says_what_to_move(tmp_path):
+    env = _env()
+    config = cluster.make_tf_config(2, 0)
+    env["TF_CONFIG"] = json.dumps(config)
+    proc = subprocess.Popen(
+        [sys.executable, WORKER, str(tmp_path), "after_startup"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env=env)
+    try:
+        log, _ = proc.communicate(timeout=150)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, log[-4000:]
+    error = json.loads((tmp_path / "after_startup.json").read_text())
+    assert error["type"] == "CollectivesAfterStartupError"
+    assert "Collective ops must be configured at program startup" in (
+        error["message"])
+    assert ("Move `strategy = kd.get_strategy(\"multi_worker\")`" in
+            error["message"])
