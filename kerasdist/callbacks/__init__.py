@@ -5,11 +5,14 @@ from kerasdist.callbacks.backup_and_restore import (
     BackupMismatchError,
 )
 from kerasdist.callbacks.chief_only import ChiefOnly, RunSummary, chief_verbose
+from kerasdist.callbacks.local_sgd import AllReduceCounter, LocalSGD
 from kerasdist.callbacks.metric_average import MetricAverage, MetricAverageError
 from kerasdist.callbacks.throughput import Throughput
 from kerasdist.callbacks.warmup import LearningRateWarmup, WarmupSchedule
 
 __all__ = [
+    "AllReduceCounter",
+    "LocalSGD",
     "BackupAndRestore",
     "BackupMismatchError",
     "ChiefOnly",
