@@ -116,37 +116,27 @@ class _ReplicaStack:
     keep per-replica state.
     """
 
-    def __init__(self, variable, strategy, replica_ids):
+    def __init__(self, state, index, variable):
+        self._state = state
+        self._index = index
         self._variable = variable
-        self._strategy = strategy
-        self._replica_ids = replica_ids
-        tf_var = _internals.tf_variable(variable)
         self.dtype = variable.dtype
-        self.shape = (strategy.num_replicas_in_sync, *tuple(variable.shape))
+        self.shape = (
+            state.strategy.num_replicas_in_sync, *tuple(variable.shape))
         self.path = f"local_sgd/replicas/{variable.path}"
         self.name = self.path
         self.trainable = False
 
-        def gather():
-            def replica_fn():
-                ctx = tf.distribute.get_replica_context()
-                local = tf.expand_dims(tf.convert_to_tensor(tf_var), 0)
-                return ctx.all_gather(local, axis=0)
-
-            result = strategy.run(replica_fn)
-            return strategy.experimental_local_results(result)[0]
-
-        self._gather = tf.function(gather, autograph=False)
-
     def numpy(self) -> np.ndarray:
-        return np.asarray(self._gather())
+        return self._state.stacked_values()[self._index]
 
     def assign(self, value) -> None:
         value = np.asarray(value)
-        parts = self._strategy.experimental_local_results(
+        parts = self._state.strategy.experimental_local_results(
             _internals.tf_variable(self._variable))
-        for part, rid in zip(parts, self._replica_ids, strict=True):
+        for part, rid in zip(parts, self._state.replica_ids, strict=True):
             part.assign(value[rid])
+        self._state.invalidate()
 
     def __repr__(self) -> str:
         return f"<ReplicaStack {self.path} shape={self.shape}>"
@@ -185,13 +175,40 @@ class _State:
         _internals.make_replica_local(outer, scale_by_replicas=False)
         for v in outer.variables:
             _internals.track_optimizer_state(optimizer, v)
-        replica_ids = _local_replica_ids(strategy)
-        stacked = list(model.variables) + inner_vars
-        for v in stacked:
-            if _internals.is_mirrored(v):
-                _internals.track_optimizer_state(
-                    optimizer, _ReplicaStack(v, strategy, replica_ids))
+        self.replica_ids = _local_replica_ids(strategy)
+        self.stacked = [
+            v for v in list(model.variables) + inner_vars
+            if _internals.is_mirrored(v)
+        ]
+        for i, v in enumerate(self.stacked):
+            _internals.track_optimizer_state(
+                optimizer, _ReplicaStack(self, i, v))
+        self._cache: list | None = None
+        self._gather = tf.function(self._gather_all, autograph=False)
         self.sync = tf.function(self._sync, autograph=False)
+
+    def _gather_all(self):
+        def replica_fn():
+            ctx = tf.distribute.get_replica_context()
+            return [
+                ctx.all_gather(tf.expand_dims(
+                    tf.convert_to_tensor(_internals.tf_variable(v)), 0),
+                    axis=0)
+                for v in self.stacked
+            ]
+
+        result = self.strategy.run(replica_fn)
+        return [self.strategy.experimental_local_results(r)[0]
+                for r in result]
+
+    def stacked_values(self) -> list:
+        """Every stacked variable's per-replica values (cached)."""
+        if self._cache is None:
+            self._cache = [np.asarray(t) for t in self._gather()]
+        return self._cache
+
+    def invalidate(self) -> None:
+        self._cache = None
 
     def _sync(self, compression):
         def replica_fn():
@@ -201,10 +218,14 @@ class _State:
                 - tf.convert_to_tensor(_internals.tf_variable(w))
                 for a, w in zip(self.anchor, self.trainable, strict=True)
             ]
-            stats = [
-                tf.convert_to_tensor(_internals.tf_variable(v))
-                for v in self.averaged
-            ]
+            # Reads of non-trainable weights carry no device; all values
+            # of one batch all-reduce must sit on the replica's device.
+            device = deltas[0].device if deltas else ""
+            with tf.device(device):
+                stats = [
+                    tf.identity(_internals.tf_variable(v))
+                    for v in self.averaged
+                ]
             reduced = _all_reduce_mean(ctx, deltas + stats, compression)
             n = len(deltas)
             self.outer.apply(reduced[:n], self.anchor)
@@ -429,6 +450,7 @@ class LocalSGD(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         state = self._state
+        state.invalidate()
         if self._round is None:  # Possibly restored by BackupAndRestore.
             self._round = int(state.round_step.numpy())
         self._round += batch - self._batch_begin + 1
@@ -447,6 +469,7 @@ class LocalSGD(keras.callbacks.Callback):
 
     def _sync(self) -> None:
         self._state.sync(self.compression)
+        self._state.invalidate()
         self._round = 0
         self.syncs += 1
 
