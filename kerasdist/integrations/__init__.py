@@ -1,0 +1,1 @@
+"""Thin adapters onto engines that exist (optional extras)."""
