@@ -29,7 +29,7 @@ def model_fn():
         keras.layers.Dense(CLASSES),
     ])
     model.compile(
-        keras.optimizers.SGD(0.02),
+        keras.optimizers.SGD(0.1),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
