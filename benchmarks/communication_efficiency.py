@@ -102,7 +102,6 @@ def run_local(out_path: str) -> None:
 
     kd.virtual_cpus(REPLICAS)
     import keras
-    import numpy as np
     import tensorflow as tf
 
     x, y = make_data(TRAIN, 1)

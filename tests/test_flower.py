@@ -107,7 +107,8 @@ def test_simulation_with_4_clients_improves_round_over_round(
     assert len(results) == 1
     losses = _losses(results[0])
     assert len(losses) == 4  # before round 1, after rounds 1..3
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(b < a for a, b in zip(losses[:-1], losses[1:],
+                                     strict=True)), losses
     final = results[0].evaluate_metrics_serverapp[3]["accuracy"]
     assert final > 0.8
     assert set(results[0].train_metrics_clientapp) == {1, 2, 3}
