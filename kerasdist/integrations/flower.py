@@ -519,8 +519,10 @@ def simulate(
         )
     if data_fn is not None:
         check_client_data(data_fn(0, num_clients), "data_fn")
-    # One machine: Ray's processes talk over loopback only.
-    init_args: dict = {"include_dashboard": False, "log_to_driver": False,
+    # A Ray instance of its own (address="local": never join a cluster
+    # another program started on this machine), talking over loopback.
+    init_args: dict = {"address": "local", "include_dashboard": False,
+                       "log_to_driver": False,
                        "_node_ip_address": "127.0.0.1"}
     if num_cpus is not None:
         init_args["num_cpus"] = num_cpus
