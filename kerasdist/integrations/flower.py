@@ -54,6 +54,7 @@ except ImportError as e:  # pragma: no cover (the extra is not installed)
 
 __all__ = [
     "DiLoCo",
+    "check_client_data",
     "client_app",
     "get_arrays",
     "server_app",
