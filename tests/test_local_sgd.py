@@ -20,7 +20,7 @@ def ADAM():
 STEPS = 8  # per epoch: 256 samples, global batch 32
 
 
-def _data(skew=False):
+def _data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 6)).astype("float32")
     y = (x @ rng.normal(size=(6, 1))).astype("float32")
