@@ -10,7 +10,7 @@ STAMP := $(VENV)/.kerasdist-installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,docs,bench,ray,clients]"
+	$(PY) -m pip install -q -e ".[test,docs,bench,ray,clients,federated]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -45,7 +45,8 @@ import importlib as _importlib
 # etc. import it when first touched.
 _SUBMODULES = frozenset({
     "accumulation", "callbacks", "cluster", "compression", "data", "devices",
-    "flags", "launch", "losses", "placement", "strategies", "testing",
+    "errors", "flags", "integrations", "launch", "losses", "placement",
+    "strategies", "testing",
 })
 _NAMES = {
     "MirroredStrategy": "kerasdist.strategies",
@@ -86,15 +87,17 @@ __all__ = [
     "compression",
     "data",
     "devices",
+    "errors",
     "flags",
     "get_strategy",
+    "integrations",
     "is_chief",
     "launch",
     "losses",
     "placement",
     "scale_learning_rate",
-    "scope_or_null",
     "scale_loss",
+    "scope_or_null",
     "virtual_cpus",
     "__version__",
 ]

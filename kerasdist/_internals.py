@@ -858,6 +858,133 @@ CANARIES += [
            "distributed_update_step"),
 ]
 
+_LOCAL_SGD = "kerasdist.callbacks.local_sgd"
+CANARIES += [
+    Canary("keras.src.backend.tensorflow.optimizer:TFOptimizer",
+           "_all_reduce_sum_gradients", f"{_LOCAL_SGD}.LocalSGD"),
+    Canary("keras.src.optimizers.base_optimizer:BaseOptimizer",
+           "_track_variable", f"{_LOCAL_SGD}.LocalSGD"),
+    Canary("tensorflow.python.distribute.values", "MirroredVariable",
+           f"{_LOCAL_SGD}.LocalSGD"),
+    Canary("tensorflow.python.distribute.distribute_lib:StrategyExtendedV2",
+           "_batch_reduce_to", f"{_LOCAL_SGD}.AllReduceCounter"),
+]
+
+
+def tf_variable(variable: Any) -> Any:
+    """The `tf.Variable` (a `MirroredVariable` under a strategy) behind a
+    Keras variable; other values are returned unchanged."""
+    return getattr(variable, "value", variable) if hasattr(
+        variable, "path") else variable
+
+
+def is_mirrored(variable: Any) -> bool:
+    """Whether a (Keras) variable is a tf.distribute `MirroredVariable`:
+    one component per replica, written on write (not sync-on-read).
+
+    Uses `tensorflow/python/distribute/values.py` (`MirroredVariable`).
+    """
+    from tensorflow.python.distribute import values as values_lib
+
+    return isinstance(tf_variable(variable), values_lib.MirroredVariable)
+
+
+class _ReplicaLocalUpdates:
+    """Optimizer mixin: each replica applies its own gradient."""
+
+    _kd_scale_by_replicas = True
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        import tensorflow as tf
+
+        if tf.distribute.get_replica_context() is None:
+            return list(grads_and_vars)
+        n = tf.distribute.get_strategy().num_replicas_in_sync
+        if not self._kd_scale_by_replicas or n == 1:
+            return list(grads_and_vars)
+        # Keras divides each replica's loss by the number of replicas
+        # (keras/src/losses/loss.py, scale_loss_for_distribution) so that
+        # the all-reduced SUM is the mean gradient; alone, a replica's
+        # gradient must be scaled back.
+        return [
+            (None if g is None else g * tf.cast(n, g.dtype), v)
+            for g, v in grads_and_vars
+        ]
+
+
+def make_replica_local(
+    optimizer: Any, *, scale_by_replicas: bool = True, enabled: bool = True
+) -> None:
+    """Makes a Keras TF optimizer skip its gradient all-reduce (or undo it).
+
+    Keras's `TFOptimizer._backend_update_step`
+    (`keras/src/backend/tensorflow/optimizer.py`) all-reduces gradients with
+    `_all_reduce_sum_gradients` and then updates every replica's component
+    of each `MirroredVariable` with the result. Overriding that one method
+    to return the replica's own gradient makes each component (and each
+    mirrored optimizer slot) follow its own replica: local SGD's
+    per-replica training. Only functions traced afterwards are affected.
+
+    Args:
+        optimizer: `keras.optimizers.Optimizer`; changed in place.
+        scale_by_replicas: bool. Multiply each gradient by the number of
+            replicas (undoing Keras's per-replica loss scaling). Defaults to
+            True; False for an optimizer fed already-averaged values.
+        enabled: bool. False restores the optimizer's own class.
+    """
+    cls = type(optimizer)
+    base = getattr(cls, "_kd_replica_local_base", None)
+    if not enabled:
+        if base is not None:
+            optimizer.__class__ = base
+        return
+    if base is None:
+        optimizer.__class__ = type(
+            cls.__name__, (_ReplicaLocalUpdates, cls),
+            {"_kd_replica_local_base": cls, "__module__": cls.__module__},
+        )
+    optimizer._kd_scale_by_replicas = scale_by_replicas  # noqa: SLF001
+
+
+def track_optimizer_state(optimizer: Any, value: Any) -> None:
+    """Adds `value` to `optimizer.variables`, so backups save it.
+
+    Uses `BaseOptimizer._track_variable`
+    (`keras/src/optimizers/base_optimizer.py`), which `add_variable` uses
+    for the optimizer's own state. `value` needs `path`, `shape`, `dtype`,
+    `numpy()` and `assign()`.
+
+    Args:
+        optimizer: `keras.optimizers.Optimizer`.
+        value: a variable, or an object with a variable's saving interface.
+    """
+    optimizer._track_variable(value)  # noqa: SLF001
+
+
+def instrument_batch_reduce(strategy: Any, count: Callable) -> None:
+    """Calls `count(pairs)` inside every batch all-reduce of `strategy`.
+
+    `StrategyExtendedV2.batch_reduce_to` (tensorflow/python/distribute/
+    distribute_lib.py) hands its `(value, destination)` pairs to the
+    strategy's `_batch_reduce_to`, the path of `ReplicaContext.all_reduce`
+    (Keras's gradient all-reduce) and of `kerasdist.compression`. The
+    instance attribute set here wraps whatever class method is in place.
+
+    Args:
+        strategy: `tf.distribute.Strategy`.
+        count: callable taking the list of `(value, destination)` pairs;
+            runs in cross-replica context, inside traced functions.
+    """
+    extended = strategy.extended
+    original = extended._batch_reduce_to  # noqa: SLF001
+
+    def counted(reduce_op, value_destination_pairs, options):
+        pairs = list(value_destination_pairs)
+        count(pairs)
+        return original(reduce_op, pairs, options)
+
+    extended._batch_reduce_to = counted  # noqa: SLF001
+
 
 
 # ---------------------------------------------------------------------------

@@ -9,11 +9,14 @@ from kerasdist.callbacks.keras_files import (
     KerasBackupAndRestoreError,
     adapt_file_callbacks,
 )
+from kerasdist.callbacks.local_sgd import AllReduceCounter, LocalSGD
 from kerasdist.callbacks.metric_average import MetricAverage, MetricAverageError
 from kerasdist.callbacks.throughput import Throughput
 from kerasdist.callbacks.warmup import LearningRateWarmup, WarmupSchedule
 
 __all__ = [
+    "AllReduceCounter",
+    "LocalSGD",
     "BackupAndRestore",
     "BackupMismatchError",
     "ChiefOnly",

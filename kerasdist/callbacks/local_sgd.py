@@ -1,0 +1,522 @@
+"""Local SGD and DiLoCo for Keras 3 `fit`: communicate every H steps.
+
+`kd.callbacks.LocalSGD(sync_every=H)` makes every replica of a
+`kd.MirroredStrategy` or `kd.MultiWorkerMirroredStrategy` train on its own
+for H steps, with its own weights and its own optimizer state, without any
+gradient all-reduce. Every H steps the replicas all-reduce once: the mean
+pseudo-gradient `anchor - local weights` (and the mean of the non-trainable
+weights, e.g. BatchNormalization statistics) is applied to the shared
+anchor weights with an outer optimizer, and every replica restarts from the
+new anchor. The default outer optimizer, `SGD(learning_rate=1.0)`, makes the
+sync plain model averaging (local SGD, Stich 2019; Lin et al. 2020);
+`keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)` gives DiLoCo
+(Douillard et al. 2023).
+
+How the replicas diverge. Under tf.distribute a model variable is a
+`MirroredVariable`: one component variable per replica, which replica
+context reads locally. Keras's TensorFlow optimizer all-reduces the
+gradients (`TFOptimizer._all_reduce_sum_gradients`) and then updates every
+component with the same reduced gradient. LocalSGD replaces that all-reduce
+by the replica's own gradient (scaled back by the number of replicas, which
+Keras divides every replica's loss by), so each component is updated with
+its own gradient: the components are the per-replica copies, and the
+optimizer slots, also mirrored, become per-replica optimizer states.
+
+State and BackupAndRestore. The anchor weights, the outer optimizer's
+variables, the step within the round and, for every model and optimizer
+variable, the stacked per-replica values (gathered from all replicas when
+read) are attached to the model's optimizer, so `kd.callbacks.
+BackupAndRestore` saves and restores them with the optimizer and a run
+interrupted mid-round resumes exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from kerasdist import _internals
+from kerasdist import cluster as cluster_lib
+from kerasdist import compression as compression_lib
+from kerasdist._validate import check_int
+
+__all__ = ["AllReduceCounter", "LocalSGD"]
+
+_STATE_ATTR = "_kd_local_sgd"
+
+
+class AllReduceCounter:
+    """Counts the all-reduces a strategy executes, and the bytes they send.
+
+    Wraps the strategy's batch all-reduce (the collective Keras uses for
+    gradients and LocalSGD uses for pseudo-gradients) with a counter that
+    runs inside the traced training function, so it counts collectives
+    executed, not traced. Reductions through `strategy.reduce` (logs,
+    metric reads) are not counted. Create it before the model trains:
+    functions traced earlier are not instrumented.
+
+    Args:
+        strategy: `tf.distribute.MirroredStrategy` or
+            `tf.distribute.MultiWorkerMirroredStrategy` (or a kd subclass).
+
+    Example:
+
+    ```python
+    counter = kd.callbacks.AllReduceCounter(strategy)
+    model.fit(dataset, epochs=1)
+    print(counter.calls, counter.bytes)
+    ```
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        with tf.init_scope():
+            self._calls = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="allreduce_calls")
+            self._bytes = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="allreduce_bytes")
+        self._strategy = strategy
+
+        def count(pairs: list) -> None:
+            nbytes = 0
+            for value, _ in pairs:
+                part = strategy.experimental_local_results(value)[0]
+                if part.shape.is_fully_defined():
+                    nbytes += part.shape.num_elements() * part.dtype.size
+            self._calls.assign_add(1)
+            self._bytes.assign_add(nbytes)
+
+        _internals.instrument_batch_reduce(strategy, count)
+
+    @property
+    def calls(self) -> int:
+        """Number of batch all-reduces executed so far."""
+        return int(self._calls.numpy())
+
+    @property
+    def bytes(self) -> int:
+        """Bytes each replica contributed to those all-reduces."""
+        return int(self._bytes.numpy())
+
+    def reset(self) -> None:
+        """Sets both counts back to zero."""
+        self._calls.assign(0)
+        self._bytes.assign(0)
+
+
+class _ReplicaStack:
+    """The values of one variable on every replica, as one array.
+
+    Reads gather the component of every replica (an all-gather under
+    multi-worker, which every worker joins); writes give each local
+    component its row. Attached to the optimizer's variables so backups
+    keep per-replica state.
+    """
+
+    def __init__(self, state, index, variable):
+        self._state = state
+        self._index = index
+        self._variable = variable
+        self.dtype = variable.dtype
+        self.shape = (
+            state.strategy.num_replicas_in_sync, *tuple(variable.shape))
+        self.path = f"local_sgd/replicas/{variable.path}"
+        self.name = self.path
+        self.trainable = False
+
+    def numpy(self) -> np.ndarray:
+        return self._state.stacked_values()[self._index]
+
+    def assign(self, value) -> None:
+        value = np.asarray(value)
+        parts = self._state.strategy.experimental_local_results(
+            _internals.tf_variable(self._variable))
+        for part, rid in zip(parts, self._state.replica_ids, strict=True):
+            part.assign(value[rid])
+        self._state.invalidate()
+
+    def __repr__(self) -> str:
+        return f"<ReplicaStack {self.path} shape={self.shape}>"
+
+
+class _State:
+    """What LocalSGD keeps for one model, attached to its optimizer."""
+
+    def __init__(self, owner, model, outer):
+        strategy = model.distribute_strategy
+        optimizer = model.optimizer
+        self.owner = owner
+        self.strategy = strategy
+        self.trainable = list(model.trainable_variables)
+        self.averaged = [
+            v for v in model.non_trainable_variables
+            if v.dtype in ("float16", "bfloat16", "float32", "float64")
+        ]
+        inner_vars = list(optimizer.variables)
+        with strategy.scope():
+            self.anchor = [
+                optimizer.add_variable_from_reference(
+                    v, name="local_sgd_anchor")
+                for v in self.trainable
+            ]
+            self.round_step = optimizer.add_variable(
+                (), dtype="int64", aggregation="only_first_replica",
+                name="local_sgd_round_step")
+            # Keras's TF optimizer binds the strategy current at creation;
+            # the user's outer optimizer is recreated from its config here.
+            outer = type(outer).from_config(outer.get_config())
+            outer.build(self.anchor)
+        for a, v in zip(self.anchor, self.trainable, strict=True):
+            a.assign(v)
+        self.outer = outer
+        _internals.make_replica_local(outer, scale_by_replicas=False)
+        for v in outer.variables:
+            _internals.track_optimizer_state(optimizer, v)
+        self.replica_ids = _local_replica_ids(strategy)
+        self.stacked = [
+            v for v in list(model.variables) + inner_vars
+            if _internals.is_mirrored(v)
+        ]
+        for i, v in enumerate(self.stacked):
+            _internals.track_optimizer_state(
+                optimizer, _ReplicaStack(self, i, v))
+        self._cache: list | None = None
+        self._gather = tf.function(self._gather_all, autograph=False)
+        self.sync = tf.function(self._sync, autograph=False)
+
+    def _gather_all(self):
+        def replica_fn():
+            ctx = tf.distribute.get_replica_context()
+            return [
+                ctx.all_gather(tf.expand_dims(
+                    tf.convert_to_tensor(_internals.tf_variable(v)), 0),
+                    axis=0)
+                for v in self.stacked
+            ]
+
+        result = self.strategy.run(replica_fn)
+        return [self.strategy.experimental_local_results(r)[0]
+                for r in result]
+
+    def stacked_values(self) -> list:
+        """Every stacked variable's per-replica values (cached)."""
+        if self._cache is None:
+            self._cache = [np.asarray(t) for t in self._gather()]
+        return self._cache
+
+    def invalidate(self) -> None:
+        self._cache = None
+
+    def _sync(self, compression):
+        def replica_fn():
+            ctx = tf.distribute.get_replica_context()
+            deltas = [
+                tf.convert_to_tensor(_internals.tf_variable(a))
+                - tf.convert_to_tensor(_internals.tf_variable(w))
+                for a, w in zip(self.anchor, self.trainable, strict=True)
+            ]
+            # Reads of non-trainable weights carry no device; all values
+            # of one batch all-reduce must sit on the replica's device.
+            device = deltas[0].device if deltas else ""
+            with tf.device(device):
+                stats = [
+                    tf.identity(_internals.tf_variable(v))
+                    for v in self.averaged
+                ]
+            reduced = _all_reduce_mean(ctx, deltas + stats, compression)
+            n = len(deltas)
+            self.outer.apply(reduced[:n], self.anchor)
+            new = [
+                tf.convert_to_tensor(_internals.tf_variable(a))
+                for a in self.anchor
+            ]
+            targets = [
+                _internals.tf_variable(v)
+                for v in self.trainable + self.averaged
+            ]
+            ctx.merge_call(_assign_all, args=(targets, new + reduced[n:]))
+
+        self.strategy.run(replica_fn)
+
+
+def _assign_all(strategy, variables, values):
+    for var, value in zip(variables, values, strict=True):
+        strategy.extended.update(
+            var, lambda v, x: v.assign(tf.cast(x, v.dtype)), args=(value,),
+            group=False)
+
+
+def _all_reduce_mean(ctx, values, compression):
+    if not values:
+        return []
+    if compression is None:
+        return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, values)
+
+    def merge(strategy, values):
+        return compression_lib.batch_reduce(
+            strategy.extended.batch_reduce_to, compression,
+            tf.distribute.ReduceOp.MEAN, [(v, v) for v in values], None)
+
+    return ctx.merge_call(merge, args=(values,))
+
+
+def _local_replica_ids(strategy) -> list[int]:
+    def replica_fn():
+        ctx = tf.distribute.get_replica_context()
+        return tf.identity(ctx.replica_id_in_sync_group)
+
+    ids = tf.function(lambda: strategy.run(replica_fn))()
+    return [int(i) for i in strategy.experimental_local_results(ids)]
+
+
+class LocalSGD(keras.callbacks.Callback):
+    """Trains each replica on its own and averages every `sync_every` steps.
+
+    Between syncs no gradient is all-reduced: each replica of the
+    `MirroredStrategy` / `MultiWorkerMirroredStrategy` applies its own
+    gradients to its own copy of the weights with its own optimizer state.
+    Every `sync_every` steps the replicas all-reduce the pseudo-gradient
+    (anchor weights minus local weights) once; the outer optimizer applies
+    its mean to the anchor, non-trainable weights (BatchNormalization
+    statistics) are averaged, and every replica continues from the new
+    anchor. Training also syncs when `fit` ends, so the model holds the
+    averaged weights.
+
+    With `sync_every=1` and the default outer optimizer, training with an
+    inner `SGD` equals synchronous training. Per-replica batch and learning
+    rate keep their meaning: each replica's local step uses the gradient of
+    its own per-replica batch.
+
+    Works with `kd.callbacks.BackupAndRestore`: the anchor, the outer
+    optimizer state, the step within the round and every replica's own
+    weights and optimizer state are saved with the optimizer, so a run
+    interrupted mid-round resumes exactly.
+
+    Validation during `fit` evaluates each replica's current local weights;
+    choose `sync_every` dividing the steps per epoch to validate averaged
+    weights.
+
+    Args:
+        sync_every: int. Local steps between two syncs (H); a multiple of
+            the model's `steps_per_execution`.
+        outer_optimizer: `keras.optimizers.Optimizer` or None. Applies the
+            mean pseudo-gradient to the anchor. Defaults to None, i.e.
+            `keras.optimizers.SGD(learning_rate=1.0)` (model averaging).
+            `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)` gives
+            DiLoCo.
+        compression: str or None. `"fp16"` or `"bf16"` all-reduces the
+            pseudo-gradients in 16 bits (see `kerasdist.compression`).
+            Defaults to None (the strategy's own setting applies).
+
+    Raises:
+        ValueError: if `sync_every` is not a positive integer, the outer
+            optimizer is not a Keras optimizer, or `compression` is unknown;
+            when training starts, if `sync_every` is not a multiple of
+            `steps_per_execution` or the model's optimizer cannot train
+            locally.
+
+    Example:
+
+    ```python
+    with strategy.scope():
+        model = build_model()
+        model.compile(optimizer="adamw", loss="mse")
+    model.fit(dataset, epochs=10, callbacks=[
+        kd.callbacks.LocalSGD(sync_every=16, outer_optimizer=(
+            keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True))),
+    ])
+    ```
+    """
+
+    def __init__(
+        self,
+        sync_every: int,
+        outer_optimizer: keras.optimizers.Optimizer | None = None,
+        compression: str | None = None,
+    ):
+        super().__init__()
+        self.sync_every = check_int("sync_every", sync_every)
+        if outer_optimizer is None:
+            outer_optimizer = keras.optimizers.SGD(learning_rate=1.0)
+        if not isinstance(outer_optimizer, keras.optimizers.Optimizer):
+            raise ValueError(
+                "Invalid value for argument `outer_optimizer`. Received: "
+                f"outer_optimizer={outer_optimizer!r}. Expected a "
+                "keras.optimizers.Optimizer instance (e.g. "
+                "keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)) "
+                "or None for plain averaging."
+            )
+        if outer_optimizer.built:
+            raise ValueError(
+                "Invalid value for argument `outer_optimizer`. Received: "
+                f"outer_optimizer={outer_optimizer.name!r}, already built "
+                "(used elsewhere). Pass a new optimizer instance."
+            )
+        self.outer_optimizer = outer_optimizer
+        self.compression = compression_lib.check_compression(compression)
+        self._state: _State | None = None
+        self._round: int | None = None
+        self._batch_begin = 0
+        self.syncs = 0
+
+    # ------------------------------------------------------------------
+
+    def set_model(self, model):
+        super().set_model(model)
+        if getattr(model, "built", False) and getattr(
+            model, "optimizer", None
+        ) is not None:
+            self._attach()
+
+    def _attach(self) -> _State:
+        model = self.model
+        optimizer = model.optimizer
+        state = getattr(optimizer, _STATE_ATTR, None)
+        if state is not None:
+            if state.owner is not self:
+                raise ValueError(
+                    f"The optimizer {optimizer.name!r} of model "
+                    f"{model.name!r} already trains with another LocalSGD "
+                    "callback. Pass the same kd.callbacks.LocalSGD instance "
+                    "to every fit() of this model."
+                )
+            self._state = state
+            return state
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise ValueError(
+                "kd.callbacks.LocalSGD needs a model compiled with a Keras "
+                f"optimizer. Received: optimizer={optimizer!r}."
+            )
+        if optimizer is self.outer_optimizer:
+            raise ValueError(
+                "Invalid value for argument `outer_optimizer`: it is the "
+                "model's own (inner) optimizer. Pass a separate optimizer "
+                "instance."
+            )
+        if optimizer.gradient_accumulation_steps:
+            raise ValueError(
+                "kd.callbacks.LocalSGD does not combine with gradient "
+                "accumulation. Received: an optimizer with "
+                "gradient_accumulation_steps="
+                f"{optimizer.gradient_accumulation_steps}. Use a larger "
+                "`sync_every` instead."
+            )
+        if not model.built:
+            raise ValueError(
+                "kd.callbacks.LocalSGD needs a built model. Model "
+                f"{model.name!r} is not built; build it (e.g. with "
+                "`keras.Input`) before `fit`."
+            )
+        if not optimizer.built:
+            with model.distribute_strategy.scope():
+                optimizer.build(model.trainable_variables)
+        state = _State(self, model, self.outer_optimizer)
+        setattr(optimizer, _STATE_ATTR, state)
+        self._state = state
+        return state
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        spe = getattr(model, "steps_per_execution", 1) or 1
+        spe = int(spe.numpy()) if hasattr(spe, "numpy") else int(spe)
+        if self.sync_every % spe:
+            raise ValueError(
+                "Invalid value for argument `sync_every`. Received: "
+                f"sync_every={self.sync_every} with the model's "
+                f"steps_per_execution={spe}. Expected a multiple of "
+                "steps_per_execution (callbacks run once per execution)."
+            )
+        state = self._attach()
+        _internals.make_replica_local(model.optimizer, scale_by_replicas=True)
+        # Functions traced before run the synchronous update.
+        model.make_train_function(force=True)
+        self._round = None
+        if int(state.round_step.numpy()) == 0:
+            # A fresh round: the anchor is the current (identical) weights.
+            for a, v in zip(state.anchor, state.trainable, strict=True):
+                a.assign(v)
+        if cluster_lib.from_env().is_chief:
+            logging.info(
+                "kerasdist: local SGD, %d replica(s) sync every %d steps",
+                model.distribute_strategy.num_replicas_in_sync,
+                self.sync_every,
+            )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch_begin = batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        state = self._state
+        state.invalidate()
+        if self._round is None:  # Possibly restored by BackupAndRestore.
+            self._round = int(state.round_step.numpy())
+        self._round += batch - self._batch_begin + 1
+        if self._round >= self.sync_every:
+            self._sync()
+        state.round_step.assign(self._round)
+
+    def on_train_end(self, logs=None):
+        if self._state is None:
+            return
+        if self._round:
+            self._sync()
+            self._state.round_step.assign(0)
+        _internals.make_replica_local(self.model.optimizer, enabled=False)
+        self.model.train_function = None
+
+    def _sync(self) -> None:
+        self._state.sync(self.compression)
+        self._state.invalidate()
+        self._round = 0
+        self.syncs += 1
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able state for backups (the arrays live in the optimizer).
+
+        Returns:
+            dict with `sync_every`, `round_step` and `syncs`.
+
+        Example:
+
+        >>> LocalSGD(sync_every=8).get_state()["sync_every"]
+        8
+        """
+        round_step = self._round
+        if round_step is None and self._state is not None:
+            round_step = int(self._state.round_step.numpy())
+        return {
+            "sync_every": self.sync_every,
+            "round_step": int(round_step or 0),
+            "syncs": self.syncs,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores what `get_state` returned.
+
+        Args:
+            state: dict from `get_state`.
+
+        Raises:
+            ValueError: if the backup was made with another `sync_every`.
+
+        Example:
+
+        >>> cb = LocalSGD(sync_every=8)
+        >>> cb.set_state({"sync_every": 8, "round_step": 3, "syncs": 2})
+        >>> cb.syncs
+        2
+        """
+        if int(state.get("sync_every", self.sync_every)) != self.sync_every:
+            raise ValueError(
+                "The backup was made with LocalSGD(sync_every="
+                f"{state['sync_every']}), this run uses sync_every="
+                f"{self.sync_every}. Use the same value to resume, or a "
+                "new backup directory."
+            )
+        self.syncs = int(state.get("syncs", 0))
+        self._round = int(state.get("round_step", 0))
+        if self._state is not None:
+            self._state.round_step.assign(self._round)
