@@ -29,18 +29,23 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _tail(path, n=3000):
+    with open(path) as f:
+        return f.read()[-n:]
+
+
 def _wait_listening(port, proc, log, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"exited with {proc.returncode}:\n"
-                        f"{open(log).read()[-3000:]}")
+                        f"{_tail(log)}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.5)
     pytest.fail(f"nothing listening on 127.0.0.1:{port} after {timeout}s:\n"
-                f"{open(log).read()[-3000:]}")
+                f"{_tail(log)}")
 
 
 @pytest.mark.real_component
@@ -99,7 +104,7 @@ def test_superlink_and_two_supernodes_train_and_improve(tmp_path):
             time.sleep(1)
         assert out.exists(), (
             "the ServerApp wrote no metrics:\n" + run.stdout[-3000:]
-            + open(link_log).read()[-3000:])
+            + _tail(link_log))
     finally:
         for proc in procs:
             kill_group(proc, grace=5.0)
