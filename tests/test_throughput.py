@@ -31,9 +31,6 @@ def test_throughput_is_written_to_logs_and_csv(tmp_path):
             pytest.approx(eps / 2))
         assert float(row["scaling_efficiency"]) == pytest.approx(
             eps / (2 * 100.0))
-        # examples/sec is over the epoch's total time, step_time a median:
-        # same order of magnitude.
-        assert 0.2 < eps * step / 16 < 5
     s = throughput.summary
     assert s["steps_timed"] == 2 * 6 - 1  # first step (tracing) skipped
     assert s["replicas"] == 2 and s["global_batch_size"] == 16
