@@ -246,7 +246,7 @@ def _check_keras_call(strategy, dataset, site):
     from kerasdist import losses as losses_lib
     from kerasdist.callbacks import keras_files
 
-    multi_worker = data_lib._num_workers(strategy) > 1  # noqa: SLF001
+    multi_worker = _internals.num_workers(strategy) > 1
     if multi_worker:
         keras_files.adapt_file_callbacks(site.callbacks)
         _no_xla_collectives_on_cpu(site.model)
