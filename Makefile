@@ -22,13 +22,14 @@ train: install
 		$(PY) examples/quickstart.py --epochs 3
 
 # Real engines for the tests: Debian's SLURM (slurmctld, slurmd, client
-# commands) and munge, installed with apt-get when missing (as root, else
+# commands), munge and nftables (emulated-host partitions), installed with apt-get when missing (as root, else
 # through sudo). The SLURM tests start and stop their own daemons.
 engines:
-	command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
+	command -v slurmctld >/dev/null && command -v munged >/dev/null && \
+		command -v nft >/dev/null || { \
 		$(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			slurm-wlm munge; }
+			slurm-wlm munge nftables; }
 	test -s /etc/munge/munge.key || $(SUDO) mungekey --create 2>/dev/null \
 		|| $(SUDO) create-munge-key -f
 
