@@ -11,11 +11,73 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = str(Path(__file__).resolve().parent.parent)
+REPLY_PREFIX = "RESULT "
+
+
+class RequestProcess:
+    """A long-lived benchmark process that answers JSON requests.
+
+    It reads one JSON request per line on stdin and answers each with a
+    `RESULT {json}` line on stdout; its stderr goes to a temporary log that
+    is shown if it dies. It runs in a process group of its own, killed if it
+    does not exit within 30 s of `close()`.
+
+    Args:
+        role: str. Names the process in error messages.
+        command: list of str. The program and its arguments.
+        env: dict or None. Its environment. Defaults to this process's.
+    """
+
+    def __init__(self, role: str, command: list[str], env: dict | None = None):
+        self.role = role
+        # Closed in close(): it outlives this call.
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self.log, text=True, cwd=ROOT, env=env,
+            start_new_session=True,
+        )
+
+    def send(self, request: dict) -> None:
+        """Sends one request without waiting for its answer."""
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self) -> dict:
+        """The next answer; raises with the log's tail if the process died."""
+        for line in self.proc.stdout:
+            if line.startswith(REPLY_PREFIX):
+                return json.loads(line[len(REPLY_PREFIX):])
+        self.log.seek(0)
+        tail = self.log.read()[-3000:]
+        raise RuntimeError(
+            f"{self.role} exited with code {self.proc.wait()}:\n{tail}"
+        )
+
+    def request(self, request: dict) -> dict:
+        """Sends `request` and returns its answer."""
+        self.send(request)
+        return self.reply()
+
+    def close(self) -> None:
+        """Ends the process (stdin closed, then its group killed if needed)."""
+        from kerasdist.testing import kill_group
+
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                kill_group(self.proc)
+        self.log.close()
 
 
 def environment(**extra) -> dict:

@@ -31,60 +31,28 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 from benchmarks import common
+from benchmarks.common import RequestProcess
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER = os.path.join(_ROOT, "benchmarks", "_peer_worker.py")
-_PREFIX = "RESULT "
+_PREFIX = common.REPLY_PREFIX
 WIDTH, GLOBAL_BATCH, WARMUP = 16, 64, 3
 TARGET = 1.0
 
 
-class _Process:
+def _process(role: str, python: str, env: dict) -> RequestProcess:
     """A `_peer_worker.py ROLE` process answering timing requests."""
-
-    def __init__(self, role: str, python: str, env: dict):
-        self.role = role
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            [python, _WORKER, role, str(WIDTH), str(GLOBAL_BATCH),
-             str(WARMUP)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-            text=True, cwd=_ROOT, env=env, start_new_session=True,
-        )
-
-    def send(self, steps: int) -> None:
-        self.proc.stdin.write(json.dumps({"steps": steps}) + "\n")
-        self.proc.stdin.flush()
-
-    def reply(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(_PREFIX):
-                return json.loads(line[len(_PREFIX):])
-        self.log.seek(0)
-        tail = self.log.read()[-3000:]
-        raise RuntimeError(
-            f"{self.role} exited with code {self.proc.wait()}:\n{tail}"
-        )
-
-    def close(self) -> None:
-        from kerasdist.testing import kill_group
-
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                kill_group(self.proc)
-        self.log.close()
+    return RequestProcess(role, [
+        python, _WORKER, role, str(WIDTH), str(GLOBAL_BATCH), str(WARMUP),
+    ], env)
 
 
 class _Group:
     """Processes that train together (a cluster, or a single process)."""
 
-    def __init__(self, processes: list[_Process]):
+    def __init__(self, processes: list[RequestProcess]):
         self.processes = processes
 
     def wait_ready(self) -> None:
@@ -93,7 +61,7 @@ class _Group:
 
     def step_time(self, steps: int) -> float:
         for p in self.processes:
-            p.send(steps)
+            p.send({"steps": steps})
         # The chief's (first process's) time; all take part in each step.
         return [p.reply()["seconds"] for p in self.processes][0]
 
@@ -122,7 +90,7 @@ def _cluster(role: str, extra_env: dict) -> _Group:
         config["task"]["index"] = i
         env = _base_env()
         env.update(extra_env, TF_CONFIG=json.dumps(config))
-        processes.append(_Process(role, sys.executable, env))
+        processes.append(_process(role, sys.executable, env))
     return _Group(processes)
 
 
@@ -186,12 +154,12 @@ def measure_mwms(rounds: int, steps: int) -> dict:
     groups = {
         "tf_keras": _cluster("tfkeras_mwms", {"TF_USE_LEGACY_KERAS": "1"}),
         "kerasdist": _cluster("kd_mwms", {}),
-        "tf_keras_single": _Group([_Process(
+        "tf_keras_single": _Group([_process(
             "tfkeras_single", sys.executable,
             dict(_base_env(), TF_USE_LEGACY_KERAS="1"),
         )]),
         "keras3_single": _Group(
-            [_Process("keras3_single", sys.executable, _base_env())]
+            [_process("keras3_single", sys.executable, _base_env())]
         ),
     }
     try:
@@ -233,9 +201,9 @@ def measure_jax(rounds: int, steps: int) -> dict:
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
     )
     groups = {
-        "jax": _Group([_Process("jax_dp", python, jax_env)]),
+        "jax": _Group([_process("jax_dp", python, jax_env)]),
         "kerasdist": _Group(
-            [_Process("kd_mirrored", sys.executable, _base_env())]
+            [_process("kd_mirrored", sys.executable, _base_env())]
         ),
     }
     try:

@@ -32,18 +32,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 from benchmarks import common
+from benchmarks.common import RequestProcess
 
 K = 2
 MICROBATCHES = (1, 2, 4, 8, 16)
 WIDTH, DEPTH, BATCH = 512, 8, 4096
 TARGET = 0.90
-_PREFIX = "RESULT "
+_PREFIX = common.REPLY_PREFIX
 
 
 def bound(m: int, k: int = K) -> float:
@@ -119,51 +118,18 @@ def _worker(role: str) -> None:
 # ---------------------------------------------------------------- parent
 
 
-class _Worker:
+class _Worker(RequestProcess):
     def __init__(self, role: str):
-        self.role = role
+        super().__init__(role, [
+            sys.executable, "-m", "benchmarks.pipeline_efficiency",
+            "--worker", role,
+        ])
         self.cpu_seconds = []  # CPU time per step of each reply, all threads
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.pipeline_efficiency",
-                "--worker",
-                role,
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            start_new_session=True,
-        )
 
     def step_time(self, m: int, steps: int) -> float:
-        self.proc.stdin.write(json.dumps({"m": m, "steps": steps}) + "\n")
-        self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.startswith(_PREFIX):
-                reply = json.loads(line[len(_PREFIX) :])
-                self.cpu_seconds.append(reply["cpu"])
-                return reply["seconds"]
-        self.log.seek(0)
-        tail = self.log.read()[-3000:]
-        raise RuntimeError(
-            f"{self.role} worker exited with code {self.proc.wait()}:\n{tail}"
-        )
-
-    def close(self) -> None:
-        from kerasdist.testing import kill_group
-
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                kill_group(self.proc)
-        self.log.close()
+        reply = self.request({"m": m, "steps": steps})
+        self.cpu_seconds.append(reply["cpu"])
+        return reply["seconds"]
 
 
 def measure(rounds: int, steps: int) -> dict:

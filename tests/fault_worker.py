@@ -158,6 +158,32 @@ def retrained(records: list[dict]) -> int:
     return sum(n - 1 for n in seen.values())
 
 
+class Interrupted(Exception):
+    """Raised from a callback to interrupt `fit` (what a crash looks like)."""
+
+
+def interrupt_at(epoch: int, step: int):
+    """An `on_step` for `step_log_callback` that interrupts at (epoch, step)."""
+    def on_step(e, s):
+        if (e, s) == (epoch, step):
+            raise Interrupted()
+
+    return on_step
+
+
+def fingerprints(records: list[dict]) -> list[tuple]:
+    """(epoch, step, id sum, id square sum) of each logged step."""
+    return [(r["epoch"], r["step"], r["id_sum"], r["id_sq"]) for r in records]
+
+
+def assert_weights_equal(a, b) -> None:
+    """Weights equal up to float32 round-off, variable by variable."""
+    import numpy as np
+
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)

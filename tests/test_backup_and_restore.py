@@ -19,18 +19,6 @@ from absl.testing import parameterized
 import kerasdist as kd
 
 
-class Interrupted(Exception):
-    pass
-
-
-def _interrupt_at(epoch, step):
-    def on_step(e, s):
-        if (e, s) == (epoch, step):
-            raise Interrupted()
-
-    return on_step
-
-
 def _fit(tmp_path, name, strategy=None, *, backup=None, on_step=None,
          epochs=3, hidden=16, restart=0, monkeypatch=None):
     """One `fit` of the deterministic job; returns (model, history)."""
@@ -41,29 +29,11 @@ def _fit(tmp_path, name, strategy=None, *, backup=None, on_step=None,
         str(tmp_path / f"{name}.jsonl"), replicas, on_step)]
     if backup is not None:
         callbacks.append(backup)
-    scope = strategy.scope() if strategy else _null()
-    with scope:
+    with kd.scope_or_null(strategy):
         model = fw.build_model(hidden)
     history = model.fit(fw.make_dataset(strategy), epochs=epochs, verbose=0,
                         callbacks=callbacks)
     return model, history
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _fp(records):
-    return [(r["epoch"], r["step"], r["id_sum"], r["id_sq"]) for r in records]
-
-
-def _assert_weights_equal(a, b):
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
 class BadArgumentsTest(parameterized.TestCase):
@@ -106,9 +76,9 @@ def reference(tmp_path_factory):
 @pytest.mark.timeout(120)
 def test_resumes_at_the_exact_step(tmp_path, reference, monkeypatch):
     backup_dir = tmp_path / "backup"
-    with pytest.raises(Interrupted):
+    with pytest.raises(fw.Interrupted):
         _fit(tmp_path, "run", backup=kd.callbacks.BackupAndRestore(
-            backup_dir, save_freq=5), on_step=_interrupt_at(1, 7))
+            backup_dir, save_freq=5), on_step=fw.interrupt_at(1, 7))
     model, history = _fit(
         tmp_path, "run", restart=1, monkeypatch=monkeypatch,
         backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=5))
@@ -118,8 +88,8 @@ def test_resumes_at_the_exact_step(tmp_path, reference, monkeypatch):
     resumed = next(r for r in steps if r["attempt"] == 1)
     assert (resumed["epoch"], resumed["step"]) == (1, 3)
     assert fw.retrained(steps) == 5  # steps 3..7 of epoch 2: < save_freq
-    assert _fp(fw.lineage(steps)) == _fp(ref_steps)
-    _assert_weights_equal(model.get_weights(), ref_weights)
+    assert fw.fingerprints(fw.lineage(steps)) == fw.fingerprints(ref_steps)
+    fw.assert_weights_equal(model.get_weights(), ref_weights)
     # fit's history starts at the interrupted epoch, and that epoch's
     # metrics include the steps trained before the interruption.
     assert history.epoch == [1, 2]
@@ -134,8 +104,8 @@ def test_resumes_at_the_exact_step_under_mirrored(tmp_path, monkeypatch):
     strategy = kd.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
     ref_model, _ = _fit(tmp_path, "ref", strategy)
     backup_dir = tmp_path / "backup"
-    with pytest.raises(Interrupted):
-        _fit(tmp_path, "run", strategy, on_step=_interrupt_at(2, 1),
+    with pytest.raises(fw.Interrupted):
+        _fit(tmp_path, "run", strategy, on_step=fw.interrupt_at(2, 1),
              backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=4))
     model, history = _fit(
         tmp_path, "run", strategy, restart=1, monkeypatch=monkeypatch,
@@ -144,8 +114,8 @@ def test_resumes_at_the_exact_step_under_mirrored(tmp_path, monkeypatch):
     ref_steps = fw.read_steps(str(tmp_path / "ref.jsonl"))
     resumed = next(r for r in steps if r["attempt"] == 1)
     assert (resumed["epoch"], resumed["step"]) == (2, 0)  # global step 24
-    assert _fp(fw.lineage(steps)) == _fp(ref_steps)
-    _assert_weights_equal(model.get_weights(), ref_model.get_weights())
+    assert fw.fingerprints(fw.lineage(steps)) == fw.fingerprints(ref_steps)
+    fw.assert_weights_equal(model.get_weights(), ref_model.get_weights())
     # The backup was taken after the last step of epoch 2, before its end
     # (epoch 2 is reported again, with its metrics, then epoch 3 trains).
     assert history.epoch == [1, 2]
@@ -157,15 +127,15 @@ def test_epoch_freq_keeps_last_backups_and_finished_run_is_not_redone(
 ):
     backup_dir = tmp_path / "backup"
     cb = kd.callbacks.BackupAndRestore(backup_dir, keep=2)
-    with pytest.raises(Interrupted):
-        _fit(tmp_path, "run", backup=cb, on_step=_interrupt_at(2, 4))
+    with pytest.raises(fw.Interrupted):
+        _fit(tmp_path, "run", backup=cb, on_step=fw.interrupt_at(2, 4))
     names = sorted(n for n in os.listdir(backup_dir) if n.startswith("ckpt"))
     assert names == ["ckpt-000000000012.npz", "ckpt-000000000024.npz"]
     model, history = _fit(
         tmp_path, "run", restart=1, monkeypatch=monkeypatch,
         backup=kd.callbacks.BackupAndRestore(backup_dir, keep=2))
     assert history.epoch == [2]
-    _assert_weights_equal(model.get_weights(), reference[0])
+    fw.assert_weights_equal(model.get_weights(), reference[0])
     # Running the finished job again restores the end state and trains
     # nothing (e.g. a group restarted after fit returned).
     again, history = _fit(
@@ -173,7 +143,7 @@ def test_epoch_freq_keeps_last_backups_and_finished_run_is_not_redone(
         backup=kd.callbacks.BackupAndRestore(backup_dir, keep=2))
     assert history.epoch == []
     assert not os.path.exists(tmp_path / "again.jsonl")
-    _assert_weights_equal(again.get_weights(), reference[0])
+    fw.assert_weights_equal(again.get_weights(), reference[0])
 
 
 @pytest.mark.timeout(120)
@@ -181,8 +151,8 @@ def test_unreadable_newest_backup_falls_back_with_warning(
     tmp_path, reference, monkeypatch
 ):
     backup_dir = tmp_path / "backup"
-    with pytest.raises(Interrupted):
-        _fit(tmp_path, "run", on_step=_interrupt_at(1, 11),
+    with pytest.raises(fw.Interrupted):
+        _fit(tmp_path, "run", on_step=fw.interrupt_at(1, 11),
              backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=5))
     newest = backup_dir / "ckpt-000000000020.npz"
     data = newest.read_bytes()
@@ -200,8 +170,8 @@ def test_unreadable_newest_backup_falls_back_with_warning(
     steps = fw.read_steps(str(tmp_path / "run.jsonl"))
     resumed = next(r for r in steps if r["attempt"] == 1)
     assert (resumed["epoch"], resumed["step"]) == (1, 3)  # global step 15
-    assert _fp(fw.lineage(steps)) == _fp(reference[1])
-    _assert_weights_equal(model.get_weights(), reference[0])
+    assert fw.fingerprints(fw.lineage(steps)) == fw.fingerprints(reference[1])
+    fw.assert_weights_equal(model.get_weights(), reference[0])
 
 
 @pytest.mark.timeout(120)
@@ -245,5 +215,5 @@ def test_sigterm_saves_at_the_step_and_exits_with_restart_code(
     resumed = next(r for r in steps if r["attempt"] == 1)
     assert (resumed["epoch"], resumed["step"]) == (1, 7)
     assert fw.retrained(steps) == 0
-    assert _fp(fw.lineage(steps)) == _fp(reference[1])
-    _assert_weights_equal(model.get_weights(), reference[0])
+    assert fw.fingerprints(fw.lineage(steps)) == fw.fingerprints(reference[1])
+    fw.assert_weights_equal(model.get_weights(), reference[0])

@@ -20,18 +20,6 @@ import pytest
 import kerasdist as kd
 
 
-class Interrupted(Exception):
-    pass
-
-
-def _interrupt_at(epoch, step):
-    def on_step(e, s):
-        if (e, s) == (epoch, step):
-            raise Interrupted()
-
-    return on_step
-
-
 def _fit(path, name, *, backup=None, on_step=None, epochs=3, restart=0,
          monkeypatch=None, spe=1, num_examples=fw.NUM_EXAMPLES,
          validation=None, callbacks=(), model=None):
@@ -52,15 +40,6 @@ def _fit(path, name, *, backup=None, on_step=None, epochs=3, restart=0,
     history = model.fit(dataset, epochs=epochs, verbose=0, callbacks=cbs,
                         validation_data=validation_data)
     return model, history
-
-
-def _fp(records):
-    return [(r["epoch"], r["step"], r["id_sum"], r["id_sq"]) for r in records]
-
-
-def _assert_weights_equal(a, b):
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
 def _meta(path):
@@ -86,8 +65,8 @@ def test_steps_per_execution_with_partial_last_execution(
     ref, ref_history = _fit(tmp_path, "ref", **job)
     ref_steps = fw.read_steps(str(tmp_path / "ref.jsonl"))
     backup_dir = tmp_path / "backup"
-    with pytest.raises(Interrupted):
-        _fit(tmp_path, "run", on_step=_interrupt_at(1, 7 if spe == 4 else 9),
+    with pytest.raises(fw.Interrupted):
+        _fit(tmp_path, "run", on_step=fw.interrupt_at(1, 7 if spe == 4 else 9),
              backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=4),
              **job)
     # The backups name the steps really trained (the optimizer's count).
@@ -99,8 +78,8 @@ def test_steps_per_execution_with_partial_last_execution(
         tmp_path, "run", restart=1, monkeypatch=monkeypatch,
         backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=4), **job)
     steps = fw.read_steps(str(tmp_path / "run.jsonl"))
-    assert _fp(fw.lineage(steps)) == _fp(ref_steps)
-    _assert_weights_equal(model.get_weights(), ref.get_weights())
+    assert fw.fingerprints(fw.lineage(steps)) == fw.fingerprints(ref_steps)
+    fw.assert_weights_equal(model.get_weights(), ref.get_weights())
     assert int(model.optimizer.iterations.numpy()) == 33
     np.testing.assert_allclose(history.history["loss"],
                                ref_history.history["loss"][1:], rtol=1e-6)
@@ -116,8 +95,8 @@ def test_validation_data_resumes_exactly(tmp_path, monkeypatch, validation):
     ref, ref_history = _fit(tmp_path, "ref", validation=validation)
     ref_steps = fw.read_steps(str(tmp_path / "ref.jsonl"))
     backup_dir = tmp_path / "backup"
-    with pytest.raises(Interrupted):
-        _fit(tmp_path, "run", on_step=_interrupt_at(2, 7),
+    with pytest.raises(fw.Interrupted):
+        _fit(tmp_path, "run", on_step=fw.interrupt_at(2, 7),
              validation=validation,
              backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=5))
     model, history = _fit(
@@ -127,8 +106,8 @@ def test_validation_data_resumes_exactly(tmp_path, monkeypatch, validation):
     steps = fw.read_steps(str(tmp_path / "run.jsonl"))
     resumed = next(r for r in steps if r["attempt"] == 1)
     assert (resumed["epoch"], resumed["step"]) == (2, 6)  # global step 30
-    assert _fp(fw.lineage(steps)) == _fp(ref_steps)
-    _assert_weights_equal(model.get_weights(), ref.get_weights())
+    assert fw.fingerprints(fw.lineage(steps)) == fw.fingerprints(ref_steps)
+    fw.assert_weights_equal(model.get_weights(), ref.get_weights())
     np.testing.assert_allclose(history.history["val_loss"],
                                ref_history.history["val_loss"][2:],
                                rtol=1e-6)
@@ -175,7 +154,7 @@ class _FailAtEpochEnd(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.losses.append(float(logs["loss"]))  # KeyError on empty logs
         if epoch == self.epoch:
-            raise Interrupted()
+            raise fw.Interrupted()
 
 
 @pytest.mark.timeout(240)
@@ -184,7 +163,7 @@ def test_resume_from_last_step_of_epoch_has_real_epoch_logs(
 ):
     ref, ref_history = _fit(tmp_path, "ref")
     backup_dir = tmp_path / "backup"
-    with pytest.raises(Interrupted):
+    with pytest.raises(fw.Interrupted):
         _fit(tmp_path, "run", callbacks=[_FailAtEpochEnd(0)],
              backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=12))
     assert _meta(backup_dir / _backups(backup_dir)[-1])["step"] == 12
@@ -198,7 +177,7 @@ def test_resume_from_last_step_of_epoch_has_real_epoch_logs(
                                ref_history.history["loss"], rtol=1e-6)
     np.testing.assert_allclose(reader.losses, ref_history.history["loss"],
                                rtol=1e-6)
-    _assert_weights_equal(model.get_weights(), ref.get_weights())
+    fw.assert_weights_equal(model.get_weights(), ref.get_weights())
 
 
 # ----------------------------------------------------------------------
@@ -214,31 +193,31 @@ def test_all_backups_corrupt_then_two_kills(tmp_path, monkeypatch):
     def backup():
         return kd.callbacks.BackupAndRestore(backup_dir, save_freq=5, keep=2)
 
-    with pytest.raises(Interrupted):
-        _fit(tmp_path, "run", on_step=_interrupt_at(2, 11), backup=backup())
+    with pytest.raises(fw.Interrupted):
+        _fit(tmp_path, "run", on_step=fw.interrupt_at(2, 11), backup=backup())
     assert _backups(backup_dir) == ["ckpt-000000000030.npz",
                                     "ckpt-000000000035.npz"]
     for name in _backups(backup_dir):
         (backup_dir / name).write_bytes(b"garbage")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(Interrupted):
-            _fit(tmp_path, "run", on_step=_interrupt_at(0, 7), restart=1,
+        with pytest.raises(fw.Interrupted):
+            _fit(tmp_path, "run", on_step=fw.interrupt_at(0, 7), restart=1,
                  monkeypatch=monkeypatch, backup=backup())
     assert any("no backup in" in str(w.message) for w in caught)
     # The backup at step 5 survived rotation despite the corrupt "newer"
     # ones, so the next restart loses at most save_freq steps.
     assert "ckpt-000000000005.npz" in _backups(backup_dir)
-    with pytest.raises(Interrupted):
-        _fit(tmp_path, "run", on_step=_interrupt_at(1, 5), restart=2,
+    with pytest.raises(fw.Interrupted):
+        _fit(tmp_path, "run", on_step=fw.interrupt_at(1, 5), restart=2,
              monkeypatch=monkeypatch, backup=backup())
     model, _ = _fit(tmp_path, "run", restart=3, monkeypatch=monkeypatch,
                     backup=backup())
     steps = fw.read_steps(str(tmp_path / "run.jsonl"))
     starts = [next(r for r in steps if r["attempt"] == a) for a in (2, 3)]
     assert [(r["epoch"], r["step"]) for r in starts] == [(0, 5), (1, 3)]
-    assert _fp(fw.lineage(steps)) == _fp(ref_steps)
-    _assert_weights_equal(model.get_weights(), ref.get_weights())
+    assert fw.fingerprints(fw.lineage(steps)) == fw.fingerprints(ref_steps)
+    fw.assert_weights_equal(model.get_weights(), ref.get_weights())
 
 
 # ----------------------------------------------------------------------
@@ -268,7 +247,7 @@ def test_rerun_after_early_stopping_trains_no_more(tmp_path, monkeypatch):
             backup=kd.callbacks.BackupAndRestore(backup_dir))
     assert history.epoch == []
     assert not os.path.exists(tmp_path / "again.jsonl")
-    _assert_weights_equal(again.get_weights(), first.get_weights())
+    fw.assert_weights_equal(again.get_weights(), first.get_weights())
     assert any(
         f"backup in {str(backup_dir)!r} says training finished" in
         str(w.message) and "nothing to train" in str(w.message)
@@ -290,7 +269,7 @@ def test_two_fits_of_fresh_models_with_the_same_dir_both_train(tmp_path):
             backup=kd.callbacks.BackupAndRestore(backup_dir))
     assert history.epoch == [0, 1]
     assert len(fw.read_steps(str(tmp_path / "second.jsonl"))) == 24
-    _assert_weights_equal(second.get_weights(), first.get_weights())
+    fw.assert_weights_equal(second.get_weights(), first.get_weights())
     assert any("starts a new run" in str(w.message) for w in caught), [
         str(w.message) for w in caught]
 
@@ -323,9 +302,9 @@ def test_resumed_run_with_stateful_callbacks_equals_unfailed_run(
     stopped = ref_cbs[1].stopped_epoch
     assert 2 <= stopped < 7
     backup_dir = tmp_path / "backup"
-    with pytest.raises(Interrupted):
+    with pytest.raises(fw.Interrupted):
         _fit(tmp_path, "run", epochs=8, callbacks=callbacks(),
-             on_step=_interrupt_at(stopped, 5),
+             on_step=fw.interrupt_at(stopped, 5),
              backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=4))
     cbs = callbacks()
     model, history = _fit(
@@ -335,9 +314,9 @@ def test_resumed_run_with_stateful_callbacks_equals_unfailed_run(
     assert cbs[1].stopped_epoch == stopped
     assert history.epoch[-1] == stopped
     steps = fw.read_steps(str(tmp_path / "run.jsonl"))
-    assert _fp(fw.lineage(steps)) == _fp(
+    assert fw.fingerprints(fw.lineage(steps)) == fw.fingerprints(
         fw.read_steps(str(tmp_path / "ref.jsonl")))
-    _assert_weights_equal(model.get_weights(), ref.get_weights())
+    fw.assert_weights_equal(model.get_weights(), ref.get_weights())
     np.testing.assert_allclose(
         float(model.optimizer.learning_rate.numpy()),
         float(ref.optimizer.learning_rate.numpy()))
@@ -363,9 +342,9 @@ class _Counter(keras.callbacks.Callback):
 @pytest.mark.timeout(240)
 def test_user_callback_state_is_saved_and_restored(tmp_path, monkeypatch):
     backup_dir = tmp_path / "backup"
-    with pytest.raises(Interrupted):
+    with pytest.raises(fw.Interrupted):
         _fit(tmp_path, "run", callbacks=[_Counter()],
-             on_step=_interrupt_at(1, 7),
+             on_step=fw.interrupt_at(1, 7),
              backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=5))
     counter = _Counter()
     _fit(tmp_path, "run", restart=1, monkeypatch=monkeypatch,
@@ -404,9 +383,9 @@ def test_preemption_signal_before_fit_is_acted_on_at_the_first_step(
         backup=kd.callbacks.BackupAndRestore(backup_dir, save_freq=50))
     steps = fw.read_steps(str(tmp_path / "run.jsonl"))
     assert fw.retrained(steps) == 0
-    assert _fp(fw.lineage(steps)) == _fp(
+    assert fw.fingerprints(fw.lineage(steps)) == fw.fingerprints(
         fw.read_steps(str(tmp_path / "ref.jsonl")))
-    _assert_weights_equal(model.get_weights(), ref.get_weights())
+    fw.assert_weights_equal(model.get_weights(), ref.get_weights())
 
 
 @pytest.mark.timeout(240)
@@ -434,7 +413,7 @@ def test_sigusr1_during_fit_saves_and_exits_like_sigterm(
     resumed = next(r for r in steps if r["attempt"] == 1)
     assert (resumed["epoch"], resumed["step"]) == (1, 7)
     assert fw.retrained(steps) == 0
-    _assert_weights_equal(model.get_weights(), ref.get_weights())
+    fw.assert_weights_equal(model.get_weights(), ref.get_weights())
 
 
 @pytest.mark.timeout(240)
