@@ -198,8 +198,8 @@ def measure(rounds: int, steps: int) -> dict:
 
 
 CPU_NOTE = (
-    "CPU virtual devices share one thread pool: this benchmark cannot show "
-    "pipeline speed-up (that needs stages on devices with their own compute)"
+    "CPU virtual devices share one thread pool: this shows stage overlap on "
+    "shared threads, not the speed-up of stages on devices of their own"
 )
 
 
