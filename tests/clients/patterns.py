@@ -294,7 +294,9 @@ def bn_dropout(strategy):
             keras.layers.Dense(1)])
         model.compile(keras.optimizers.Adam(0.01), "mse")
         _init(model)
-    history = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, verbose=0,
+    # Dropout draws differ from run to run, so two epochs (8 steps) can end
+    # with a loss no lower than the first; 8 epochs always make progress.
+    history = model.fit(x, y, batch_size=BATCH, epochs=8, verbose=0,
                         shuffle=False).history
     evaluation = model.evaluate(x, y, batch_size=BATCH, verbose=0,
                                 return_dict=True)
