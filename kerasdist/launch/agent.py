@@ -33,6 +33,7 @@ from typing import IO, Any
 from kerasdist import cluster
 from kerasdist._validate import check_int
 from kerasdist.errors import PermanentError
+from kerasdist.launch import hosts as hostlib
 from kerasdist.launch import protocol, supervisor
 
 __all__ = [
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 _POLL_SECONDS = 0.05
+_PROBE_TIMEOUT = 3.0  # Seconds a host has to answer a reachability probe.
+_REGROW_SECONDS = 2.0  # How often an elastic run probes its missing hosts.
+_STARTERS = ("auto", "local", "ssh")
+_GROW = object()  # `_monitor`'s answer when a missing host is back.
 _HUNG_EXIT_CODE = 124  # As timeout(1).
 _STOPPED_STATES = ("T", "t")  # /proc state: stopped (SIGSTOP), traced.
 
@@ -144,8 +149,26 @@ class WorkerSpec:
             1.
         env: mapping or None. Extra environment variables for the workers.
             Defaults to None.
-        host: str. Address the workers' TF_CONFIG uses. Defaults to
-            `"127.0.0.1"`.
+        host: str. Address the workers' TF_CONFIG uses when there is
+            one host (no `hosts`). Defaults to `"127.0.0.1"`.
+        hosts: str, list of str, or None. Spread the workers over these
+            hosts: `"ADDR[:SLOTS],..."` (SLOTS defaults to `num_workers`).
+            Worker 0 (the chief) runs on the first host that is up.
+            Defaults to None (`num_workers` workers on `host`).
+        hostfile: str or None. A file with one `ADDR [slots=K]` (or
+            `ADDR:K`) per line, instead of `hosts`. Defaults to None.
+        min_workers: int or None. Elastic training: when hosts are lost
+            (unreachable for `host_wait` seconds), the group restarts on
+            the hosts left if they have at least this many workers, and
+            grows back when a host returns. Defaults to None (every host
+            is needed).
+        host_wait: float. Seconds to wait for an unreachable host before
+            going on without it (elastic) or giving up. Defaults to 30.
+        starter: str. How workers start on a host: `"local"` (an address
+            of this machine), `"ssh"`, or `"auto"` (local for this
+            machine's addresses, ssh for others). Defaults to `"auto"`.
+        ssh_command: str. The ssh program and its options for ssh hosts,
+            e.g. `"ssh -p 2222 -i ~/.ssh/cluster"`. Defaults to `"ssh"`.
 
     Raises:
         LauncherError: naming the invalid value and what is expected.
@@ -189,8 +212,34 @@ class WorkerSpec:
         metavar="NAME=VALUE", parse=_parse_env, default_text="none",
     )
     host: str = _option(
-        "127.0.0.1", "address of the workers in their `TF_CONFIG`",
-        metavar="H", parse=str,
+        "127.0.0.1", "address of the workers in their `TF_CONFIG` (one "
+        "host)", metavar="H", parse=str,
+    )
+    hosts: str | Sequence[str] | None = _option(
+        None, "spread workers over hosts: comma-separated `ADDR[:SLOTS]` "
+        "(SLOTS defaults to `N`); the chief runs on the first host up",
+        metavar="LIST", parse=str, default_text="none (one host)",
+    )
+    hostfile: str | None = _option(
+        None, "file with one `ADDR [slots=K]` per line, instead of "
+        "`--hosts`", metavar="F", parse=str, default_text="none",
+    )
+    min_workers: int | None = _option(
+        None, "elastic: restart on the hosts left when hosts are lost, "
+        "with at least `M` workers; grow back when they return",
+        metavar="M", parse=int, default_text="all (not elastic)",
+    )
+    host_wait: float = _option(
+        30.0, "seconds to wait for an unreachable host before going on "
+        "without it (elastic) or giving up", metavar="W", parse=float,
+    )
+    starter: str = _option(
+        "auto", "how workers start on a host: `local`, `ssh`, or `auto` "
+        "(local for this machine's addresses)", metavar="HOW", parse=str,
+    )
+    ssh_command: str = _option(
+        "ssh", "ssh program and options for ssh hosts", metavar="CMD",
+        parse=str,
     )
 
     def __post_init__(self):
@@ -228,6 +277,81 @@ class WorkerSpec:
                 f"host={self.host!r}. Expected an address, e.g. "
                 "'127.0.0.1'."
             )
+        self._check_hosts()
+
+    def _check_hosts(self) -> None:
+        if self.hosts is not None and self.hostfile is not None:
+            raise LauncherError(
+                "Both `hosts` and `hostfile` were given. Received: "
+                f"hosts={self.hosts!r}, hostfile={self.hostfile!r}. Give "
+                "one of them."
+            )
+        if self.starter not in _STARTERS:
+            raise LauncherError(
+                "Invalid value for argument `starter`. Received: "
+                f"starter={self.starter!r}. Expected one of {_STARTERS}."
+            )
+        if isinstance(self.host_wait, bool) or not isinstance(
+            self.host_wait, numbers.Real
+        ) or self.host_wait < 0:
+            raise LauncherError(
+                "Invalid value for argument `host_wait`. Received: "
+                f"host_wait={self.host_wait!r}. Expected a number of "
+                "seconds >= 0."
+            )
+        hosts = self.host_list()
+        total = sum(h.slots for h in hosts)
+        if self.min_workers is not None:
+            try:
+                check_int("min_workers", self.min_workers, 1)
+            except ValueError as e:
+                raise LauncherError(str(e)) from None
+            if self.min_workers > total:
+                raise LauncherError(
+                    "Invalid value for argument `min_workers`. Received: "
+                    f"min_workers={self.min_workers}, more than the "
+                    f"{total} worker(s) of all hosts together. Expected "
+                    f"1 <= min_workers <= {total}: lower --min_workers or "
+                    "add hosts/slots."
+                )
+
+    def host_list(self) -> list[hostlib.Host]:
+        """The hosts, in order, with their slots.
+
+        Returns:
+            list of `kerasdist.launch.hosts.Host`; one host (`host`,
+            `num_workers` slots) without `hosts`/`hostfile`.
+
+        Raises:
+            LauncherError: naming an unparsable or repeated host.
+        """
+        try:
+            if self.hostfile is not None:
+                return hostlib.read_hostfile(
+                    os.fspath(self.hostfile), self.num_workers
+                )
+            if self.hosts is not None:
+                return hostlib.parse_hosts(self.hosts, self.num_workers)
+        except ValueError as e:
+            raise LauncherError(str(e)) from None
+        return [hostlib.Host(self.host, self.num_workers)]
+
+    @property
+    def multi_host(self) -> bool:
+        """True with `hosts` or `hostfile`."""
+        return self.hosts is not None or self.hostfile is not None
+
+    @property
+    def max_workers(self) -> int:
+        """Workers when every host is up."""
+        return sum(h.slots for h in self.host_list())
+
+    @property
+    def elastic(self) -> bool:
+        """True when the group may run with fewer than `max_workers`."""
+        return self.min_workers is not None and (
+            self.min_workers < self.max_workers
+        )
 
 
 def option_fields() -> list[dataclasses.Field]:
@@ -253,6 +377,7 @@ class Failure:
         exit_code: int. Worker's exit status (negative: signal), or None
             if it was hung.
         time: float. When it was noticed (seconds since the epoch).
+        host: str or None. The worker's host, in a multi-host group.
 
     Example:
 
@@ -267,11 +392,14 @@ class Failure:
     reason: str
     exit_code: int | None
     time: float
+    host: str | None = None
 
     def describe(self) -> str:
-        """`"worker-1 died (SIGKILL) at 13:52:01"`."""
+        """`"worker-1 died (SIGKILL) at 13:52:01"` (with `on HOST` when
+        the group spans hosts)."""
         when = time.strftime("%H:%M:%S", time.localtime(self.time))
-        return f"worker-{self.worker} {self.reason} at {when}"
+        where = f" on {self.host}" if self.host else ""
+        return f"worker-{self.worker}{where} {self.reason} at {when}"
 
 
 @dataclasses.dataclass
@@ -291,6 +419,8 @@ class RunResult:
         wall_time: float. Seconds from start to end.
         interrupted_by: str or None. `"SIGINT"`/`"SIGTERM"` if the launcher
             was stopped.
+        sizes: list of int. Workers started in each attempt (they differ
+            when an elastic run shrank or grew).
 
     Example:
 
@@ -305,6 +435,7 @@ class RunResult:
     failures: list[Failure]
     wall_time: float
     interrupted_by: str | None = None
+    sizes: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -329,6 +460,11 @@ class RunResult:
             f"{self.preemptions} for preemption, wall time "
             f"{self.wall_time:.1f}s, exit status {self.returncode}"
         ]
+        if len(set(self.sizes)) > 1:
+            lines.append(
+                "[launcher] workers per attempt: "
+                + " -> ".join(map(str, self.sizes))
+            )
         for f in self.failures:
             lines.append(f"[launcher]   attempt {f.attempt}: {f.describe()}")
         if self.failures and not self.ok:
@@ -440,8 +576,9 @@ class _Worker:
     """One worker process of one attempt."""
 
     def __init__(self, index: int, process: supervisor.Process,
-                 heartbeat: str):
+                 heartbeat: str, host: str | None = None):
         self.index = index
+        self.host = host
         self.process = process
         self.heartbeat = heartbeat
         self.state = WorkerState.HEALTHY
@@ -481,46 +618,189 @@ class _Agent:
         self.spec = spec
         self.out = _Output(stream)
         self.interrupted: int | None = None
+        self.hosts = spec.host_list()
+        self.min_workers = (
+            spec.min_workers if spec.min_workers is not None
+            else spec.max_workers
+        )
+        self._starters: dict[str, hostlib.Starter] = {}
+        self._returned: list[hostlib.Host] = []
+        self._prober: threading.Thread | None = None
+
+    # -- hosts ---------------------------------------------------------
+
+    def _starter(self, host: hostlib.Host) -> hostlib.Starter:
+        how = self.spec.starter
+        if how == "auto":
+            how = "local" if (
+                not self.spec.multi_host
+                or hostlib.is_local_address(host.address)
+            ) else "ssh"
+        if how not in self._starters:
+            if how == "ssh":
+                from kerasdist.launch import ssh
+
+                self._starters[how] = ssh.SshStarter(
+                    ssh_command=self.spec.ssh_command, cwd=os.getcwd()
+                )
+            else:
+                self._starters[how] = hostlib.LocalStarter()
+        return self._starters[how]
+
+    def _probe(self, hosts: Sequence[hostlib.Host]) -> dict:
+        """{host: reason} for the hosts that do not answer (in parallel)."""
+        down: dict[hostlib.Host, str] = {}
+
+        def probe(host):
+            reason = self._starter(host).reachable(host, _PROBE_TIMEOUT)
+            if reason is not None:
+                down[host] = reason
+
+        threads = [threading.Thread(target=probe, args=(h,), daemon=True)
+                   for h in hosts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return down
+
+    def _check_hosts_at_start(self) -> None:
+        if not self.spec.multi_host:
+            return  # One host: started here, as before hosts existed.
+        down = self._probe(self.hosts)
+        if down:
+            which = "; ".join(f"{h} ({why})" for h, why in down.items())
+            raise LauncherError(
+                f"Host(s) unreachable at start: {which}. Nothing was "
+                "started. Check that each host is up and that workers can "
+                "be started there (for ssh hosts: `ssh HOST true` works "
+                "without a password), or remove it from --hosts/--hostfile."
+            )
+
+    def _gather(self) -> list[hostlib.Host] | None:
+        """Hosts for the next attempt, waiting up to `host_wait` for the
+        unreachable ones; None when too few are left."""
+        spec = self.spec
+        if not spec.multi_host:
+            return self.hosts
+        deadline = time.monotonic() + spec.host_wait
+        announced: set[hostlib.Host] = set()
+        while True:
+            down = self._probe(self.hosts)
+            up = [h for h in self.hosts if h not in down]
+            if not down:
+                return up
+            for h, why in down.items():
+                if h not in announced:
+                    announced.add(h)
+                    self.out.launcher(
+                        f"host {h} is unreachable ({why}); waiting up to "
+                        f"{spec.host_wait:g}s for it"
+                    )
+            if time.monotonic() >= deadline or self.interrupted:
+                slots = sum(h.slots for h in up)
+                gone = ", ".join(str(h) for h in down)
+                if up and slots >= self.min_workers:
+                    self.out.launcher(
+                        f"going on without {gone}: {slots} worker(s) on "
+                        f"{len(up)} host(s) (--min_workers "
+                        f"{self.min_workers})"
+                    )
+                    return up
+                self.out.launcher(
+                    f"{gone} still unreachable after {spec.host_wait:g}s; "
+                    f"the hosts left have {slots} worker slot(s), fewer "
+                    f"than the {self.min_workers} needed"
+                    + ("" if spec.elastic else
+                       " (not elastic: pass --min_workers to go on with "
+                       "fewer)")
+                    + "; giving up"
+                )
+                return None
+            time.sleep(1.0)
+
+    def _watch_missing(self, missing: list[hostlib.Host]) -> None:
+        """In the background, notes missing hosts that answer twice in a
+        row (so that a flapping host does not resize the group)."""
+        if self._prober is not None and self._prober.is_alive():
+            return
+        answered = getattr(self, "_answered", set())
+
+        def probe():
+            down = self._probe(missing)
+            now_up = {h for h in missing if h not in down}
+            self._returned = [h for h in missing
+                              if h in now_up and h in answered]
+            self._answered = now_up
+
+        self._prober = threading.Thread(target=probe, daemon=True)
+        self._prober.start()
+
+    # -- one attempt ---------------------------------------------------
 
     def _environment(
-        self, index: int, attempt: int, config: dict, beat_dir: str
+        self, index: int, attempt: int, config: dict, beat_dir: str,
+        host: hostlib.Host, size: int,
     ) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(self.spec.env or {})
+        """The variables the launcher sets for one worker."""
+        spec = self.spec
+        env = dict(spec.env or {})
         config = dict(config, task={"type": "worker", "index": index})
         env["TF_CONFIG"] = json.dumps(config)
         env[protocol.ENV_RESTART_COUNT] = str(attempt - 1)
         env[protocol.ENV_WORKER_INDEX] = str(index)
-        env[protocol.ENV_NUM_WORKERS] = str(self.spec.num_workers)
+        env[protocol.ENV_NUM_WORKERS] = str(size)
         env[protocol.ENV_HEARTBEAT_FILE] = os.path.join(
             beat_dir, f"worker-{index}.heartbeat"
         )
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        if spec.multi_host:
+            env["KERASDIST_HOST"] = host.address
+        if spec.elastic:
+            env["KERASDIST_MIN_WORKERS"] = str(self.min_workers)
+            env["KERASDIST_MAX_WORKERS"] = str(spec.max_workers)
+        if "PYTHONUNBUFFERED" not in os.environ:
+            env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def _start_group(self, attempt: int, beat_dir: str) -> list[_Worker]:
+    def _start_group(self, attempt: int, beat_dir: str,
+                     hosts: list[hostlib.Host]) -> list[_Worker]:
         spec = self.spec
+        members = [h for h in hosts for _ in range(h.slots)]
         # Fresh ports every attempt: the old ones may still be in TIME_WAIT.
-        config = cluster.make_tf_config(spec.num_workers, 0, host=spec.host)
+        if spec.multi_host:
+            # Free on every local address (TensorFlow listens on all).
+            ports = cluster.free_ports(len(members), host="")
+            config = cluster.make_tf_config(
+                [f"{h.address}:{p}" for h, p in zip(members, ports,
+                                                     strict=True)], 0
+            )
+        else:
+            config = cluster.make_tf_config(len(members), 0, host=spec.host)
         workers: list[_Worker] = []
         try:
-            for i in range(spec.num_workers):
-                env = self._environment(i, attempt, config, beat_dir)
+            for i, host in enumerate(members):
+                env = self._environment(
+                    i, attempt, config, beat_dir, host, len(members)
+                )
                 heartbeat = env[protocol.ENV_HEARTBEAT_FILE]
                 with open(heartbeat, "w"):
                     pass
-                process = supervisor.Process(
-                    spec.command,
-                    env=env,
+                where = f"@{host}" if spec.multi_host else ""
+                process = self._starter(host).start(
+                    host, spec.command, env,
                     log_path=(
                         os.path.join(spec.log_dir, f"worker-{i}.log")
                         if spec.log_dir else None
                     ),
-                    log_header=f"===== attempt {attempt} =====",
+                    log_header=f"===== attempt {attempt}"
+                    + (f" on {host}" if spec.multi_host else "") + " =====",
                     sink=self.out.write,
-                    prefix=f"[worker-{i}] ",
+                    prefix=f"[worker-{i}{where}] ",
                 )
-                workers.append(_Worker(i, process, heartbeat))
+                workers.append(_Worker(
+                    i, process, heartbeat,
+                    host.address if spec.multi_host else None,
+                ))
         except BaseException as e:
             self._stop_group(workers, 0.0)
             if isinstance(e, OSError):  # E.g. a script without #! line.
@@ -558,7 +838,7 @@ class _Agent:
                     f"no progress; worker-{failed.index} "
                     f"{_exit_reason(failed.process.returncode)} waiting "
                     "for it (hung)",
-                    None, time.time(),
+                    None, time.time(), w.host,
                 )
         return None
 
@@ -588,7 +868,7 @@ class _Agent:
         return Failure(
             attempt, culprit.index, WorkerState.HUNG,
             f"made no progress for {timeout:g}s (hung){note}", None,
-            time.time(),
+            time.time(), culprit.host,
         )
 
     def _check(self, workers: list[_Worker], attempt: int) -> Failure | None:
@@ -605,31 +885,55 @@ class _Agent:
             ):
                 return Failure(
                     attempt, w.index, w.state, _exit_reason(code), code,
-                    time.time(),
+                    time.time(), w.host,
                 )
         return self._hung(workers, attempt)
 
-    def _monitor(self, workers: list[_Worker], attempt: int):
-        """Waits for success (None), a failure, or an interruption."""
+    def _monitor(self, workers: list[_Worker], attempt: int,
+                 missing: list[hostlib.Host]):
+        """Waits for success (None), a failure, a returned host (`_GROW`)
+        or an interruption."""
+        self._returned = []
+        self._answered = set()
+        next_probe = time.monotonic() + _REGROW_SECONDS
         while self.interrupted is None:
             failure = self._check(workers, attempt)
             if failure is not None:
                 return failure
             if all(w.state == WorkerState.SUCCEEDED for w in workers):
                 return None
+            if missing and any(
+                w.state == WorkerState.SUCCEEDED for w in workers
+            ):
+                missing = []  # Finishing: too late to grow.
+            if missing:
+                if self._returned:
+                    return _GROW
+                if time.monotonic() >= next_probe:
+                    next_probe = time.monotonic() + _REGROW_SECONDS
+                    self._watch_missing(missing)
             time.sleep(_POLL_SECONDS)
         return None
 
-    def _attempt(self, attempt: int, beat_dir: str) -> Failure | None:
-        """Runs one attempt; returns its failure, or None."""
+    def _attempt(self, attempt: int, beat_dir: str,
+                 hosts: list[hostlib.Host]):
+        """Runs one attempt; returns its failure, `_GROW`, or None."""
         spec = self.spec
-        self.out.launcher(
-            f"attempt {attempt}: starting {spec.num_workers} "
-            f"worker(s): {' '.join(spec.command)}"
+        size = sum(h.slots for h in hosts)
+        where = (
+            f" on {len(hosts)} host(s) ({', '.join(map(str, hosts))})"
+            if spec.multi_host else ""
         )
-        workers = self._start_group(attempt, beat_dir)
+        self.out.launcher(
+            f"attempt {attempt}: starting {size} worker(s){where}: "
+            f"{' '.join(spec.command)}"
+        )
+        missing = [h for h in self.hosts if h not in hosts] if (
+            spec.elastic
+        ) else []
+        workers = self._start_group(attempt, beat_dir, hosts)
         try:
-            failure = self._monitor(workers, attempt)
+            failure = self._monitor(workers, attempt, missing)
         except BaseException:
             # E.g. a test's timeout: never leave workers behind.
             self._stop_group(workers, 0.0)
@@ -638,6 +942,14 @@ class _Agent:
             self.out.launcher(
                 f"got {_signal_name(self.interrupted)}; stopping workers "
                 f"(SIGTERM, then SIGKILL after {spec.grace_period:g}s)"
+            )
+            self._stop_group(workers, spec.grace_period)
+        elif failure is _GROW:
+            back = ", ".join(str(h) for h in self._returned)
+            self.out.launcher(
+                f"host(s) {back} answer again; stopping the group to grow "
+                f"it (SIGTERM: workers save and exit; SIGKILL after "
+                f"{spec.grace_period:g}s)"
             )
             self._stop_group(workers, spec.grace_period)
         elif failure is None:
@@ -652,24 +964,34 @@ class _Agent:
         _check_command(spec)
         if spec.log_dir:
             _check_log_dir(spec.log_dir)
+        self._check_hosts_at_start()
         failures: list[Failure] = []
+        sizes: list[int] = []
         # Two budgets, spent as torch's elastic agent does: a preemption
         # (exit 75, state saved) does not count toward --max_restarts.
         limit = {"restart": spec.max_restarts,
                  "preemption": spec.max_preemptions}
         remaining = dict(limit)
         attempt = returncode = 0
+        hosts: list[hostlib.Host] | None = self.hosts
         beat_dir = spec.log_dir or tempfile.mkdtemp(prefix="kerasdist-run-")
         try:
             while True:
                 attempt += 1
-                failure = self._attempt(attempt, beat_dir)
+                sizes.append(sum(h.slots for h in hosts))
+                failure = self._attempt(attempt, beat_dir, hosts)
                 if self.interrupted is not None:
                     returncode = 128 + self.interrupted
                     break
                 if failure is None:
                     returncode = 0
                     break
+                if failure is _GROW:
+                    hosts = self._gather()
+                    if hosts is None:
+                        returncode = 1
+                        break
+                    continue
                 failures.append(failure)
                 kind = (
                     "preemption" if failure.state == WorkerState.PREEMPTED
@@ -690,7 +1012,9 @@ class _Agent:
                         f"{failure.describe()}; {kind} "
                         f"{limit[kind] - remaining[kind]}/{limit[kind]}{note}"
                     )
-                    continue
+                    hosts = self._gather()
+                    if hosts is not None:
+                        continue
                 else:
                     self.out.launcher(
                         f"{failure.describe()}; no {kind}s left "
@@ -711,6 +1035,7 @@ class _Agent:
             interrupted_by=(
                 _signal_name(self.interrupted) if self.interrupted else None
             ),
+            sizes=sizes,
         )
         self.out.write(result.summary() + "\n")
         return result

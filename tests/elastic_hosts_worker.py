@@ -1,0 +1,82 @@
+"""Worker for the multi-host elastic scenarios (tests/test_elastic_hosts.py).
+
+Run by `kerasdist-run --hosts ...` on emulated hosts (127.0.0.x). Trains
+`fault_worker`'s fingerprinting model on its id-carrying data with a fixed
+global batch, whatever the group size, under `kd.callbacks.BackupAndRestore`;
+logs each step (attempt, epoch, step, ids) to `OUT/steps-<rank>.jsonl`;
+writes `PID_DIR/<host>-a<attempt>-w<rank>.pid` ("pid pgid") so a test can
+take its host down by process group; the chief saves `OUT/final.npz`.
+
+    python tests/elastic_hosts_worker.py --out DIR --backup_dir DIR \\
+        --pid_dir DIR --global_batch 12 --step_delay 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import fault_worker
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--backup_dir", required=True)
+    parser.add_argument("--pid_dir", required=True)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--global_batch", type=int, default=12)
+    parser.add_argument("--save_freq", type=int, default=2)
+    parser.add_argument("--step_delay", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import kerasdist as kd
+    from kerasdist.launch import restart_count
+
+    strategy = kd.MultiWorkerMirroredStrategy()
+    task = kd.cluster.from_env()
+    host = os.environ.get("KERASDIST_HOST", "127.0.0.1")
+    os.makedirs(args.pid_dir, exist_ok=True)
+    with open(os.path.join(
+        args.pid_dir, f"{host}-a{restart_count()}-w{task.worker_rank}.pid"
+    ), "w") as f:
+        f.write(f"{os.getpid()} {os.getpgid(0)}\n")
+
+    with strategy.scope():
+        model = fault_worker.build_model()
+    x, y = fault_worker.make_arrays()
+    tf.random.set_seed(fault_worker.SEED)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
+        len(x), seed=fault_worker.SEED, reshuffle_each_iteration=True
+    )
+    # The user's global batch: the same at every group size.
+    dataset = kd.data.distribute(ds, strategy,
+                                 global_batch_size=args.global_batch)
+    os.makedirs(args.out, exist_ok=True)
+    log = fault_worker.step_log_callback(
+        os.path.join(args.out, f"steps-{task.worker_rank}.jsonl"),
+        strategy.num_replicas_in_sync,
+        lambda epoch, step: time.sleep(args.step_delay),
+    )
+    model.fit(
+        dataset, epochs=args.epochs, verbose=0,
+        callbacks=[log, kd.callbacks.BackupAndRestore(
+            args.backup_dir, save_freq=args.save_freq)],
+    )
+    if task.is_chief:
+        np.savez(os.path.join(args.out, "final.npz"),
+                 *[np.asarray(w) for w in model.get_weights()])
+    keras.backend.clear_session()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
