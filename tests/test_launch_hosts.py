@@ -1,0 +1,138 @@
+"""`kerasdist-run` across hosts: the host list, bad input, start-up checks.
+
+The training scenarios (hosts lost, cut off, back) are in
+test_elastic_hosts.py; these are the quick checks a user meets first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import kerasdist as kd
+from kerasdist.launch import hosts as hostlib
+from kerasdist.testing import hosts as testbed
+
+
+def _cli(*args, cwd=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "kerasdist.launch", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd,
+    )
+
+
+def _touch_command(path):
+    return [sys.executable, "-c", f"open({str(path)!r}, 'w').close()"]
+
+
+def test_workers_spread_over_hosts_with_their_slots(tmp_path):
+    script = (
+        "import json, os; c = json.loads(os.environ['TF_CONFIG']); "
+        "print('W', c['task']['index'], os.environ['KERASDIST_HOST'], "
+        "os.environ['KERASDIST_NUM_WORKERS'], "
+        "os.environ.get('KERASDIST_MIN_WORKERS'), "
+        "os.environ.get('KERASDIST_MAX_WORKERS'), *c['cluster']['worker'])"
+    )
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two hosts\n127.0.0.2 slots=2\n127.0.0.3  # one\n")
+    proc = _cli("--hostfile", str(hostfile), "--num_workers", "1",
+                "--min_workers", "1", "--", sys.executable, "-c", script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = sorted(line.split("] ", 1)[1].split()
+                  for line in proc.stdout.splitlines() if "] W " in line)
+    assert [r[1:7] for r in rows] == [
+        ["0", "127.0.0.2", "3", "1", "3", rows[0][6]],
+        ["1", "127.0.0.2", "3", "1", "3", rows[0][6]],
+        ["2", "127.0.0.3", "3", "1", "3", rows[0][6]],
+    ]
+    cluster = rows[0][6:]
+    assert [a.rsplit(":", 1)[0] for a in cluster] == [
+        "127.0.0.2", "127.0.0.2", "127.0.0.3"]
+    assert len({a.rsplit(":", 1)[1] for a in cluster}) == 3
+    assert "[worker-2@127.0.0.3]" in proc.stdout
+
+
+def test_one_host_default_is_unchanged():
+    spec = kd.launch.WorkerSpec(["true"], num_workers=2)
+    assert not spec.multi_host and not spec.elastic
+    assert spec.host_list() == [hostlib.Host("127.0.0.1", 2)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hosts", "127.0.0.2,127.0.0.2"],
+     "Host '127.0.0.2' appears twice in hosts='127.0.0.2,127.0.0.2' "
+     "(entries 1 and 2). List each host once and give its worker count "
+     "as 127.0.0.2:SLOTS."),
+    (["--hosts", "127.0.0.2,node_7!"],
+     "Invalid host 'node_7!' in hosts='127.0.0.2,node_7!': 'node_7!' is "
+     "neither an IP address nor a host name."),
+    (["--hosts", "127.0.0.2:zero"],
+     "slots 'zero' is not a positive integer"),
+    (["--hosts", "127.0.0.2,,127.0.0.3"], "empty entry"),
+    (["--hosts", "127.0.0.2:2,127.0.0.3", "--min_workers", "4"],
+     "Invalid value for argument `min_workers`. Received: min_workers=4, "
+     "more than the 3 worker(s) of all hosts together. Expected "
+     "1 <= min_workers <= 3"),
+    (["--hosts", "127.0.0.2", "--min_workers", "0"],
+     "min_workers"),
+    (["--num_workers", "2", "--min_workers", "3"],
+     "Received: min_workers=3, more than the 2 worker(s)"),
+    (["--hosts", "127.0.0.2", "--hostfile", "hosts.txt"],
+     "Both `hosts` and `hostfile` were given"),
+    (["--hostfile", "no-such-file"],
+     "Invalid value for argument `hostfile`. Received: "
+     "hostfile='no-such-file', which cannot be read"),
+    (["--hosts", "127.0.0.2", "--starter", "rsh"],
+     "Invalid value for argument `starter`. Received: starter='rsh'. "
+     "Expected one of ('auto', 'local', 'ssh')."),
+    (["--hosts", "127.0.0.2", "--host_wait", "-1"],
+     "Invalid value for argument `host_wait`"),
+])
+def test_bad_host_options_fail_before_anything_starts(tmp_path, args,
+                                                      message):
+    marker = tmp_path / "started"
+    proc = _cli(*args, "--", *_touch_command(marker), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert not marker.exists()
+
+
+def test_hostfile_line_is_named(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("127.0.0.2\n127.0.0.3 slots=x\n")
+    with pytest.raises(kd.launch.LauncherError, match=(
+        rf"Invalid host '127.0.0.3 slots=x' in hostfile '{hostfile}' "
+        "line 2: slots 'x' is not a positive integer")):
+        kd.launch.run(["true"], hostfile=str(hostfile))
+
+
+@pytest.mark.real_component
+def test_unreachable_host_at_start_is_refused(tmp_path):
+    why = testbed.nftables_unavailable()
+    if why:
+        pytest.skip(f"cutting a host off needs nftables: {why}")
+    marker = tmp_path / "started"
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    (backup / "ckpt-1.keras").write_bytes(b"saved")
+    with testbed.partition("127.0.0.5"):
+        proc = _cli("--hosts", "127.0.0.2,127.0.0.5", "--",
+                    *_touch_command(marker), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (
+        "Host(s) unreachable at start: 127.0.0.5 (no answer within 3s). "
+        "Nothing was started."
+    ) in proc.stderr
+    assert "remove it from --hosts/--hostfile" in proc.stderr
+    assert not marker.exists()
+    assert (backup / "ckpt-1.keras").read_bytes() == b"saved"
+
+
+def test_parse_hosts_keeps_order_and_slots():
+    assert hostlib.parse_hosts(["127.0.0.3:2", "node-1.example"], 4) == [
+        hostlib.Host("127.0.0.3", 2), hostlib.Host("node-1.example", 4)]
+    assert hostlib.is_local_address("127.0.0.9")
+    assert os.environ.get("KERASDIST_HOST") is None
