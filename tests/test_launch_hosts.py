@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 import kerasdist as kd
 from kerasdist.launch import hosts as hostlib
 from kerasdist.testing import hosts as testbed
+from kerasdist.testing import kill_group
 
 
 def _cli(*args, cwd=None, timeout=120):
@@ -136,3 +138,56 @@ def test_parse_hosts_keeps_order_and_slots():
         hostlib.Host("127.0.0.3", 2), hostlib.Host("node-1.example", 4)]
     assert hostlib.is_local_address("127.0.0.9")
     assert os.environ.get("KERASDIST_HOST") is None
+
+
+_SLEEPER = (
+    "import os, time; "
+    "time.sleep(0.5 if os.environ['KERASDIST_NUM_WORKERS'] == '1' else 120)"
+)
+
+
+@pytest.mark.real_component
+@pytest.mark.parametrize("elastic", [False, True])
+def test_host_that_stays_cut_off(tmp_path, elastic):
+    """Cut off mid-run: no progress for --timeout, the host does not answer
+    for --host_wait; an elastic run goes on with the other host, a fixed
+    one gives up with the reason."""
+    why = testbed.nftables_unavailable()
+    if why:
+        pytest.skip(f"cutting a host off needs nftables: {why}")
+    args = ["--hosts", "127.0.0.6,127.0.0.7", "--timeout", "2",
+            "--host_wait", "1", "--max_restarts", "2"]
+    if elastic:
+        args += ["--min_workers", "1"]
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kerasdist.launch", *args, "--",
+             sys.executable, "-c", _SLEEPER],
+            stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "attempt 1: starting" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                log.read_text())
+            time.sleep(0.05)
+        with testbed.partition("127.0.0.7"):
+            proc.wait(timeout=120)
+    finally:
+        kill_group(proc)
+    out = log.read_text()
+    assert "host 127.0.0.7 is unreachable (no answer within 3s); waiting " \
+        "up to 1s for it" in out, out
+    if elastic:
+        assert proc.returncode == 0, out
+        assert "going on without 127.0.0.7: 1 worker(s) on 1 host(s) " \
+            "(--min_workers 1)" in out
+        assert "workers per attempt: 2 -> 1" in out
+    else:
+        assert proc.returncode == 124, out  # The hang's status.
+        assert (
+            "127.0.0.7 still unreachable after 1s; the hosts left have 1 "
+            "worker slot(s), fewer than the 2 needed (not elastic: pass "
+            "--min_workers to go on with fewer); giving up"
+        ) in out
