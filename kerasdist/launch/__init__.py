@@ -1,4 +1,5 @@
-"""`kerasdist-run`: a local worker group that restarts lost workers.
+"""`kerasdist-run`: a worker group, on one host or many, restarted when
+workers or hosts are lost (elastic with `--min_workers`).
 
 ```sh
 kerasdist-run --num_workers 2 --max_restarts 3 --log_dir /tmp/logs \\
@@ -34,7 +35,9 @@ _NAMES = {
 }
 
 
-_SUBMODULES = frozenset({"agent", "cli", "protocol", "supervisor"})
+_SUBMODULES = frozenset({
+    "agent", "cli", "hosts", "protocol", "ssh", "supervisor",
+})
 
 
 def __getattr__(name):

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from kerasdist.launch import agent, protocol
 
 _USAGE = (
-    "kerasdist-run --num_workers N [--max_restarts R] [--log_dir D] "
-    "[--timeout S] [OPTIONS] -- COMMAND [ARGS...]"
+    "kerasdist-run [--num_workers N | --hosts A[:N],B[:N],...] "
+    "[--min_workers M] [--max_restarts R] [--log_dir D] [--timeout S] "
+    "[OPTIONS] -- COMMAND [ARGS...]"
 )
 
 
@@ -31,11 +32,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="kerasdist-run",
         usage=_USAGE,
         description=(
-            "Run COMMAND as N workers on this host (each with its own "
-            "TF_CONFIG) and restart the whole group when a worker fails, "
-            "hangs, or exits with the restart code "
+            "Run COMMAND as N workers on this host, or on the hosts of "
+            "--hosts/--hostfile (each with its own TF_CONFIG), and restart "
+            "the whole group when a worker fails, hangs, or exits with the "
+            "restart code "
             f"{protocol.RESTART_EXIT_CODE}; stop at once when one exits "
-            f"with the permanent-error code {protocol.PERMANENT_EXIT_CODE}."
+            f"with the permanent-error code {protocol.PERMANENT_EXIT_CODE}. "
+            "With --min_workers, a host lost for good does not end the "
+            "run: the group restarts on the hosts left and grows back "
+            "when it returns."
         ),
         epilog=(
             "Workers get TF_CONFIG, KERASDIST_RESTART_COUNT, "
