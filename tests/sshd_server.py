@@ -52,7 +52,8 @@ def missing() -> str | None:
     return None
 
 
-def _port_free_on_all(addresses) -> int:
+def port_free_on_all(addresses) -> int:
+    """A TCP port free on every one of `addresses` right now."""
     for _ in range(50):
         with socket.socket() as first:
             first.bind((addresses[0], 0))
@@ -132,7 +133,8 @@ class SshServer:
             self.process.wait(timeout=10)
 
 
-def _keygen(path: str) -> None:
+def keygen(path: str) -> None:
+    """Makes an ed25519 key pair without passphrase: `path`, `path.pub`."""
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kerasdist-test",
          "-f", path], check=True, timeout=60, stdin=subprocess.DEVNULL,
@@ -155,17 +157,17 @@ def start(addresses, root: str, client_key: str | None = None
     addresses = tuple(addresses)
     os.makedirs(root, exist_ok=True)
     host_key = os.path.join(root, "host_key")
-    _keygen(host_key)
+    keygen(host_key)
     if client_key is None:
         client_key = os.path.join(root, "client_key")
-        _keygen(client_key)
+        keygen(client_key)
     with open(client_key + ".pub") as f:
         public = f.read()
     authorized = os.path.join(root, "authorized_keys")
     with open(authorized, "w") as f:
         f.write(public)
     os.chmod(authorized, 0o600)
-    port = _port_free_on_all(addresses)
+    port = port_free_on_all(addresses)
     config = os.path.join(root, "sshd_config")
     with open(config, "w") as f:
         f.write("".join(f"ListenAddress {a}:{port}\n" for a in addresses))

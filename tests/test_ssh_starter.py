@@ -128,7 +128,7 @@ def test_exit_status_is_the_remote_workers(starter, started):
 
 
 def test_ssh_failure_is_told_apart(server, tmp_path, started):
-    closed = sshd_server._port_free_on_all([HOST_A.address])
+    closed = sshd_server.port_free_on_all([HOST_A.address])
     refused = SshStarter(
         server.ssh_command.replace(f"-p {server.port}", f"-p {closed}"),
         cwd=str(tmp_path),
@@ -216,7 +216,7 @@ def test_reachable(server, starter, tmp_path):
     why = starter.reachable(Host("127.0.0.24", 1), timeout=10)
     assert "Connection refused" in why and "127.0.0.24" in why
     # A key the server does not know.
-    sshd_server._keygen(str(tmp_path / "other_key"))
+    sshd_server.keygen(str(tmp_path / "other_key"))
     stranger = SshStarter(
         server.ssh_command.replace(server.client_key,
                                    str(tmp_path / "other_key")))
@@ -251,7 +251,9 @@ def test_two_worker_training_over_ssh(starter, started, tmp_path):
     hosts = [HOST_A, HOST_B]
     # Ports are picked on each host itself, over ssh.
     ports = [starter.free_ports(h, 1)[0] for h in hosts]
-    addresses = [f"{h.address}:{port}" for h, port in zip(hosts, ports)]
+    addresses = [
+        f"{h.address}:{port}" for h, port in zip(hosts, ports, strict=True)
+    ]
     processes = []
     for i, host in enumerate(hosts):
         env = {**BASE_ENV, "TF_CONFIG": json.dumps(
