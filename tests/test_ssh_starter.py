@@ -23,6 +23,7 @@ import kerasdist as kd
 from kerasdist.launch import supervisor
 from kerasdist.launch.hosts import Host
 from kerasdist.launch.ssh import SshStarter
+from kerasdist.testing import hosts as hosts_lib
 
 pytestmark = pytest.mark.real_component
 
@@ -156,7 +157,7 @@ def test_missing_directory_is_a_permanent_error(server, started):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1,
-                                 signal.SIGINT])
+                                 signal.SIGINT], ids=lambda s: s.name)
 def test_signal_reaches_the_remote_worker(starter, started, tmp_path, sig):
     pidfile = str(tmp_path / "pid")
     p = starter.start(HOST_A, _worker("signals", pidfile), BASE_ENV,
@@ -207,6 +208,30 @@ def test_lost_ssh_connection_stops_the_remote_worker(starter, tmp_path,
     _wait_for(lambda: all(_gone(pid) for pid in remote), 20, p)
     assert p.returncode == -signal.SIGKILL
     assert "killed by signal 9" in p.ssh_failure
+
+
+def test_network_cut_still_leaves_no_remote_process(server, tmp_path,
+                                                     started):
+    reason = hosts_lib.nftables_unavailable()
+    if reason:
+        pytest.skip(reason)
+    starter = SshStarter(server.ssh_command, cwd=str(tmp_path),
+                         kill_timeout=2.0)
+    pidfile = str(tmp_path / "pids")
+    p = starter.start(HOST_B, _worker("stubborn", pidfile), BASE_ENV,
+                      capture=True)
+    started.append(p)
+    _wait_for(lambda: "ready" in p.output(), 60, p)
+    remote = _pids(pidfile)
+    assert not any(_gone(pid) for pid in remote)
+    with hosts_lib.partition(HOST_B.address):
+        # The KILL line cannot get through: after kill_timeout the local
+        # ssh is killed, and the host's sshd, its client-alive checks
+        # unanswered (2 s x 3), closes the wrapper's input.
+        supervisor.stop_all([p], grace=0)
+        assert p.returncode == -signal.SIGKILL
+        assert "killed by signal 9" in p.ssh_failure
+        _wait_for(lambda: all(_gone(pid) for pid in remote), 30, p)
 
 
 def test_reachable(server, starter, tmp_path):
