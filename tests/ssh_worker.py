@@ -10,6 +10,8 @@
   or SIGINT prints "got SIGNAME" and exits 75.
 - `stubborn PIDFILE`: ignores SIGTERM, starts a child in its process group,
   writes "PID CHILD_PID", prints "ready" and sleeps.
+- `beat`: prints the heartbeat file it was given, then touches it
+  (`protocol.touch_heartbeat`) 4 times, 1 s apart, printing nothing.
 - `train OUT`: a tiny MultiWorkerMirroredStrategy fit from `TF_CONFIG`;
   saves `OUT/weights-RANK.npz` (initial and trained weights, replicas).
 """
@@ -64,6 +66,15 @@ def stubborn(pidfile):
     time.sleep(300)
 
 
+def beat():
+    from kerasdist.launch import protocol
+
+    print(os.environ.get(protocol.ENV_HEARTBEAT_FILE), flush=True)
+    for _ in range(4):
+        time.sleep(1.0)
+        protocol.touch_heartbeat()
+
+
 def train(out):
     import keras
     import numpy as np
@@ -109,6 +120,8 @@ def main(mode, args):
         signals(args[0])
     elif mode == "stubborn":
         stubborn(args[0])
+    elif mode == "beat":
+        beat()
     elif mode == "train":
         train(args[0])
     else:

@@ -194,20 +194,31 @@ def test_stop_all_leaves_no_remote_process(starter, tmp_path):
     _wait_for(lambda: all(_gone(pid) for pid in remote), 10)
 
 
-def test_lost_ssh_connection_stops_the_remote_worker(starter, tmp_path,
-                                                      started):
+@pytest.mark.parametrize("end", ["local_ssh_killed", "host_sshd_ended"])
+def test_lost_ssh_connection_stops_the_remote_worker(server, starter,
+                                                      tmp_path, started, end):
     pidfile = str(tmp_path / "pids")
+    sessions_before = set(sshd_server.children(server.process.pid))
     p = starter.start(HOST_A, _worker("stubborn", pidfile), BASE_ENV,
                       capture=True)
     started.append(p)
     _wait_for(lambda: "ready" in p.output(), 60, p)
     remote = _pids(pidfile)
-    # The local ssh dies (as with a SIGKILLed launcher): the remote sshd
-    # closes the wrapper's input, and the wrapper kills the worker's group.
-    os.kill(p.pid, signal.SIGKILL)
+    if end == "local_ssh_killed":
+        # As with a SIGKILLed launcher: the host's sshd closes the
+        # wrapper's input, and the wrapper kills the worker's group.
+        os.kill(p.pid, signal.SIGKILL)
+    else:
+        # The host's sshd session process ends (sshd restarted): the
+        # wrapper's input closes too.
+        (session,) = set(sshd_server.children(server.process.pid)) - (
+            sessions_before)
+        os.kill(session, signal.SIGTERM)
     _wait_for(lambda: all(_gone(pid) for pid in remote), 20, p)
-    assert p.returncode == -signal.SIGKILL
-    assert "killed by signal 9" in p.ssh_failure
+    _wait_for(lambda: not p.running(), 20, p)
+    assert p.ssh_failure is not None
+    assert p.ssh_failure in p.output()
+    assert "Killed" not in p.output()  # No shell noise in the output.
 
 
 def test_network_cut_still_leaves_no_remote_process(server, tmp_path,
@@ -216,7 +227,7 @@ def test_network_cut_still_leaves_no_remote_process(server, tmp_path,
     if reason:
         pytest.skip(reason)
     starter = SshStarter(server.ssh_command, cwd=str(tmp_path),
-                         kill_timeout=2.0)
+                         kill_timeout=2.0, alive_timeout=3.0)
     pidfile = str(tmp_path / "pids")
     p = starter.start(HOST_B, _worker("stubborn", pidfile), BASE_ENV,
                       capture=True)
@@ -226,12 +237,32 @@ def test_network_cut_still_leaves_no_remote_process(server, tmp_path,
     assert not any(_gone(pid) for pid in remote)
     with hosts_lib.partition(HOST_B.address):
         # The KILL line cannot get through: after kill_timeout the local
-        # ssh is killed, and the host's sshd, its client-alive checks
-        # unanswered (2 s x 3), closes the wrapper's input.
+        # ssh is killed. The test sshd has no ClientAliveInterval, so the
+        # session stays open on the host; the wrapper's keepalive check
+        # (3 s without word from the launcher) kills the worker.
         supervisor.stop_all([p], grace=0)
         assert p.returncode == -signal.SIGKILL
         assert "killed by signal 9" in p.ssh_failure
         _wait_for(lambda: all(_gone(pid) for pid in remote), 30, p)
+
+
+def test_heartbeat_is_relayed_and_keepalive_spares_a_live_worker(
+        starter, started, tmp_path):
+    starter = SshStarter(starter.ssh_argv, cwd=starter.cwd,
+                         alive_timeout=2.0)
+    local = tmp_path / "worker-0.heartbeat"
+    local.touch()
+    os.utime(local, (0, 0))
+    env = {**BASE_ENV, kd.launch.ENV_HEARTBEAT_FILE: str(local)}
+    p = starter.start(HOST_A, _worker("beat"), env, capture=True)
+    started.append(p)
+    _wait_for(lambda: not p.running(), 60, p)
+    # The worker ran twice as long as alive_timeout: the keepalive kept it.
+    assert p.returncode == 0, p.output()
+    remote = p.output().strip()
+    assert remote != str(local)
+    assert local.stat().st_mtime > time.time() - 60  # relayed touches
+    assert not os.path.exists(remote)  # the wrapper cleaned up
 
 
 def test_reachable(server, starter, tmp_path):
@@ -266,6 +297,8 @@ def test_bad_arguments_are_refused(tmp_path):
         SshStarter("")
     with pytest.raises(ValueError, match=r"kill_timeout=0"):
         SshStarter(kill_timeout=0)
+    with pytest.raises(ValueError, match=r"alive_timeout=-1"):
+        SshStarter(alive_timeout=-1)
     with pytest.raises(ValueError, match=r"'BAD-NAME'"):
         SshStarter().start(HOST_A, ["true"], {"BAD-NAME": "1"})
     with pytest.raises(ValueError, match=r"command=\[\]"):

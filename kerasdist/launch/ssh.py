@@ -28,11 +28,17 @@ What travels, and how:
   and a `kerasdist-ssh:` line says it in the output.
 - **Lost launcher or connection**: when ssh's input closes (ssh died, the
   launcher died, `signal(SIGKILL)`), the wrapper kills the worker's whole
-  process group. A network partition closes it only once the host's sshd
-  notices (its `ClientAliveInterval`), so set that on the hosts.
+  process group. Behind a network cut the input does not close, but the
+  launcher's keepalive lines stop: after `alive_timeout` seconds (30)
+  without one, the wrapper kills the group too.
+- **Heartbeat**: the worker's `KERASDIST_HEARTBEAT_FILE` is a private file
+  on the host; the wrapper relays each touch of it, and the launcher's own
+  heartbeat file is touched, so `--timeout` sees a quiet remote worker's
+  progress without a shared heartbeat directory.
 
-The hosts need a POSIX `sh`, `setsid` (util-linux) and GNU `env` with
-`--default-signal` (coreutils >= 8.31): any current Linux distribution.
+The hosts need a POSIX `sh`, `setsid` (util-linux), and GNU `env` (with
+`--default-signal`, coreutils >= 8.31), `stat` and `mktemp`: any current
+Linux distribution.
 """
 
 from __future__ import annotations
@@ -53,42 +59,92 @@ from kerasdist.launch import hosts, protocol, supervisor
 
 __all__ = ["SshProcess", "SshStarter"]
 
-_STATUS_PREFIX = b"kerasdist-ssh-status "
+_STATUS = "kerasdist-ssh-status "
+_BEAT = "kerasdist-ssh-beat"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SSH_FAILED = 255  # ssh's own exit status on failure (ssh(1)).
 
-# Runs on the host as `sh -c WRAPPER kerasdist-ssh DIR N K=V... CMD...`.
+# Runs on the host as `sh -c WRAPPER kerasdist-ssh DIR N ALIVE K=V... CMD`.
 # - A background job of a non-interactive shell gets /dev/null as stdin
 #   and ignores SIGINT/SIGQUIT (POSIX); the worker's stdin should be
 #   /dev/null, but `env --default-signal` undoes the ignored signals, and
 #   the signal reader gets ssh's stdin through fd 3.
 # - `setsid` does not fork here (a background job is not a group leader),
 #   so $! is the worker's pid, session and process group id.
+# - The reader forwards signal names; `ALIVE` lines (the launcher's
+#   keepalive) write the time to a file. The monitor, every second, kills
+#   the group when that time is older than ALIVE seconds (0: never), and
+#   relays the worker's heartbeat file (a private file on this host) as
+#   `BEAT` lines, which touch the launcher's own heartbeat file.
 # - After the worker ends, the rest of its group is killed, as the local
-#   launcher's final SIGKILL does.
+#   launcher's final SIGKILL does; so it is when the wrapper is ended
+#   (SIGHUP/SIGTERM: trap; SIGKILL: the monitor sees it gone or a
+#   zombie). SIGPIPE is ignored and `wait` is quiet: once sshd is gone,
+#   a write to the closed channel (dash's "Killed") must not kill the
+#   wrapper before it cleans up.
 _WRAPPER = f"""\
-dir=$1; n=$2; shift 2
+dir=$1; n=$2; limit=$3; shift 3
 while [ "$n" -gt 0 ]; do export "$1"; shift; n=$((n - 1)); done
 if ! cd -- "$dir" 2>/dev/null; then
   echo "kerasdist-ssh: $(hostname): cannot enter the launcher's working \
 directory $dir; every host needs it (a shared file system)" >&2
-  echo "{_STATUS_PREFIX.decode()}{protocol.PERMANENT_EXIT_CODE}" >&2
+  echo "{_STATUS}{protocol.PERMANENT_EXIT_CODE}" >&2
   exit {protocol.PERMANENT_EXIT_CODE}
+fi
+tmp=$(mktemp -d "${{TMPDIR:-/tmp}}/kerasdist-ssh.XXXXXX") || exit 1
+date +%s >"$tmp/alive"
+if [ -n "${{KERASDIST_HEARTBEAT_FILE-}}" ]; then
+  : >"$tmp/beat"
+  export KERASDIST_HEARTBEAT_FILE="$tmp/beat"
 fi
 setsid env --default-signal -- "$@" </dev/null 2>&1 &
 pid=$!
 exec 3<&0
 (
-  while read -r sig; do kill -s "$sig" -- "-$pid" 2>/dev/null; done
+  while read -r sig; do
+    case $sig in
+      ALIVE) date +%s >"$tmp/alive" ;;
+      *) kill -s "$sig" -- "-$pid" 2>/dev/null ;;
+    esac
+  done
   kill -s KILL -- "-$pid" 2>/dev/null
-) <&3 &
+) <&3 >/dev/null &
 reader=$!
 exec 3<&-
-wait "$pid"
+main=$$
+(
+  last=$(stat -c %y "$tmp/beat" 2>/dev/null)
+  while sleep 1 </dev/null >/dev/null 2>&1; do
+    state=; {{ read -r _ _ state _ </proc/"$main"/stat; }} 2>/dev/null
+    if [ -z "$state" ] || [ "$state" = Z ]; then
+      kill -s KILL -- "-$pid" 2>/dev/null
+      rm -rf -- "$tmp"
+      exit 0
+    fi
+    now=$(stat -c %y "$tmp/beat" 2>/dev/null)
+    if [ "$now" != "$last" ]; then echo "{_BEAT}" >&2; last=$now; fi
+    read -r seen <"$tmp/alive" || seen=$(date +%s)
+    if [ "$limit" -gt 0 ] && [ $(($(date +%s) - seen)) -gt "$limit" ]; then
+      echo "kerasdist-ssh: $(hostname): no word from the launcher for \
+$limit s (lost connection?): killing the worker" >&2
+      kill -s KILL -- "-$pid" 2>/dev/null
+      exit 0
+    fi
+  done
+) </dev/null >/dev/null &
+monitor=$!
+stop() {{
+  kill "$reader" "$monitor" 2>/dev/null
+  kill -s KILL -- "-$pid" 2>/dev/null
+  rm -rf -- "$tmp"
+}}
+trap 'stop; exit 129' HUP
+trap 'stop; exit 143' TERM
+trap '' PIPE
+wait "$pid" 2>/dev/null
 status=$?
-kill "$reader" 2>/dev/null
-kill -s KILL -- "-$pid" 2>/dev/null
-echo "{_STATUS_PREFIX.decode()}$status" >&2
+stop
+echo "{_STATUS}$status" >&2
 exit "$status"
 """
 
@@ -135,6 +191,11 @@ class SshProcess(supervisor.Process):
         host: `Host`. Where the worker runs (for messages).
         kill_timeout: float. Seconds between `signal(SIGKILL)` and killing
             the local ssh if it has not ended. Defaults to 5.
+        heartbeat: str or None. The launcher's heartbeat file for this
+            worker: touched whenever the worker touches its own (a private
+            file on the host). Defaults to None.
+        alive_interval: float. Seconds between keepalive lines to the
+            wrapper. Defaults to 5.
         **process: passed to `supervisor.Process` (`log_path`,
             `log_header`, `sink`, `prefix`, `capture`, `die_with_parent`).
 
@@ -151,10 +212,12 @@ class SshProcess(supervisor.Process):
     """
 
     def __init__(self, command: Sequence[str], *, host: hosts.Host,
-                 kill_timeout: float = 5.0, **process: Any):
+                 kill_timeout: float = 5.0, heartbeat: str | None = None,
+                 alive_interval: float = 5.0, **process: Any):
         self.host = host
         self.kill_timeout = kill_timeout
         self.remote_status: int | None = None
+        self._heartbeat = heartbeat
         self._ssh_lines: list[str] = []
         self._failure: str | None = None
         self._kill_deadline: float | None = None
@@ -162,22 +225,37 @@ class SshProcess(supervisor.Process):
         self._err_log = process.get("log_path")
         super().__init__(command, stdin_pipe=True, separate_stderr=True,
                          **process)
+        os.set_blocking(self.stdin.fileno(), False)
         self._err_reader = threading.Thread(
             target=self._pump_stderr,
             name=f"kerasdist-ssh-stderr-{self.pid}",
             daemon=True,
         )
         self._err_reader.start()
+        self._alive = threading.Thread(
+            target=self._keep_alive, args=(alive_interval,),
+            name=f"kerasdist-ssh-alive-{self.pid}", daemon=True,
+        )
+        self._alive.start()
 
-    # ssh's stderr: the wrapper's status line (kept out of the output),
-    # the wrapper's messages and ssh's own diagnostics (passed on).
+    def _keep_alive(self, interval: float) -> None:
+        # Tells the wrapper the launcher is still there (see _WRAPPER).
+        while self._send("ALIVE\n"):
+            time.sleep(interval)
+
+    # ssh's stderr: the wrapper's status and heartbeat lines (kept out of
+    # the output), the wrapper's messages and ssh's own diagnostics.
     def _pump_stderr(self) -> None:
         log = open(self._err_log, "ab") if self._err_log else None  # noqa: SIM115
+        status, beat = _STATUS.encode(), _BEAT.encode()
         try:
             for line in iter(self.stderr.readline, b""):
-                if line.startswith(_STATUS_PREFIX):
+                if line.rstrip() == beat:
+                    self._beat()
+                    continue
+                if line.startswith(status):
                     try:
-                        self.remote_status = int(line[len(_STATUS_PREFIX):])
+                        self.remote_status = int(line[len(status):])
                         continue
                     except ValueError:
                         pass
@@ -189,6 +267,15 @@ class SshProcess(supervisor.Process):
             self.stderr.close()
             if log:
                 log.close()
+
+    def _beat(self) -> None:
+        # The launcher owns the file; once it removed it (stopping), the
+        # beat has nowhere to go.
+        if self._heartbeat:
+            try:
+                os.utime(self._heartbeat)
+            except OSError:
+                pass
 
     def _emit(self, line: bytes, log) -> None:
         # ssh ends its own messages with "\r\n".
@@ -250,14 +337,20 @@ class SshProcess(supervisor.Process):
         return code
 
     def _send(self, line: str) -> bool:
+        """Writes one line to the wrapper; False once that is impossible.
+
+        The pipe is non-blocking: when ssh stopped reading (its 64 KiB
+        are full), the line is dropped rather than blocking the launcher.
+        """
         with self._stdin_lock:
             if self.stdin is None or self.stdin.closed:
                 return False
             try:
-                self.stdin.write(line.encode())
-                self.stdin.flush()
+                os.write(self.stdin.fileno(), line.encode())
                 return True
-            except (BrokenPipeError, ValueError, OSError):
+            except BlockingIOError:
+                return True
+            except OSError:  # EPIPE: ssh has ended.
                 return False
 
     def _close_stdin(self) -> None:
@@ -331,10 +424,15 @@ class SshStarter(hosts.Starter):
         kill_timeout: float. Seconds a worker's ssh gets after `SIGKILL`
             to report the remote worker's end before it is killed locally.
             Defaults to 5.
+        alive_timeout: float. The host kills a worker that heard nothing
+            from the launcher for this long (a keepalive line goes every
+            `alive_timeout / 6` seconds), so a launcher cut off by the
+            network does not leave workers behind; 0 turns it off. Defaults
+            to 30.
 
     Raises:
         ValueError: if `ssh_command` is empty or cannot be split, or
-            `kill_timeout` is not positive.
+            `kill_timeout` is not positive, or `alive_timeout` negative.
 
     Example:
 
@@ -351,7 +449,7 @@ class SshStarter(hosts.Starter):
 
     def __init__(self, ssh_command: str | Sequence[str] = "ssh",
                  cwd: str | None = None, python: str | None = None,
-                 kill_timeout: float = 5.0):
+                 kill_timeout: float = 5.0, alive_timeout: float = 30.0):
         try:
             argv = (shlex.split(ssh_command) if isinstance(ssh_command, str)
                     else [str(a) for a in ssh_command])
@@ -365,17 +463,22 @@ class SshStarter(hosts.Starter):
                 f"ssh_command={ssh_command!r}{why}. Expected the ssh program "
                 "and its options, e.g. 'ssh -p 2222 -i ~/.ssh/id_ed25519'."
             )
-        if not (isinstance(kill_timeout, (int, float))
-                and not isinstance(kill_timeout, bool) and kill_timeout > 0):
-            raise ValueError(
-                f"Invalid value for argument `kill_timeout`. Received: "
-                f"kill_timeout={kill_timeout!r}. Expected a positive number "
-                "of seconds."
-            )
+        for name, value, least in (("kill_timeout", kill_timeout, 0),
+                                   ("alive_timeout", alive_timeout, None)):
+            if not (isinstance(value, (int, float))
+                    and not isinstance(value, bool) and math.isfinite(value)
+                    and (value > 0 if least == 0 else value >= 0)):
+                raise ValueError(
+                    f"Invalid value for argument `{name}`. Received: "
+                    f"{name}={value!r}. Expected a "
+                    f"{'positive' if least == 0 else 'non-negative'} number "
+                    "of seconds."
+                )
         self.ssh_argv = argv
         self.cwd = os.getcwd() if cwd is None else cwd
         self.python = sys.executable if python is None else python
         self.kill_timeout = float(kill_timeout)
+        self.alive_timeout = float(alive_timeout)
 
     def _ssh(self, host: hosts.Host, remote: str,
              first: Sequence[str] = (), last: Sequence[str] = ()
@@ -392,7 +495,7 @@ class SshStarter(hosts.Starter):
             env: mapping. Variables to set for it.
 
         Returns:
-            str. `sh -c WRAPPER kerasdist-ssh CWD N K=V... COMMAND...`,
+            str. `sh -c WRAPPER kerasdist-ssh CWD N ALIVE K=V... COMMAND...`,
             every word quoted with `shlex.quote`.
 
         Raises:
@@ -418,8 +521,8 @@ class SshStarter(hosts.Starter):
                     "not starting with a digit."
                 )
         words = ["sh", "-c", _WRAPPER, "kerasdist-ssh", self.cwd,
-                 str(len(env)), *(f"{k}={v}" for k, v in env.items()),
-                 *command]
+                 str(len(env)), str(math.ceil(self.alive_timeout)),
+                 *(f"{k}={v}" for k, v in env.items()), *command]
         return " ".join(shlex.quote(w) for w in words)
 
     def reachable(self, host: hosts.Host, timeout: float) -> str | None:
@@ -498,8 +601,11 @@ class SshStarter(hosts.Starter):
         ], last=[
             "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6",
         ])
-        return SshProcess(argv, host=host, kill_timeout=self.kill_timeout,
-                          **process)
+        return SshProcess(
+            argv, host=host, kill_timeout=self.kill_timeout,
+            heartbeat=env.get(protocol.ENV_HEARTBEAT_FILE),
+            alive_interval=(self.alive_timeout or 60.0) / 6, **process,
+        )
 
     def free_ports(self, host: hosts.Host, count: int,
                    timeout: float = 60.0) -> list[int]:
