@@ -407,7 +407,8 @@ class SshStarter(hosts.Starter):
     machine (a key; `BatchMode=yes` is always set, so nothing prompts), the
     same working directory and the same Python environment at the same path
     as the launcher (a shared file system is assumed, also for
-    `backup_dir`), and a POSIX `sh` with `setsid` and GNU `env`.
+    `backup_dir`), and a POSIX `sh` with `setsid` (util-linux) and GNU
+    `env`, `stat` and `mktemp` (coreutils).
 
     Args:
         ssh_command: str or list of str. The ssh program and the user's
