@@ -172,6 +172,26 @@ def test_signal_reaches_the_remote_worker(starter, started, tmp_path, sig):
     assert _gone(pid)
 
 
+def test_stop_and_continue_reach_the_worker_and_show_in_state(
+        starter, started, tmp_path):
+    pidfile = str(tmp_path / "pid")
+    p = starter.start(HOST_A, _worker("signals", pidfile), BASE_ENV,
+                      capture=True)
+    started.append(p)
+    _wait_for(lambda: "ready" in p.output(), 60, p)
+    (pid,) = _pids(pidfile)
+    _wait_for(lambda: p.state() in ("S", "R"), 10, p)
+    p.signal(signal.SIGSTOP)
+    _wait_for(lambda: p.state() == "T", 10, p)
+    assert supervisor.process_state(pid) == "T"  # The remote worker itself.
+    p.signal(signal.SIGCONT)
+    _wait_for(lambda: p.state() in ("S", "R"), 10, p)
+    p.signal(signal.SIGTERM)
+    _wait_for(lambda: not p.running(), 30, p)
+    assert p.returncode == kd.launch.RESTART_EXIT_CODE, p.output()
+    assert p.state() is None
+
+
 def test_stop_all_leaves_no_remote_process(starter, tmp_path):
     pidfiles = [str(tmp_path / f"pids{i}") for i in range(2)]
     processes = [
@@ -266,8 +286,9 @@ def test_heartbeat_is_relayed_and_keepalive_spares_a_live_worker(
 
 
 def test_reachable(server, starter, tmp_path):
-    assert starter.reachable(HOST_A, timeout=10) is None
-    assert starter.reachable(HOST_B, timeout=10) is None
+    # Generous: a loaded machine may take seconds to fork sshd's session.
+    assert starter.reachable(HOST_A, timeout=30) is None
+    assert starter.reachable(HOST_B, timeout=30) is None
     # A host where nothing listens on the port.
     why = starter.reachable(Host("127.0.0.24", 1), timeout=10)
     assert "Connection refused" in why and "127.0.0.24" in why
@@ -276,7 +297,7 @@ def test_reachable(server, starter, tmp_path):
     stranger = SshStarter(
         server.ssh_command.replace(server.client_key,
                                    str(tmp_path / "other_key")))
-    assert "Permission denied" in stranger.reachable(HOST_A, timeout=10)
+    assert "Permission denied" in stranger.reachable(HOST_A, timeout=30)
 
 
 def test_stopped_server_is_unreachable(server, tmp_path):
@@ -285,7 +306,7 @@ def test_stopped_server_is_unreachable(server, tmp_path):
     try:
         starter = SshStarter(other.ssh_command)
         host = Host("127.0.0.23", 1)
-        assert starter.reachable(host, timeout=10) is None
+        assert starter.reachable(host, timeout=30) is None
     finally:
         other.stop()
     why = starter.reachable(host, timeout=10)

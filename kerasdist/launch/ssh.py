@@ -61,6 +61,7 @@ __all__ = ["SshProcess", "SshStarter"]
 
 _STATUS = "kerasdist-ssh-status "
 _BEAT = "kerasdist-ssh-beat"
+_STATE = "kerasdist-ssh-state "
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SSH_FAILED = 255  # ssh's own exit status on failure (ssh(1)).
 
@@ -75,7 +76,9 @@ _SSH_FAILED = 255  # ssh's own exit status on failure (ssh(1)).
 #   keepalive) write the time to a file. The monitor, every second, kills
 #   the group when that time is older than ALIVE seconds (0: never), and
 #   relays the worker's heartbeat file (a private file on this host) as
-#   `BEAT` lines, which touch the launcher's own heartbeat file.
+#   `BEAT` lines, which touch the launcher's own heartbeat file, and the
+#   worker's /proc state letter when it changes (`T`: stopped), for
+#   `SshProcess.state()`.
 # - After the worker ends, the rest of its group is killed, as the local
 #   launcher's final SIGKILL does; so it is when the wrapper is ended
 #   (SIGHUP/SIGTERM: trap; SIGKILL: the monitor sees it gone or a
@@ -123,6 +126,9 @@ main=$$
     fi
     now=$(stat -c %y "$tmp/beat" 2>/dev/null)
     if [ "$now" != "$last" ]; then echo "{_BEAT}" >&2; last=$now; fi
+    line=; {{ read -r line </proc/"$pid"/stat; }} 2>/dev/null
+    line=${{line##*) }}; ws=${{line%% *}}
+    if [ "$ws" != "$wlast" ]; then echo "{_STATE}$ws" >&2; wlast=$ws; fi
     read -r seen <"$tmp/alive" || seen=$(date +%s)
     if [ "$limit" -gt 0 ] && [ $(($(date +%s) - seen)) -gt "$limit" ]; then
       echo "kerasdist-ssh: $(hostname): no word from the launcher for \
@@ -218,6 +224,7 @@ class SshProcess(supervisor.Process):
         self.kill_timeout = kill_timeout
         self.remote_status: int | None = None
         self._heartbeat = heartbeat
+        self._remote_state: str | None = None
         self._ssh_lines: list[str] = []
         self._failure: str | None = None
         self._kill_deadline: float | None = None
@@ -248,10 +255,15 @@ class SshProcess(supervisor.Process):
     def _pump_stderr(self) -> None:
         log = open(self._err_log, "ab") if self._err_log else None  # noqa: SIM115
         status, beat = _STATUS.encode(), _BEAT.encode()
+        state = _STATE.encode()
         try:
             for line in iter(self.stderr.readline, b""):
                 if line.rstrip() == beat:
                     self._beat()
+                    continue
+                if line.startswith(state):
+                    self._remote_state = line[len(state):].strip().decode(
+                        "ascii", "replace") or None
                     continue
                 if line.startswith(status):
                     try:
@@ -335,6 +347,14 @@ class SshProcess(supervisor.Process):
             supervisor.Leader.signal(self, signal.SIGKILL)
             self._kill_deadline = None
         return code
+
+    def state(self) -> str | None:
+        """The remote worker's `/proc` state letter (`"T"`: stopped), as
+        the host last reported it (checked every second); None once ssh
+        has ended. See `supervisor.process_state`."""
+        if self._reaped or self.returncode is not None:
+            return None
+        return self._remote_state
 
     def _send(self, line: str) -> bool:
         """Writes one line to the wrapper; False once that is impossible.
