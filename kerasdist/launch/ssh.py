@@ -370,7 +370,7 @@ class SshProcess(supervisor.Process):
                 return True
             except BlockingIOError:
                 return True
-            except OSError:  # EPIPE: ssh has ended.
+            except (OSError, ValueError):  # EPIPE: ssh has ended.
                 return False
 
     def _close_stdin(self) -> None:
@@ -411,12 +411,14 @@ class SshProcess(supervisor.Process):
         Returns:
             int. The exit status (see the class docstring).
         """
-        if not self._reaped:
-            while self._kill_deadline is not None and self.returncode is None:
-                time.sleep(0.05)
+        # Like Leader.reap, this waits for the end (the returncode property
+        # enforces the kill deadline); then stdin is closed under the lock
+        # the keepalive thread writes under, never while ssh still runs.
+        while not self._reaped and self.returncode is None:
+            time.sleep(0.05)
+        self._close_stdin()
         code = super().reap(output_timeout)
         self._err_reader.join(timeout=output_timeout)
-        self._close_stdin()
         return code
 
 

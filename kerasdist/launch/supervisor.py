@@ -331,6 +331,11 @@ class Process(Leader):
         """
         code = super().reap()
         self._reader.join(timeout=output_timeout)
+        if self.stdin is not None and not self.stdin.closed:
+            try:
+                self.stdin.close()
+            except OSError:  # EPIPE flushing what the child never read.
+                pass
         return code
 
     def output(self) -> str:
