@@ -63,7 +63,6 @@ _STATUS = "kerasdist-ssh-status "
 _BEAT = "kerasdist-ssh-beat"
 _STATE = "kerasdist-ssh-state "
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SSH_FAILED = 255  # ssh's own exit status on failure (ssh(1)).
 
 # Runs on the host as `sh -c WRAPPER kerasdist-ssh DIR N ALIVE K=V... CMD`.
 # - A background job of a non-interactive shell gets /dev/null as stdin
@@ -94,7 +93,11 @@ directory $dir; every host needs it (a shared file system)" >&2
   echo "{_STATUS}{protocol.PERMANENT_EXIT_CODE}" >&2
   exit {protocol.PERMANENT_EXIT_CODE}
 fi
-tmp=$(mktemp -d "${{TMPDIR:-/tmp}}/kerasdist-ssh.XXXXXX") || exit 1
+if ! tmp=$(mktemp -d "${{TMPDIR:-/tmp}}/kerasdist-ssh.XXXXXX"); then
+  echo "kerasdist-ssh: $(hostname): mktemp -d failed in ${{TMPDIR:-/tmp}}" >&2
+  echo "{_STATUS}1" >&2
+  exit 1
+fi
 date +%s >"$tmp/alive"
 if [ -n "${{KERASDIST_HEARTBEAT_FILE-}}" ]; then
   : >"$tmp/beat"
