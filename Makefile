@@ -22,14 +22,30 @@ train: install
 		$(PY) examples/quickstart.py --epochs 3
 
 # Real engines for the tests: Debian's SLURM (slurmctld, slurmd, client
-# commands), munge and nftables (emulated-host partitions), installed with apt-get when missing (as root, else
-# through sudo). The SLURM tests start and stop their own daemons.
+# commands), munge, nftables (emulated-host partitions) and OpenSSH (server
+# and client, for SshStarter), installed with apt-get when missing (as root,
+# else through sudo). The SLURM and ssh tests start and stop their own
+# daemons; no system-wide sshd is started: openssh-server's postinst would
+# start ssh.service, so a policy-rc.d (when the machine has none) denies it
+# during the install.
 engines:
 	command -v slurmctld >/dev/null && command -v munged >/dev/null && \
 		command -v nft >/dev/null || { \
 		$(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			slurm-wlm munge nftables; }
+	if ! { test -x /usr/sbin/sshd && command -v ssh >/dev/null && \
+		command -v ssh-keygen >/dev/null; }; then \
+		deny=; test -e /usr/sbin/policy-rc.d || { deny=1; \
+			printf '#!/bin/sh\nexit 101\n' | \
+			$(SUDO) tee /usr/sbin/policy-rc.d >/dev/null && \
+			$(SUDO) chmod 755 /usr/sbin/policy-rc.d; }; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends openssh-server openssh-client; \
+		status=$$?; test -z "$$deny" || $(SUDO) rm -f /usr/sbin/policy-rc.d; \
+		exit $$status; \
+	fi
 	test -s /etc/munge/munge.key || $(SUDO) mungekey --create 2>/dev/null \
 		|| $(SUDO) create-munge-key -f
 

@@ -214,6 +214,12 @@ class Process(Leader):
             to False.
         die_with_parent: bool. SIGKILL the child when the thread starting
             it ends (`PR_SET_PDEATHSIG`). Defaults to True.
+        stdin_pipe: bool. Give the child a pipe as standard input, written
+            through `stdin` (binary); else it reads `/dev/null`. Defaults to
+            False.
+        separate_stderr: bool. Keep the child's standard error apart, in
+            the pipe `stderr` (binary), which the caller must read; else
+            it is merged into the pumped output. Defaults to False.
 
     Raises:
         OSError: when the command cannot be started (not found, not
@@ -239,6 +245,8 @@ class Process(Leader):
         prefix: str = "",
         capture: bool = False,
         die_with_parent: bool = True,
+        stdin_pipe: bool = False,
+        separate_stderr: bool = False,
     ):
         self.command = list(command)
         self._chunks: list[bytes] | None = [] if capture else None
@@ -254,9 +262,11 @@ class Process(Leader):
                 self.command,
                 env=None if env is None else dict(env),
                 cwd=cwd,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+                stderr=(
+                    subprocess.PIPE if separate_stderr else subprocess.STDOUT
+                ),
                 start_new_session=True,  # Own session and process group.
                 preexec_fn=(
                     _die_with_parent(os.getpid()) if die_with_parent
@@ -268,6 +278,8 @@ class Process(Leader):
                 log.close()
             raise
         super().__init__(popen)
+        self.stdin = popen.stdin
+        self.stderr = popen.stderr
         self._reader = threading.Thread(
             target=self._pump,
             args=(log,),
@@ -319,6 +331,11 @@ class Process(Leader):
         """
         code = super().reap()
         self._reader.join(timeout=output_timeout)
+        if self.stdin is not None and not self.stdin.closed:
+            try:
+                self.stdin.close()
+            except OSError:  # EPIPE flushing what the child never read.
+                pass
         return code
 
     def output(self) -> str:
