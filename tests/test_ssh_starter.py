@@ -12,6 +12,7 @@ behind (by the PIDs the workers wrote), reachability reasons, and a real
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -24,6 +25,7 @@ from kerasdist.launch import supervisor
 from kerasdist.launch.hosts import Host
 from kerasdist.launch.ssh import SshStarter
 from kerasdist.testing import hosts as hosts_lib
+from kerasdist.testing import kill_group
 
 pytestmark = pytest.mark.real_component
 
@@ -351,3 +353,66 @@ def test_two_worker_training_over_ssh(starter, started, tmp_path):
         np.testing.assert_array_equal(w0[f"trained{i}"], w1[f"trained{i}"])
         assert not np.array_equal(w0[f"trained{i}"], w0[f"initial{i}"])
     assert w0["loss"][-1] < w0["loss"][0]
+
+
+def _launch(tmp_path, name, hosts_args, log):
+    out = tmp_path / name
+    return subprocess.Popen(
+        [sys.executable, "-m", "kerasdist.launch", *hosts_args,
+         "--max_restarts", "0", "--grace_period", "60", "--",
+         sys.executable, os.path.join(HERE, "elastic_hosts_worker.py"),
+         "--out", str(out), "--backup_dir", str(out / "backup"),
+         "--pid_dir", str(out / "pids"), "--step_delay", "0.2"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=HERE,
+        start_new_session=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+             "PYTHONPATH": os.pathsep.join((HERE, REPO))},
+    )
+
+
+def test_kerasdist_run_over_ssh_saves_on_sigterm_and_resumes(server,
+                                                             tmp_path):
+    """`kerasdist-run --starter ssh`: SIGTERM to the launcher reaches the
+    workers over ssh, they save at the next step and exit 75; a second run
+    resumes there, and the result is the unfailed local run's."""
+    import fault_worker
+
+    ssh = ["--hosts", f"{HOST_A.address},{HOST_B.address}", "--starter",
+           "ssh", "--ssh_command", server.ssh_command,
+           "--env", f"PYTHONPATH={HERE}{os.pathsep}{REPO}",
+           "--env", "TF_CPP_MIN_LOG_LEVEL=3"]
+    logs = tmp_path / "launcher.log"
+    with open(logs, "w") as log:
+        first = _launch(tmp_path, "ssh", ssh, log)
+        try:
+            steps = tmp_path / "ssh" / "steps-0.jsonl"
+            _wait_for(lambda: steps.exists() and len(
+                fault_worker.read_steps(steps)) >= 6, 240)
+            first.send_signal(signal.SIGTERM)
+            first.wait(timeout=120)
+        finally:
+            kill_group(first)
+        assert first.returncode == 128 + signal.SIGTERM, logs.read_text()
+        second = _launch(tmp_path, "ssh", ssh, log)
+        reference = _launch(
+            tmp_path, "local", ["--hosts", "127.0.0.2,127.0.0.3"], log)
+        try:
+            for p in (second, reference):
+                p.wait(timeout=300)
+        finally:
+            kill_group(second)
+            kill_group(reference)
+    text = logs.read_text()
+    assert second.returncode == 0 and reference.returncode == 0, text[-6000:]
+    assert "[worker-1@127.0.0.22]" in text
+    assert "kerasdist: preempted (SIGTERM); saved at epoch" in text
+    records = fault_worker.read_steps(tmp_path / "ssh" / "steps-0.jsonl")
+    assert {r["attempt"] for r in records} == {0}  # A new run each time.
+    assert fault_worker.retrained(records) == 0  # SIGTERM loses nothing.
+    expected = fault_worker.fingerprints(fault_worker.read_steps(
+        tmp_path / "local" / "steps-0.jsonl"))
+    assert fault_worker.fingerprints(records) == expected
+    got = np.load(tmp_path / "ssh" / "final.npz")
+    want = np.load(tmp_path / "local" / "final.npz")
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)

@@ -611,6 +611,14 @@ class _Worker:
         return code
 
 
+class _StartFailed(Exception):
+    """A host could not take its workers; carries the attempt's failure."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.reason)
+        self.failure = failure
+
+
 class _Agent:
     """Runs attempts until success, give-up or interruption."""
 
@@ -768,11 +776,8 @@ class _Agent:
         members = [h for h in hosts for _ in range(h.slots)]
         # Fresh ports every attempt: the old ones may still be in TIME_WAIT.
         if spec.multi_host:
-            # Free on every local address (TensorFlow listens on all).
-            ports = cluster.free_ports(len(members), host="")
             config = cluster.make_tf_config(
-                [f"{h.address}:{p}" for h, p in zip(members, ports,
-                                                     strict=True)], 0
+                self._addresses(attempt, hosts), 0
             )
         else:
             config = cluster.make_tf_config(len(members), 0, host=spec.host)
@@ -812,6 +817,36 @@ class _Agent:
                 ) from None
             raise
         return workers
+
+    def _addresses(self, attempt: int, hosts: list[hostlib.Host]
+                   ) -> list[str]:
+        """`ADDRESS:PORT` of each worker, with ports free where it runs.
+
+        Raises:
+            _StartFailed: when a host cannot say which ports are free.
+        """
+        local = [h for h in hosts if not hasattr(
+            self._starter(h), "free_ports")]
+        # Free on every local address (TensorFlow listens on all of them).
+        ports = iter(cluster.free_ports(sum(h.slots for h in local),
+                                        host=""))
+        addresses = []
+        index = 0
+        for h in hosts:
+            if h in local:
+                picked = [next(ports) for _ in range(h.slots)]
+            else:
+                try:
+                    picked = self._starter(h).free_ports(h, h.slots)
+                except OSError as e:
+                    raise _StartFailed(Failure(
+                        attempt, index, WorkerState.FAILED,
+                        f"could not be started ({e})", None, time.time(),
+                        h.address,
+                    )) from None
+            addresses += [f"{h.address}:{p}" for p in picked]
+            index += h.slots
+        return addresses
 
     def _stop_group(self, workers: list[_Worker], grace: float) -> None:
         """SIGTERM every process group, SIGKILL what is left after grace."""
@@ -883,9 +918,12 @@ class _Agent:
                 WorkerState.FAILED, WorkerState.PREEMPTED,
                 WorkerState.PERMANENT,
             ):
+                # An ssh worker whose connection ended: say so.
+                lost = getattr(w.process, "ssh_failure", None)
                 return Failure(
-                    attempt, w.index, w.state, _exit_reason(code), code,
-                    time.time(), w.host,
+                    attempt, w.index, w.state,
+                    f"lost its host ({lost})" if lost else _exit_reason(code),
+                    code, time.time(), w.host,
                 )
         return self._hung(workers, attempt)
 
@@ -931,7 +969,10 @@ class _Agent:
         missing = [h for h in self.hosts if h not in hosts] if (
             spec.elastic
         ) else []
-        workers = self._start_group(attempt, beat_dir, hosts)
+        try:
+            workers = self._start_group(attempt, beat_dir, hosts)
+        except _StartFailed as e:
+            return e.failure
         try:
             failure = self._monitor(workers, attempt, missing)
         except BaseException:
