@@ -462,3 +462,18 @@ def test_elastic_bad_configuration_is_a_clear_error_before_training(
     assert "Invalid value for argument `scaling_config`" in message
     assert "RAY_TRAIN_V2_ENABLED=0" in message
     assert "Expected a fixed num_workers" in message
+
+
+def test_check_global_batch_counts_replicas_of_every_size():
+    from kerasdist.integrations.ray import RayScalingError, check_global_batch
+
+    check_global_batch(train.ScalingConfig(num_workers=(1, 2)), 16)
+    check_global_batch(train.ScalingConfig(num_workers=4), 16)
+    # Two GPUs per worker: sizes 1..3 are 2, 4 and 6 replicas.
+    gpus = train.ScalingConfig(num_workers=(1, 3), use_gpu=True,
+                               resources_per_worker={"GPU": 2})
+    check_global_batch(gpus, 24)
+    with pytest.raises(RayScalingError) as err:
+        check_global_batch(gpus, 16)
+    assert "3 worker(s) = 6 replicas" in str(err.value)
+    assert "multiple of 12 (e.g. 12 or 24)" in str(err.value)
