@@ -74,8 +74,34 @@ def _attempt(out: str, rank: int) -> int:
     return n
 
 
+def _hold(out: str, rank: int, attempt: int, world: int, step: int,
+          seconds: float) -> None:
+    """Pauses this worker (bounded) so the test can change the cluster at
+    a known step; Ray's restart or resize stops the worker meanwhile."""
+    import time
+
+    if rank == 0:
+        name = f"hold-{attempt}-{world}-{step}.json"
+        tmp = os.path.join(out, f".{name}")
+        with open(tmp, "w") as f:
+            json.dump({"attempt": attempt, "world": world, "step": step}, f)
+        os.replace(tmp, os.path.join(out, name))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def fault_job(config):
-    """tests/fault_worker.py's deterministic job as a Ray Train function."""
+    """tests/fault_worker.py's deterministic job as a Ray Train function.
+
+    Config: `out` (logs, final weights), `backup_root`, `epochs`,
+    `step_delay` (seconds slept after each step), `holds` (list of
+    `[world_size, global_step]`: at that step, in a group of that size that
+    already trained in this attempt, every worker pauses for `hold_s`
+    seconds after rank 0 writes `hold-<attempt>-<world>-<step>.json`).
+    Rank 0 logs each step to `steps-0.jsonl` with the group size and the
+    step's fingerprint summed over all replicas.
+    """
     import sys
 
     import keras
@@ -95,23 +121,43 @@ def fault_job(config):
     out = config["out"]
     context = train.get_context()
     rank = context.get_world_rank()
+    world = context.get_world_size()
     attempt = _attempt(out, rank)
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("KERASDIST_")}
     with open(os.path.join(out, f"node-{rank}-{attempt}.json"), "w") as f:
         json.dump({"node_id": ray.get_runtime_context().get_node_id(),
-                   "pid": os.getpid()}, f)
+                   "pid": os.getpid(), "world": world, "env": env}, f)
     strategy = kd.MultiWorkerMirroredStrategy()
+    replicas = strategy.num_replicas_in_sync
+    holds = [tuple(h) for h in config.get("holds", [])]
     with strategy.scope():
         model = fault_worker.build_model()
 
     class StepLog(keras.callbacks.Callback):
+        trained = 0
+
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
 
+        def on_train_batch_begin(self, batch, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            if self.trained and (world, step) in holds:
+                _hold(out, rank, attempt, world, step,
+                      config.get("hold_s", 300))
+
         def on_train_batch_end(self, batch, logs=None):
-            record = {"attempt": attempt, "epoch": self.epoch, "step": batch,
-                      "id_sum": round(float(logs["id_sum"]) * 2)}
-            with open(os.path.join(out, f"steps-{rank}.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.trained += 1
+            if rank == 0:
+                # Keras averages the per-replica sums over the replicas.
+                record = {
+                    "attempt": attempt, "world": world,
+                    "epoch": self.epoch, "step": batch,
+                    "id_sum": round(float(logs["id_sum"]) * replicas),
+                    "id_sq": round(float(logs["id_sq"]) * replicas),
+                }
+                with open(os.path.join(out, "steps-0.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
             if config.get("step_delay"):
                 import time
 

@@ -15,7 +15,27 @@ ray-project/ray#47464). This module adds what is missing:
   models (ray-project/ray#44804).
 - `KerasTrainer`: `TensorflowTrainer` that first checks the cluster has
   the resources `ScalingConfig` asks for, so a too-small cluster is an
-  error rather than a run that waits forever.
+  error rather than a run that waits forever; and, for Ray Train's elastic
+  mode (`ScalingConfig(num_workers=(min, max))`), that the global batch
+  divides over every group size Ray may choose.
+
+Elastic training. With `num_workers=(min, max)` Ray Train (V2, the default
+in Ray 2.55) starts the group with as many workers as the cluster can hold
+(at least `min`), restarts it with fewer when a node is lost (a failure,
+counted in `FailureConfig(max_failures)`), and, while it runs, checks every
+`ScalingConfig(elastic_resize_monitor_interval_s)` whether more workers
+would fit; if so it stops the group and starts a bigger one (not counted as
+a failure). Each start resumes from the last reported checkpoint, which
+`BackupAndRestore` turns into a step-exact resume. The training math stays
+that of an unfailed run when the training function batches its data by a
+fixed *global* batch (`kd.data.distribute(ds, strategy,
+global_batch_size=...)`: each replica then gets global / replicas); Ray's
+own example, which batches by `per_worker_batch_size * world_size`, would
+change the batch, and so the training, with every resize. In elastic mode
+`KerasTrainer` also sets `KERASDIST_MIN_WORKERS`, `KERASDIST_MAX_WORKERS`
+and `KERASDIST_NUM_WORKERS` in each worker, the variables kerasdist's
+elastic launcher sets, so the worker side treats a Ray resize like one of
+its own.
 
 "Saved, restart me" (`kerasdist.launch.protocol.exit_for_restart`) raises
 `RestartRequested` in a Ray Train worker; Ray counts it as a failure and
@@ -24,14 +44,20 @@ restarts the group from the last reported checkpoint.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from kerasdist._validate import check_int
 from kerasdist.callbacks import BackupAndRestore as _BackupAndRestore
 from kerasdist.errors import PermanentError
+from kerasdist.launch import protocol
 
 try:
     import ray
@@ -47,8 +73,16 @@ __all__ = [
     "BackupAndRestore",
     "KerasTrainer",
     "RayResourcesError",
+    "RayScalingError",
+    "check_global_batch",
     "check_resources",
 ]
+
+# The elastic launcher's contract (kerasdist/launch/protocol.py on the
+# elastic branch names them ENV_MIN_WORKERS and ENV_MAX_WORKERS): the
+# smallest and largest group size a resize may choose.
+ENV_MIN_WORKERS = "KERASDIST_MIN_WORKERS"
+ENV_MAX_WORKERS = "KERASDIST_MAX_WORKERS"
 
 
 class RayResourcesError(PermanentError, ValueError):
@@ -63,15 +97,124 @@ class RayResourcesError(PermanentError, ValueError):
     """
 
 
-def _needs(scaling_config: Any) -> tuple[int, dict[str, float]]:
+class RayScalingError(PermanentError, ValueError):
+    """`ScalingConfig` asks for group sizes kerasdist cannot train exactly.
+
+    Raised by `KerasTrainer` before any worker starts: a global batch that
+    does not divide over the replicas of some group size Ray may choose, or
+    an elastic `num_workers=(min, max)` under Ray Train V1, which has no
+    elastic mode. A `PermanentError`: retrying cannot fix it.
+
+    Example:
+
+    >>> issubclass(RayScalingError, ValueError)
+    True
+    """
+
+
+def _worker_range(scaling_config: Any) -> tuple[int, int]:
+    """(min, max) group sizes; (n, n) for a fixed `num_workers`."""
     workers = scaling_config.num_workers
     if isinstance(workers, (tuple, list)):  # elastic (min, max)
-        workers = workers[0]
+        return int(workers[0]), int(workers[1])
+    return int(workers), int(workers)
+
+
+def _is_elastic(scaling_config: Any) -> bool:
+    return isinstance(scaling_config.num_workers, (tuple, list))
+
+
+def _replicas_per_worker(scaling_config: Any) -> int:
+    """Replicas `kd.MultiWorkerMirroredStrategy` makes in one Ray worker:
+    one per GPU Ray gives it (Ray sets CUDA_VISIBLE_DEVICES), else one."""
+    resources = scaling_config.resources_per_worker or {}
+    gpus = resources.get("GPU", 1 if scaling_config.use_gpu else 0)
+    return max(int(gpus), 1)
+
+
+def _needs(scaling_config: Any) -> tuple[int, dict[str, float]]:
+    workers = _worker_range(scaling_config)[0]
     per_worker = dict(
         scaling_config.resources_per_worker
         or {"GPU" if scaling_config.use_gpu else "CPU": 1}
     )
     return int(workers), per_worker
+
+
+def check_global_batch(scaling_config: Any, global_batch_size: int) -> None:
+    """Raises unless the global batch divides over every allowed group size.
+
+    Ray may run any number of workers in `num_workers=(min, max)` (and
+    resizes between them); each worker holds `_replicas_per_worker`
+    replicas (one per GPU, else one), and each replica trains global /
+    replicas examples per step. So the global batch must divide by the
+    replica count of every size in the range.
+
+    Args:
+        scaling_config: `ray.train.ScalingConfig`, fixed or elastic.
+        global_batch_size: int. Examples per step over all replicas.
+
+    Raises:
+        RayScalingError: naming the batch, the sizes it does not divide
+            over, and the fix.
+        ValueError: if `global_batch_size` is not a positive integer.
+
+    Example:
+
+    ```python
+    check_global_batch(ScalingConfig(num_workers=(1, 4)), 48)  # fine
+    check_global_batch(ScalingConfig(num_workers=(1, 3)), 16)  # raises
+    ```
+    """
+    global_batch_size = check_int("global_batch_size", global_batch_size)
+    low, high = _worker_range(scaling_config)
+    per_worker = _replicas_per_worker(scaling_config)
+    sizes = range(max(low, 1), high + 1)
+    bad = [n for n in sizes if global_batch_size % (n * per_worker)]
+    if not bad:
+        return
+    multiple = math.lcm(*(n * per_worker for n in sizes))
+    lower = global_batch_size // multiple * multiple
+    suggestions = " or ".join(
+        str(v) for v in (lower, lower + multiple) if v > 0
+    )
+    raise RayScalingError(
+        "Invalid value for argument `global_batch_size`. Received: "
+        f"global_batch_size={global_batch_size} with ScalingConfig("
+        f"num_workers={scaling_config.num_workers!r}), {per_worker} "
+        f"replica(s) per worker: it does not divide over the replicas of "
+        f"{len(bad)} group size(s) Ray may choose: "
+        + ", ".join(f"{n} worker(s) = {n * per_worker} replicas"
+                    for n in bad)
+        + f". Expected a multiple of {multiple} (e.g. {suggestions}), or a "
+        "`num_workers` range whose sizes all divide it."
+    )
+
+
+def _with_elastic_env(fn: Callable, low: int, high: int) -> Callable:
+    """`fn` that first sets the elastic launcher's variables in the worker.
+
+    Ray calls the training function with `config` only if it takes an
+    argument, so the wrapper takes the same number.
+    """
+
+    def set_env() -> None:
+        os.environ[ENV_MIN_WORKERS] = str(low)
+        os.environ[ENV_MAX_WORKERS] = str(high)
+        os.environ[protocol.ENV_NUM_WORKERS] = str(
+            ray_train.get_context().get_world_size()
+        )
+
+    if inspect.signature(fn).parameters:
+        def run(config):
+            set_env()
+            return fn(config)
+    else:
+        def run():
+            set_env()
+            return fn()
+
+    return functools.update_wrapper(run, fn)
 
 
 def check_resources(
@@ -121,28 +264,69 @@ def check_resources(
 
 
 class KerasTrainer(TensorflowTrainer):
-    """Ray's `TensorflowTrainer`, checking the cluster's resources first.
+    """Ray's `TensorflowTrainer`, checking resources and batch sizes first.
 
-    Takes exactly `TensorflowTrainer`'s arguments. In the training function
-    use `kd.MultiWorkerMirroredStrategy()` (it reads the `TF_CONFIG` Ray
-    sets) and `kerasdist.integrations.ray.BackupAndRestore`.
+    Takes `TensorflowTrainer`'s arguments, plus `global_batch_size`. In the
+    training function use `kd.MultiWorkerMirroredStrategy()` (it reads the
+    `TF_CONFIG` Ray sets), a dataset batched by the global batch
+    (`kd.data.distribute(ds, strategy, global_batch_size=...)`) and
+    `kerasdist.integrations.ray.BackupAndRestore`.
+
+    Elastic `ScalingConfig(num_workers=(min, max))` (Ray Train V2): Ray
+    starts, shrinks and grows the group between `min` and `max` workers,
+    each time resuming from the last reported checkpoint. `KerasTrainer`
+    then sets `KERASDIST_MIN_WORKERS`, `KERASDIST_MAX_WORKERS` and
+    `KERASDIST_NUM_WORKERS` in every worker (the elastic launcher's
+    variables), warns when `FailureConfig(max_failures)` is 0 (the first
+    lost node would end the run), and raises under Ray Train V1, which
+    has no elastic mode.
 
     Args:
         train_loop_per_worker: callable. The training function.
+        global_batch_size: int or None. The global batch the training
+            function batches its data by. If given, it is checked against
+            every group size `num_workers` allows (`check_global_batch`)
+            before any worker starts. Defaults to None (not checked).
         **kwargs: `TensorflowTrainer`'s keyword arguments
             (`scaling_config`, `run_config`, `train_loop_config`, ...).
+
+    Raises:
+        RayScalingError: if `global_batch_size` does not divide over some
+            allowed group size, or `num_workers` is a range under Ray Train
+            V1.
 
     Example:
 
     ```python
-    trainer = KerasTrainer(train_func,
-                           scaling_config=ray.train.ScalingConfig(2))
+    trainer = KerasTrainer(
+        train_func, global_batch_size=64,
+        scaling_config=ray.train.ScalingConfig(num_workers=(1, 4)),
+        run_config=ray.train.RunConfig(
+            failure_config=ray.train.FailureConfig(max_failures=3)))
     result = trainer.fit()
     ```
     """
 
-    def __init__(self, train_loop_per_worker, **kwargs):
-        self._kerasdist_scaling = kwargs.get("scaling_config")
+    def __init__(
+        self,
+        train_loop_per_worker: Callable,
+        *,
+        global_batch_size: int | None = None,
+        **kwargs: Any,
+    ):
+        scaling = kwargs.get("scaling_config")
+        self._kerasdist_scaling = scaling
+        if scaling is not None and _is_elastic(scaling):
+            _check_elastic_supported(scaling, kwargs.get("run_config"))
+            train_loop_per_worker = _with_elastic_env(
+                train_loop_per_worker, *_worker_range(scaling)
+            )
+        if global_batch_size is not None:
+            check_global_batch(
+                scaling if scaling is not None
+                else ray_train.ScalingConfig(),
+                global_batch_size,
+            )
         super().__init__(train_loop_per_worker, **kwargs)
 
     def fit(self):
@@ -163,6 +347,31 @@ class KerasTrainer(TensorflowTrainer):
         if self._kerasdist_scaling is not None:
             check_resources(self._kerasdist_scaling)
         return super().fit()
+
+
+def _check_elastic_supported(scaling_config: Any, run_config: Any) -> None:
+    # Ray Train V1's ScalingConfig accepts a tuple `num_workers` without a
+    # word (ray/air/config.py) but has no elastic mode; V2's has
+    # `elasticity_enabled` (ray/train/v2/api/config.py).
+    if not hasattr(scaling_config, "elasticity_enabled"):
+        raise RayScalingError(
+            "Invalid value for argument `scaling_config`. Received: "
+            f"ScalingConfig(num_workers={scaling_config.num_workers!r}) "
+            "under Ray Train V1 (RAY_TRAIN_V2_ENABLED=0), which has no "
+            "elastic mode. Expected a fixed num_workers, or Ray Train V2: "
+            "unset RAY_TRAIN_V2_ENABLED (V2 is the default in Ray 2.55) "
+            "before importing ray.train."
+        )
+    failure = getattr(run_config, "failure_config", None)
+    if not getattr(failure, "max_failures", 0):
+        warnings.warn(
+            f"ScalingConfig(num_workers={scaling_config.num_workers!r}) is "
+            "elastic, but FailureConfig(max_failures) is 0, so the first "
+            "lost node ends the run instead of shrinking the group. Pass "
+            "run_config=RunConfig(failure_config=FailureConfig("
+            "max_failures=N)).",
+            stacklevel=3,
+        )
 
 
 def _backup_files(directory: str) -> list[str]:
