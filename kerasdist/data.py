@@ -14,15 +14,17 @@ import warnings
 
 import tensorflow as tf
 
-from kerasdist import _internals
+from kerasdist import _internals, elastic
 from kerasdist._validate import check_int
 from kerasdist.errors import PermanentError
+from kerasdist.launch import protocol
 
 __all__ = [
     "SHARD_POLICIES",
     "UnevenBatchError",
     "check_keras_batches",
     "distribute",
+    "global_batch_size_of",
     "per_replica_batch_size",
 ]
 
@@ -93,12 +95,16 @@ def check_keras_batches(
     Raises:
         UnevenBatchError: if `batch_size` or the partial last batch does
             not divide by `strategy.num_replicas_in_sync`.
+        kerasdist.elastic.ElasticConfigError: under an elastic launcher,
+            if some allowed group size cannot split `batch_size`.
 
     Example:
 
     >>> check_keras_batches(4, None, tf.distribute.get_strategy())
     """
     replicas = strategy.num_replicas_in_sync
+    if batch_size is not None:
+        elastic.check_global_batch(batch_size, strategy)
     if replicas == 1 or batch_size is None:
         return
     if batch_size % replicas:
@@ -269,7 +275,25 @@ def _choose_policy(
     dataset: tf.data.Dataset, shard_policy: str, num_workers: int
 ) -> tf.data.experimental.AutoShardPolicy:
     policy = tf.data.experimental.AutoShardPolicy
-    if num_workers == 1 or shard_policy == "off":
+    if shard_policy == "off":
+        return policy.OFF
+    if elastic.is_elastic():
+        # FILE sharding gives each worker other files, so which examples
+        # form global batch k depends on the number of workers; DATA keeps
+        # every global batch the same at every size (kerasdist.elastic).
+        if shard_policy == "file":
+            low = os.environ.get(protocol.ENV_MIN_WORKERS)
+            raise elastic.ElasticConfigError(
+                "Invalid value for argument `shard_policy`. Received: "
+                "shard_policy='file' under an elastic launcher ("
+                f"{protocol.ENV_MIN_WORKERS}={low}): with file sharding the "
+                "examples of each global batch depend on the number of "
+                "workers, so a resized run would train on other batches. "
+                "Expected shard_policy='data' or 'auto' (which picks "
+                "'data' in elastic runs)."
+            )
+        return policy.OFF if num_workers == 1 else policy.DATA
+    if num_workers == 1:
         return policy.OFF
     if shard_policy == "data":
         return policy.DATA
@@ -316,8 +340,11 @@ def distribute(
         shard_policy: str. How workers split the input:
             - `"auto"` (default): `"file"` when the dataset reads at least
               one file per worker (TFRecord, text lines, fixed-length
-              records), else `"data"`.
-            - `"file"`: each worker reads its own subset of the files.
+              records), else `"data"`; always `"data"` under an elastic
+              launcher (`kerasdist.elastic`).
+            - `"file"`: each worker reads its own subset of the files
+              (refused under an elastic launcher: the batches would
+              depend on the number of workers).
             - `"data"`: every worker reads all data and keeps its part of
               each global batch.
             - `"off"`: no sharding (each worker must feed different data
@@ -334,6 +361,9 @@ def distribute(
         ValueError: if `global_batch_size` does not divide over the replicas,
             `shard_policy` is unknown, or the dataset has fewer global
             batches than there are workers (some worker would have no data).
+        kerasdist.elastic.ElasticConfigError: under an elastic launcher,
+            if some allowed group size cannot split `global_batch_size`,
+            or `shard_policy="file"`.
         UnevenBatchError: if the number of examples is known and would
             leave a last batch that does not divide over the replicas
             (unless `drop_remainder=True`).
@@ -362,6 +392,7 @@ def distribute(
         )
     num_workers = _internals.num_workers(strategy)
     if global_batch_size is not None:
+        elastic.check_global_batch(global_batch_size, strategy)
         per_replica_batch_size(global_batch_size, strategy)
         _check_last_batch(dataset, strategy, global_batch_size,
                           drop_remainder)
@@ -389,4 +420,37 @@ def distribute(
     dataset = dataset.with_options(options)
     if prefetch:
         dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    if global_batch_size is not None:
+        # Read by kd.callbacks.BackupAndRestore when the batch dimension is
+        # not static (drop_remainder=False): the cursor records it.
+        dataset._kerasdist_global_batch_size = int(global_batch_size)  # noqa: SLF001
     return dataset
+
+
+def global_batch_size_of(dataset: object) -> int | None:
+    """The global batch of a dataset or Keras input, if known.
+
+    Args:
+        dataset: a dataset returned by `distribute` (which records its
+            `global_batch_size`), or any `tf.data.Dataset` whose batch
+            dimension is static.
+
+    Returns:
+        int or None.
+
+    Example:
+
+    >>> global_batch_size_of(tf.data.Dataset.range(8).batch(
+    ...     4, drop_remainder=True))
+    4
+    """
+    recorded = getattr(dataset, "_kerasdist_global_batch_size", None)
+    if recorded is not None:
+        return int(recorded)
+    if not isinstance(dataset, tf.data.Dataset):
+        return None
+    leaves = [spec for spec in tf.nest.flatten(dataset.element_spec)
+              if isinstance(spec, tf.TensorSpec) and spec.shape.rank]
+    if leaves and leaves[0].shape[0] is not None:
+        return int(leaves[0].shape[0])
+    return None

@@ -42,7 +42,7 @@ def make_arrays(num_examples: int = NUM_EXAMPLES, seed: int = SEED):
 
 
 def make_dataset(strategy=None, num_examples: int = NUM_EXAMPLES,
-                 seed: int = SEED):
+                 seed: int = SEED, global_batch: int = GLOBAL_BATCH):
     """Deterministic pipeline: seeded shuffle, reshuffled every epoch.
 
     With the default 192 examples an epoch has 12 batches of 16.
@@ -61,12 +61,17 @@ def make_dataset(strategy=None, num_examples: int = NUM_EXAMPLES,
     )
     return kd.data.distribute(
         ds, strategy or tf.distribute.get_strategy(),
-        global_batch_size=GLOBAL_BATCH,
+        global_batch_size=global_batch,
     )
 
 
-def build_model(hidden: int = 16, steps_per_execution: int = 1):
-    """Seeded MLP whose `train_step` also logs a fingerprint of its batch."""
+def build_model(hidden: int = 16, steps_per_execution: int = 1,
+                batchnorm: str = "none"):
+    """Seeded MLP whose `train_step` also logs a fingerprint of its batch.
+
+    `batchnorm`: "none", "plain" (a `BatchNormalization` after the hidden
+    layer) or "sync" (the same with `synchronized=True`).
+    """
     import keras
     import tensorflow as tf
 
@@ -88,6 +93,8 @@ def build_model(hidden: int = 16, steps_per_execution: int = 1):
         DropId(),
         keras.layers.Dense(hidden, activation="relu",
                            kernel_initializer=init(seed=1)),
+        *([] if batchnorm == "none" else [keras.layers.BatchNormalization(
+            synchronized=batchnorm == "sync")]),
         keras.layers.Dense(CLASSES, kernel_initializer=init(seed=2)),
     ])
     model.compile(
@@ -184,6 +191,27 @@ def assert_weights_equal(a, b) -> None:
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+def write_pid(pid_dir: str) -> str:
+    """Writes `<host>-w<index>-a<attempt>.pid` holding "pid pgid".
+
+    The host is `KERASDIST_HOST` (127.0.0.1 when unset), the index
+    `KERASDIST_WORKER_INDEX`, the attempt `KERASDIST_RESTART_COUNT`: a test
+    can stop exactly the processes of one emulated host. Returns the path.
+    """
+    from kerasdist.launch import protocol
+
+    host = os.environ.get(protocol.ENV_HOST) or "127.0.0.1"
+    index = os.environ.get(protocol.ENV_WORKER_INDEX, "0")
+    path = os.path.join(
+        pid_dir, f"{host}-w{index}-a{protocol.restart_count()}.pid")
+    os.makedirs(pid_dir, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()} {os.getpgid(0)}\n")
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -199,7 +227,26 @@ def main(argv=None) -> int:
     parser.add_argument("--strict_logs", action="store_true",
                         help="a callback that reads logs['loss'] at epoch "
                         "end (raises KeyError on empty logs)")
+    parser.add_argument("--global_batch", type=int, default=GLOBAL_BATCH,
+                        help="examples per step over all workers")
+    parser.add_argument("--per_worker_batch", type=int, default=0,
+                        help="if > 0, the global batch is this times the "
+                        "number of workers (what resizing without "
+                        "kerasdist's elastic handling does)")
+    parser.add_argument("--pid_dir", default=None,
+                        help="each worker writes <host>-w<index>-a<attempt>"
+                        ".pid here, holding 'pid pgid'")
+    parser.add_argument("--backup", choices=["kerasdist", "keras"],
+                        default="kerasdist",
+                        help="keras: keras.callbacks.BackupAndRestore "
+                        "(epoch-level; use {rank} in --backup_dir)")
+    parser.add_argument("--batchnorm", choices=["none", "plain", "sync"],
+                        default="none")
+    parser.add_argument("--all_weights", action="store_true",
+                        help="every worker writes final-w<rank>.npz")
     args = parser.parse_args(argv)
+    if args.pid_dir:
+        write_pid(args.pid_dir)
 
     import keras
     import numpy as np
@@ -241,7 +288,8 @@ def main(argv=None) -> int:
         if e == -1:
             os.kill(os.getpid(), getattr(signal, what))
     with strategy.scope():
-        model = build_model(steps_per_execution=args.steps_per_execution)
+        model = build_model(steps_per_execution=args.steps_per_execution,
+                            batchnorm=args.batchnorm)
     save_freq = args.save_freq
     save_freq = save_freq if save_freq == "epoch" else int(save_freq)
     os.makedirs(args.out, exist_ok=True)
@@ -249,19 +297,24 @@ def main(argv=None) -> int:
         os.path.join(args.out, f"steps-{task.worker_rank}.jsonl"),
         strategy.num_replicas_in_sync, on_step,
     )
-    dataset = make_dataset(strategy, args.num_examples)
-    validation = {
-        "none": None,
-        "same": dataset,
-        "separate": make_dataset(strategy, 64, seed=SEED + 1),
-    }[args.validation]
+    global_batch = args.global_batch
+    if args.per_worker_batch:
+        global_batch = args.per_worker_batch * task.num_workers
+    dataset = make_dataset(strategy, args.num_examples,
+                           global_batch=global_batch)
+    validation = {"none": None, "same": dataset}.get(args.validation)
+    if args.validation == "separate":
+        validation = make_dataset(strategy, 64, seed=SEED + 1,
+                                  global_batch=global_batch)
     callbacks = [log]
     if args.strict_logs:
         callbacks.append(keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: float(logs["loss"])))
-    callbacks.append(kd.callbacks.BackupAndRestore(
-        args.backup_dir.replace("{rank}", str(task.worker_rank)), save_freq,
-    ))
+    backup_dir = args.backup_dir.replace("{rank}", str(task.worker_rank))
+    if args.backup == "keras":
+        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
+    else:
+        callbacks.append(kd.callbacks.BackupAndRestore(backup_dir, save_freq))
     history = model.fit(
         dataset,
         epochs=args.epochs,
@@ -269,11 +322,12 @@ def main(argv=None) -> int:
         validation_data=validation,
         callbacks=callbacks,
     )
+    weights = [np.asarray(w) for w in model.get_weights()]
     if task.is_chief:
-        np.savez(
-            os.path.join(args.out, "final.npz"),
-            *[np.asarray(w) for w in model.get_weights()],
-        )
+        np.savez(os.path.join(args.out, "final.npz"), *weights)
+    if args.all_weights:
+        np.savez(os.path.join(args.out, f"final-w{task.worker_rank}.npz"),
+                 *weights)
         print("history epochs:", len(history.history.get("loss", [])))
     keras.backend.clear_session()
     return 0

@@ -13,8 +13,14 @@ and on restore re-creates the same number of iterators (without reading
 them), advances the current one past the batches already trained, and makes
 the epoch's step enumeration start at the saved step.
 
-The `Cursor` is the one place that says where training is; the elastic work
-replaces its input fields by a world-size-independent position.
+The `Cursor` is the one place that says where training is. Its position
+does not depend on the number of workers: it counts *global* batches (each
+split over all replicas) and the samples they held, and records the global
+batch and the replica count of the run that saved. Under
+`MultiWorkerMirroredStrategy` with the `DATA` auto-shard policy, global
+batch k holds the same examples at every worker count (see
+`kerasdist.elastic`), so skipping the same number of global batches resumes
+exactly at another size; a different global batch is refused.
 """
 
 from __future__ import annotations
@@ -40,7 +46,13 @@ class Cursor:
             so far (by `fit`, and by validation when it reads the same
             dataset object).
         current_iterator: int. Which of those (1-based) training reads.
-        batches_consumed: int. Batches taken from that iterator.
+        batches_consumed: int. Global batches taken from that iterator.
+        samples_consumed: int. Examples in those batches (batches x the
+            global batch; 0 when the global batch is unknown).
+        global_batch_size: int. Examples per step over all replicas of
+            the run that saved (0: unknown, e.g. a kerasdist 0.1 backup).
+        num_replicas: int. Replicas in sync of the run that saved.
+        num_workers: int. Workers of the run that saved.
     """
 
     epoch: int = 0
@@ -49,6 +61,10 @@ class Cursor:
     iterators_created: int = 0
     current_iterator: int = 0
     batches_consumed: int = 0
+    samples_consumed: int = 0
+    global_batch_size: int = 0
+    num_replicas: int = 0
+    num_workers: int = 0
 
     def to_meta(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,6 +81,16 @@ class Cursor:
         """Counts `steps` trained steps."""
         self.global_step += steps
         self.batches_consumed += steps
+        self.samples_consumed += steps * self.global_batch_size
+
+    def batches_to_skip(self, global_batch_size: int) -> int:
+        """Global batches of `global_batch_size` to skip to reach this
+        position: from the samples consumed when both batches are known
+        (they are equal, `BackupAndRestore` refuses others), else the
+        batch count."""
+        if self.samples_consumed and global_batch_size:
+            return self.samples_consumed // global_batch_size
+        return self.batches_consumed
 
     def end_epoch(self, epoch: int) -> None:
         self.epoch = epoch + 1
@@ -113,10 +139,12 @@ class InputTracker:
                 cursor.iterators_created = at.iterators_created
                 cursor.current_iterator = at.current_iterator
                 cursor.batches_consumed = at.batches_consumed
+                cursor.samples_consumed = at.samples_consumed
                 return iterator
             cursor.iterators_created += 1
             cursor.current_iterator = cursor.iterators_created
             cursor.batches_consumed = 0
+            cursor.samples_consumed = 0
             return original()
 
         _internals.patch_get_iterator(ei, counting_get_iterator)
@@ -145,7 +173,7 @@ class InputTracker:
             for _ in range(saved.current_iterator - 1):
                 iter(original())
             iterator = iter(original())
-            for _ in range(saved.batches_consumed):
+            for _ in range(saved.batches_to_skip(cursor.global_batch_size)):
                 next(iterator)
             for _ in range(saved.iterators_created - saved.current_iterator):
                 iter(original())  # validation's, after training's

@@ -37,8 +37,9 @@ import keras
 import numpy as np
 from absl import logging
 
-from kerasdist import _internals, _validate
+from kerasdist import _internals, _validate, elastic
 from kerasdist import cluster as cluster_lib
+from kerasdist import data as data_lib
 from kerasdist.callbacks import _backup_preemption, _callback_state
 from kerasdist.callbacks import _backup_restore as restore_lib
 from kerasdist.callbacks import _backup_store as store
@@ -141,7 +142,12 @@ class BackupAndRestore(keras.callbacks.Callback):
             dataset itself under a strategy (its effect on the shuffle
             order cannot be replayed; pass a separate one).
         BackupMismatchError: at the start of `fit`, if the backup was made
-            by a different model.
+            by a different model, or with another global batch (the
+            number of workers may change between runs; the global batch
+            may not).
+        kerasdist.elastic.ElasticConfigError: at the start of `fit` under
+            an elastic launcher, if some allowed group size cannot split
+            the global batch.
 
     Example:
 
@@ -223,6 +229,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 optimizer.build(model.trainable_variables)
         epoch_iterator = _internals.find_epoch_iterator(model)
         shared_validation = self._check_validation_data(epoch_iterator)
+        self._record_world(model, epoch_iterator)
         self._callbacks = run_last(self, EpochLogs(self))
         new_run = self._is_new_run_in_this_process()
         if self._task.is_chief:
@@ -346,6 +353,41 @@ class BackupAndRestore(keras.callbacks.Callback):
             "with another seed, or without shuffle)."
         )
 
+    def _record_world(self, model, epoch_iterator) -> None:
+        """Puts the global batch and the world size in the cursor, and
+        checks the batch against every size an elastic launcher allows."""
+        strategy = model.distribute_strategy
+        x, _ = _internals.fit_inputs(model)
+        global_batch = data_lib.global_batch_size_of(x)
+        if global_batch is None and epoch_iterator is not None:
+            global_batch = _internals.fit_batch_size(epoch_iterator)
+        if global_batch:
+            elastic.check_global_batch(global_batch, strategy)
+        self._cursor.global_batch_size = int(global_batch or 0)
+        self._cursor.num_replicas = int(strategy.num_replicas_in_sync)
+        self._cursor.num_workers = int(self._task.num_workers)
+
+    def _check_same_global_batch(self, meta: dict) -> None:
+        """Refuses a backup made with another global batch (resuming it
+        would train other batches: not the same run at another size)."""
+        saved = int(meta.get("global_batch_size") or 0)
+        current = self._cursor.global_batch_size
+        if not saved or not current or saved == current:
+            return
+        replicas = int(meta.get("num_replicas") or 0)
+        raise BackupMismatchError(
+            f"The backup in {self.backup_dir!r} was made with a global "
+            f"batch of {saved} examples per step"
+            + (f" ({replicas} replicas in sync)" if replicas else "")
+            + f"; this run uses global_batch_size={current} "
+            f"({self._cursor.num_replicas} replicas in sync). The global "
+            "batch must not change when the number of workers does: "
+            f"resume with global_batch_size={saved} (kd.data.distribute("
+            f"..., global_batch_size={saved}) or fit(..., batch_size="
+            f"{saved})), not a per-worker batch times the workers; or "
+            "start a new run with a new `backup_dir`."
+        )
+
     def _is_new_run_in_this_process(self) -> bool:
         return restore_lib.new_run_in_this_process(self.backup_dir)
 
@@ -412,6 +454,8 @@ class BackupAndRestore(keras.callbacks.Callback):
                 self.model, self._task.num_workers, self.backup_dir, m))
         if meta is None:
             return None
+        if not check_only:
+            self._check_same_global_batch(meta)
         metrics = restore_lib.load(self.model, self.backup_dir, meta, values,
                                    epoch_iterator, check_only)
         if check_only:
@@ -435,6 +479,17 @@ class BackupAndRestore(keras.callbacks.Callback):
                 store.ckpt_name(cursor.global_step), cursor.epoch + 1,
                 cursor.step, cursor.global_step,
             )
+            if cursor.num_replicas and (
+                cursor.num_replicas != self._cursor.num_replicas
+            ):
+                logging.info(
+                    "kerasdist: the backup was made with %d worker(s), %d "
+                    "replicas; resuming with %d worker(s), %d replicas and "
+                    "the same global batch of %d",
+                    cursor.num_workers, cursor.num_replicas,
+                    self._cursor.num_workers, self._cursor.num_replicas,
+                    self._cursor.global_batch_size,
+                )
         return meta
 
     # ------------------------------------------------------------------
