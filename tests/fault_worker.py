@@ -191,6 +191,40 @@ def assert_weights_equal(a, b) -> None:
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+def epoch_backup_callback(backup_dir: str):
+    """What users write without kerasdist (the negative control): weights
+    and optimizer state saved by every worker at each epoch end."""
+    import keras
+    import numpy as np
+
+    class EpochBackup(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            os.makedirs(backup_dir, exist_ok=True)
+            values = [np.asarray(v.numpy()) for v in
+                      self.model.variables + self.model.optimizer.variables]
+            np.savez(os.path.join(backup_dir, "epoch.npz"),
+                     np.asarray(epoch + 1), *values)
+
+    return EpochBackup()
+
+
+def load_epoch_backup(model, backup_dir: str) -> int:
+    """Restores `epoch_backup_callback`'s file; returns the epoch to start."""
+    import numpy as np
+
+    path = os.path.join(backup_dir, "epoch.npz")
+    if not os.path.exists(path):
+        return 0
+    with model.distribute_strategy.scope():
+        model.optimizer.build(model.trainable_variables)
+    with np.load(path) as f:
+        values = [f[f"arr_{i}"] for i in range(len(f.files))]
+    for v, value in zip(model.variables + model.optimizer.variables,
+                        values[1:], strict=True):
+        v.assign(value)
+    return int(values[0])
+
+
 def write_pid(pid_dir: str) -> str:
     """Writes `<host>-w<index>-a<attempt>.pid` holding "pid pgid".
 
@@ -236,10 +270,12 @@ def main(argv=None) -> int:
     parser.add_argument("--pid_dir", default=None,
                         help="each worker writes <host>-w<index>-a<attempt>"
                         ".pid here, holding 'pid pgid'")
-    parser.add_argument("--backup", choices=["kerasdist", "keras"],
+    parser.add_argument("--backup", choices=["kerasdist", "epoch"],
                         default="kerasdist",
-                        help="keras: keras.callbacks.BackupAndRestore "
-                        "(epoch-level; use {rank} in --backup_dir)")
+                        help="epoch: the usual hand-written way, each "
+                        "worker saves weights and optimizer at every epoch "
+                        "end and a restart resumes at the next epoch's "
+                        "start (use {rank} in --backup_dir)")
     parser.add_argument("--batchnorm", choices=["none", "plain", "sync"],
                         default="none")
     parser.add_argument("--all_weights", action="store_true",
@@ -311,12 +347,15 @@ def main(argv=None) -> int:
         callbacks.append(keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: float(logs["loss"])))
     backup_dir = args.backup_dir.replace("{rank}", str(task.worker_rank))
-    if args.backup == "keras":
-        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
+    initial_epoch = 0
+    if args.backup == "epoch":
+        initial_epoch = load_epoch_backup(model, backup_dir)
+        callbacks.append(epoch_backup_callback(backup_dir))
     else:
         callbacks.append(kd.callbacks.BackupAndRestore(backup_dir, save_freq))
     history = model.fit(
         dataset,
+        initial_epoch=initial_epoch,
         epochs=args.epochs,
         verbose=0,
         validation_data=validation,

@@ -205,11 +205,11 @@ def test_resize_3_to_2_to_3_workers_matches_unfailed_run(
 def test_negative_control_usual_resize_changes_the_weights(
         reference, tmp_path):
     # The usual way: a fixed per-worker batch (4, so the global batch is 12
-    # on 3 workers and 8 on 2) and keras.callbacks.BackupAndRestore (one
-    # directory per worker, resumes at the start of the interrupted
-    # epoch). Same data, same model, same kill as above.
+    # on 3 workers and 8 on 2) and a hand-written epoch-end backup that
+    # resumes at the start of the next epoch (`fit(initial_epoch=...)`),
+    # as with keras.callbacks.BackupAndRestore. Same data, same model.
     job = ["--per_worker_batch", "4", "--num_examples", str(EXAMPLES),
-           "--epochs", str(EPOCHS), "--backup", "keras"]
+           "--epochs", str(EPOCHS), "--backup", "epoch"]
     backup = str(tmp_path / "backup-{rank}")
     code, text = _launch(tmp_path / "first", backup, 3, *job,
                          faults=["0:1:1:5:SIGKILL"])
