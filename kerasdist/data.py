@@ -24,7 +24,7 @@ __all__ = [
     "UnevenBatchError",
     "check_keras_batches",
     "distribute",
-    "global_batch_size_of",
+    "batch_sizes_of",
     "per_replica_batch_size",
 ]
 
@@ -321,6 +321,7 @@ def distribute(
     shard_policy: str = "auto",
     drop_remainder: bool = False,
     prefetch: bool = True,
+    accumulation_steps: int = 1,
 ) -> tf.data.Dataset:
     """Prepares a dataset of examples for data-parallel `fit`.
 
@@ -353,9 +354,15 @@ def distribute(
         drop_remainder: bool. Drop a last partial global batch. Defaults to
             False.
         prefetch: bool. Append `prefetch(AUTOTUNE)`. Defaults to True.
+        accumulation_steps: int. Training steps per optimizer update (the
+            optimizer must accumulate as many, `kd.accumulate_gradients`):
+            the dataset is batched by `global_batch_size /
+            accumulation_steps`. Use `kd.elastic.batch_plan` to choose it.
+            Defaults to 1.
 
     Returns:
-        `tf.data.Dataset` of global batches.
+        `tf.data.Dataset` of global batches (of their parts, with
+        `accumulation_steps > 1`).
 
     Raises:
         ValueError: if `global_batch_size` does not divide over the replicas,
@@ -391,14 +398,22 @@ def distribute(
             f"{list(SHARD_POLICIES)}."
         )
     num_workers = _internals.num_workers(strategy)
+    accumulation_steps = check_int("accumulation_steps", accumulation_steps)
+    step_batch = None
     if global_batch_size is not None:
         elastic.check_global_batch(global_batch_size, strategy)
-        per_replica_batch_size(global_batch_size, strategy)
-        _check_last_batch(dataset, strategy, global_batch_size,
-                          drop_remainder)
-        dataset = dataset.batch(
-            global_batch_size, drop_remainder=drop_remainder
-        )
+        global_batch_size = check_int("global_batch_size", global_batch_size)
+        if global_batch_size % accumulation_steps:
+            raise ValueError(
+                "Invalid value for argument `accumulation_steps`. Received: "
+                f"accumulation_steps={accumulation_steps} with "
+                f"global_batch_size={global_batch_size}. Expected a divisor "
+                "of the global batch; kd.elastic.batch_plan chooses one."
+            )
+        step_batch = global_batch_size // accumulation_steps
+        per_replica_batch_size(step_batch, strategy)
+        _check_last_batch(dataset, strategy, step_batch, drop_remainder)
+        dataset = dataset.batch(step_batch, drop_remainder=drop_remainder)
     batches = int(dataset.cardinality())
     if 0 <= batches < num_workers:
         raise ValueError(
@@ -421,36 +436,40 @@ def distribute(
     if prefetch:
         dataset = dataset.prefetch(tf.data.AUTOTUNE)
     if global_batch_size is not None:
-        # Read by kd.callbacks.BackupAndRestore when the batch dimension is
-        # not static (drop_remainder=False): the cursor records it.
-        dataset._kerasdist_global_batch_size = int(global_batch_size)  # noqa: SLF001
+        # Read by kd.callbacks.BackupAndRestore (the cursor records them)
+        # through `batch_sizes_of`.
+        dataset._kerasdist_batch_sizes = (  # noqa: SLF001 (our own mark)
+            int(global_batch_size), step_batch)
     return dataset
 
 
-def global_batch_size_of(dataset: object) -> int | None:
-    """The global batch of a dataset or Keras input, if known.
+def batch_sizes_of(dataset: object) -> tuple[int | None, int | None]:
+    """The global batch and the dataset batch of a `fit` input, if known.
 
     Args:
-        dataset: a dataset returned by `distribute` (which records its
-            `global_batch_size`), or any `tf.data.Dataset` whose batch
-            dimension is static.
+        dataset: a dataset returned by `distribute` (which records both),
+            or any `tf.data.Dataset` whose batch dimension is static (then
+            both are that size).
 
     Returns:
-        int or None.
+        `(global_batch_size, step_batch_size)`: examples per optimizer
+        update and per dataset batch (smaller with gradient accumulation);
+        `(None, None)` when unknown.
 
     Example:
 
-    >>> global_batch_size_of(tf.data.Dataset.range(8).batch(
+    >>> batch_sizes_of(tf.data.Dataset.range(8).batch(
     ...     4, drop_remainder=True))
-    4
+    (4, 4)
     """
-    recorded = getattr(dataset, "_kerasdist_global_batch_size", None)
+    recorded = getattr(dataset, "_kerasdist_batch_sizes", None)
     if recorded is not None:
-        return int(recorded)
+        return recorded
     if not isinstance(dataset, tf.data.Dataset):
-        return None
+        return None, None
     leaves = [spec for spec in tf.nest.flatten(dataset.element_spec)
               if isinstance(spec, tf.TensorSpec) and spec.shape.rank]
     if leaves and leaves[0].shape[0] is not None:
-        return int(leaves[0].shape[0])
-    return None
+        size = int(leaves[0].shape[0])
+        return size, size
+    return None, None

@@ -39,14 +39,17 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+from kerasdist._validate import check_int
 from kerasdist.errors import PermanentError
 from kerasdist.launch import protocol
 
 __all__ = [
+    "BatchPlan",
     "ElasticConfigError",
     "allowed_workers",
+    "batch_plan",
     "check_global_batch",
     "is_elastic",
 ]
@@ -218,3 +221,92 @@ def check_global_batch(
 
 def _multiple_near(value: int, step: int) -> int:
     return max(round(value / step), 1) * step
+
+
+class BatchPlan(NamedTuple):
+    """How this world size trains the global batch (see `batch_plan`).
+
+    Attributes:
+        global_batch_size: int. Examples per optimizer update.
+        replica_batch_size: int. Examples each replica computes on at once.
+        accumulation_steps: int. Training steps per optimizer update.
+        step_batch_size: int. Examples per training step over all
+            replicas: the dataset's batch.
+
+    Example:
+
+    >>> BatchPlan(12, 3, 2, 6).step_batch_size
+    6
+    """
+
+    global_batch_size: int
+    replica_batch_size: int
+    accumulation_steps: int
+    step_batch_size: int
+
+
+def batch_plan(
+    global_batch_size: int,
+    max_replica_batch_size: int | None = None,
+    strategy: Any = None,
+) -> BatchPlan:
+    """Splits the global batch over this world size, within a memory cap.
+
+    `replicas x replica_batch_size x accumulation_steps ==
+    global_batch_size`, with the fewest accumulation steps that keep each
+    replica's batch within `max_replica_batch_size`. When an elastic
+    launcher shrinks the group, each replica's share grows; accumulating
+    gradients over several steps keeps the global batch (and so the
+    training) the same. Apply it with `kd.data.distribute(...,
+    global_batch_size=plan.global_batch_size,
+    accumulation_steps=plan.accumulation_steps)` and, when
+    `plan.accumulation_steps > 1`, `kd.accumulate_gradients(optimizer,
+    plan.accumulation_steps)`.
+
+    Args:
+        global_batch_size: int. Examples per optimizer update over all
+            replicas.
+        max_replica_batch_size: int or None. The largest batch a replica
+            can compute on at once (its memory). None: no cap, no
+            accumulation. Defaults to None.
+        strategy: `tf.distribute.Strategy` or None (the current one).
+
+    Returns:
+        `BatchPlan`.
+
+    Raises:
+        ElasticConfigError: if `global_batch_size` does not divide by the
+            replicas (no accumulation can fix that).
+        ValueError: if an argument is not a positive integer.
+
+    Example:
+
+    >>> batch_plan(12, max_replica_batch_size=4)
+    BatchPlan(global_batch_size=12, replica_batch_size=4, \
+accumulation_steps=3, step_batch_size=4)
+    """
+    global_batch_size = check_int("global_batch_size", global_batch_size)
+    if max_replica_batch_size is not None:
+        max_replica_batch_size = check_int(
+            "max_replica_batch_size", max_replica_batch_size)
+    if strategy is None:
+        import tensorflow as tf
+
+        strategy = tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size % replicas:
+        raise ElasticConfigError(
+            "Invalid value for argument `global_batch_size`. Received: "
+            f"global_batch_size={global_batch_size}, which does not divide "
+            f"over the {replicas} replicas in sync; gradient accumulation "
+            "cannot fix that. Expected a multiple of "
+            f"{replicas}, e.g. {_multiple_near(global_batch_size, replicas)}."
+        )
+    share = global_batch_size // replicas
+    steps = 1
+    if max_replica_batch_size is not None:
+        steps = next(s for s in range(1, share + 1)
+                     if share % s == 0 and share // s
+                     <= max_replica_batch_size)
+    return BatchPlan(global_batch_size, share // steps, steps,
+                     global_batch_size // steps)

@@ -42,7 +42,8 @@ def make_arrays(num_examples: int = NUM_EXAMPLES, seed: int = SEED):
 
 
 def make_dataset(strategy=None, num_examples: int = NUM_EXAMPLES,
-                 seed: int = SEED, global_batch: int = GLOBAL_BATCH):
+                 seed: int = SEED, global_batch: int = GLOBAL_BATCH,
+                 accumulation_steps: int = 1):
     """Deterministic pipeline: seeded shuffle, reshuffled every epoch.
 
     With the default 192 examples an epoch has 12 batches of 16.
@@ -62,18 +63,22 @@ def make_dataset(strategy=None, num_examples: int = NUM_EXAMPLES,
     return kd.data.distribute(
         ds, strategy or tf.distribute.get_strategy(),
         global_batch_size=global_batch,
+        accumulation_steps=accumulation_steps,
     )
 
 
 def build_model(hidden: int = 16, steps_per_execution: int = 1,
-                batchnorm: str = "none"):
+                batchnorm: str = "none", accumulation_steps: int = 1):
     """Seeded MLP whose `train_step` also logs a fingerprint of its batch.
 
     `batchnorm`: "none", "plain" (a `BatchNormalization` after the hidden
     layer) or "sync" (the same with `synchronized=True`).
+    `accumulation_steps` > 1: `kd.accumulate_gradients` on the optimizer.
     """
     import keras
     import tensorflow as tf
+
+    import kerasdist as kd
 
     class DropId(keras.layers.Layer):
         def call(self, x):
@@ -97,8 +102,11 @@ def build_model(hidden: int = 16, steps_per_execution: int = 1,
             synchronized=batchnorm == "sync")]),
         keras.layers.Dense(CLASSES, kernel_initializer=init(seed=2)),
     ])
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+    if accumulation_steps > 1:
+        kd.accumulate_gradients(optimizer, accumulation_steps)
     model.compile(
-        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
@@ -267,6 +275,10 @@ def main(argv=None) -> int:
                         help="if > 0, the global batch is this times the "
                         "number of workers (what resizing without "
                         "kerasdist's elastic handling does)")
+    parser.add_argument("--max_replica_batch", type=int, default=None,
+                        help="a per-replica memory cap: "
+                        "kd.elastic.batch_plan accumulates gradients when "
+                        "a replica's share of the global batch exceeds it")
     parser.add_argument("--pid_dir", default=None,
                         help="each worker writes <host>-w<index>-a<attempt>"
                         ".pid here, holding 'pid pgid'")
@@ -323,9 +335,15 @@ def main(argv=None) -> int:
     for e, _, what in faults:
         if e == -1:
             os.kill(os.getpid(), getattr(signal, what))
+    global_batch = args.global_batch
+    if args.per_worker_batch:
+        global_batch = args.per_worker_batch * task.num_workers
+    plan = kd.elastic.batch_plan(global_batch, args.max_replica_batch,
+                                 strategy)
     with strategy.scope():
         model = build_model(steps_per_execution=args.steps_per_execution,
-                            batchnorm=args.batchnorm)
+                            batchnorm=args.batchnorm,
+                            accumulation_steps=plan.accumulation_steps)
     save_freq = args.save_freq
     save_freq = save_freq if save_freq == "epoch" else int(save_freq)
     os.makedirs(args.out, exist_ok=True)
@@ -333,11 +351,9 @@ def main(argv=None) -> int:
         os.path.join(args.out, f"steps-{task.worker_rank}.jsonl"),
         strategy.num_replicas_in_sync, on_step,
     )
-    global_batch = args.global_batch
-    if args.per_worker_batch:
-        global_batch = args.per_worker_batch * task.num_workers
     dataset = make_dataset(strategy, args.num_examples,
-                           global_batch=global_batch)
+                           global_batch=global_batch,
+                           accumulation_steps=plan.accumulation_steps)
     validation = {"none": None, "same": dataset}.get(args.validation)
     if args.validation == "separate":
         validation = make_dataset(strategy, 64, seed=SEED + 1,

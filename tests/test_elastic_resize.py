@@ -202,6 +202,54 @@ def test_resize_3_to_2_to_3_workers_matches_unfailed_run(
         np.testing.assert_allclose(w, r, rtol=RESIZE_RTOL, atol=RESIZE_ATOL)
 
 
+def _per_update(records, accumulation):
+    """Step records of a run accumulating `accumulation` steps per update,
+    merged into one record per optimizer update (a global batch)."""
+    merged = {}
+    for r in records:
+        key = (r["epoch"], r["step"] // accumulation)
+        m = merged.setdefault(key, {"attempt": r["attempt"], "epoch": key[0],
+                                    "step": key[1], "id_sum": 0, "id_sq": 0,
+                                    "parts": 0})
+        m["id_sum"] += r["id_sum"]
+        m["id_sq"] += r["id_sq"]
+        m["parts"] += 1
+    assert all(m.pop("parts") == accumulation for m in merged.values())
+    return list(merged.values())
+
+
+def test_resize_with_gradient_accumulation_matches_unfailed_run(
+        reference, interrupted, tmp_path):
+    # A replica may compute on at most 4 examples (--max_replica_batch 4):
+    # on 3 workers a global batch of 12 is 3 x 4 in one step; on 2 workers
+    # kd.elastic.batch_plan makes it 2 replicas x 3 examples x 2
+    # accumulated steps. 3 -> 2 (accumulating) -> 3 workers.
+    backup = _copy_backup(interrupted, tmp_path)
+    cap = ["--max_replica_batch", "4"]
+    # On 2 workers (2 steps per update, a backup every 4 steps), worker 0
+    # is killed after step 9 of epoch 1: the newest backup is at update 20
+    # (epoch 1, update 4).
+    code, text = _launch(tmp_path / "two", backup, 2, *JOB, *cap,
+                         env=ELASTIC, faults=["0:0:1:9:SIGKILL"])
+    assert code != 0, text
+    two = _steps(tmp_path / "two", 1)
+    assert (two[0]["epoch"], two[0]["step"]) == (0, 16)  # update 8 of 16
+    assert "ckpt-000000000020.npz" in os.listdir(backup)
+    code, text = _launch(tmp_path / "three", backup, 3, *JOB, *cap,
+                         env=ELASTIC)
+    assert code == 0, text
+    three = _steps(tmp_path / "three", 2)
+    assert (three[0]["epoch"], three[0]["step"]) == (1, 4)
+    steps = fw.lineage(interrupted[1] + _per_update(two, 2) + three)
+    assert fw.fingerprints(steps) == fw.fingerprints(reference[1])
+    _assert_each_example_once_per_epoch(steps)
+    weights = _weights(tmp_path / "three" / "final.npz")
+    print(f"3 -> 2 (accumulating 2 steps) -> 3 workers: max |weight "
+          f"difference| = {_max_diff(weights, reference[0]):.3g}")
+    for w, r in zip(weights, reference[0], strict=True):
+        np.testing.assert_allclose(w, r, rtol=RESIZE_RTOL, atol=RESIZE_ATOL)
+
+
 def test_negative_control_usual_resize_changes_the_weights(
         reference, tmp_path):
     # The usual way: a fixed per-worker batch (4, so the global batch is 12
@@ -327,6 +375,25 @@ def test_check_global_batch_names_failing_sizes_and_fix():
     assert "multiple of 6 (e.g. 12)" in text
     assert isinstance(e.value, kd.errors.PermanentError)
     elastic.check_global_batch(10, environ={})  # not elastic: no check
+
+
+def test_batch_plan_accumulates_only_above_the_memory_cap():
+    import tensorflow as tf
+
+    three = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1", "/cpu:2"])
+    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    plan = elastic.batch_plan(12, max_replica_batch_size=4, strategy=three)
+    assert plan == (12, 4, 1, 12)
+    plan = elastic.batch_plan(12, max_replica_batch_size=4, strategy=two)
+    assert plan == elastic.BatchPlan(global_batch_size=12,
+                                     replica_batch_size=3,
+                                     accumulation_steps=2, step_batch_size=6)
+    assert elastic.batch_plan(12, strategy=two).accumulation_steps == 1
+    # 7 examples per replica and a cap of 4: 7 steps of 1 (7 is prime).
+    assert elastic.batch_plan(14, 4, strategy=two) == (14, 1, 7, 2)
+    with pytest.raises(elastic.ElasticConfigError,
+                       match="global_batch_size=13.*multiple of 2"):
+        elastic.batch_plan(13, 4, strategy=two)
 
 
 def test_file_sharding_is_refused_and_auto_picks_data_when_elastic(

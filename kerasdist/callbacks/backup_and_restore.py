@@ -193,6 +193,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._callback_states: tuple[dict, list] | None = None
         self._preemption: _backup_preemption.Preemption | None = None
         self._heartbeat = _backup_preemption.Heartbeat()
+        self._restored: Cursor | None = None
+        self._save_pending = False
+        self._stop_pending = False
 
     def _variables(self) -> tuple[list, list, list]:
         return restore_lib.variables(self.model)
@@ -240,7 +243,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if new_run and self._task.is_chief:
             store.delete_all(self.backup_dir)
             os.makedirs(self.backup_dir, exist_ok=True)
-        saved = Cursor.from_meta(meta) if meta is not None else None
+        saved = self._restored if meta is not None else None
         if epoch_iterator is not None:
             self._tracker = InputTracker(epoch_iterator, self._cursor,
                                          shared_validation)
@@ -293,8 +296,17 @@ class BackupAndRestore(keras.callbacks.Callback):
             global_step // self.save_freq
             > (global_step - steps) // self.save_freq
         ):
-            self._save()
+            self._save_pending = True
         if self._preemption.should_stop(global_step, steps):
+            self._stop_pending = True
+        # With gradient accumulation, only between optimizer updates: a
+        # backup never holds half-accumulated gradients, so it can resume
+        # with another accumulation (another world size).
+        if not self._cursor.at_update_boundary():
+            return
+        if self._save_pending:
+            self._save()
+        if self._stop_pending:
             self._stop_for_preemption()
 
     def on_test_begin(self, logs=None):
@@ -309,6 +321,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._cursor.end_epoch(epoch)
         self._resumed_epoch = None
         if self.save_freq == "epoch":
+            self._save_pending = True
+        if self._save_pending and self._cursor.at_update_boundary():
             self._save()
         self._heartbeat.beat()
 
@@ -354,18 +368,37 @@ class BackupAndRestore(keras.callbacks.Callback):
         )
 
     def _record_world(self, model, epoch_iterator) -> None:
-        """Puts the global batch and the world size in the cursor, and
-        checks the batch against every size an elastic launcher allows."""
+        """Puts the batch sizes and the world size in the cursor, and
+        checks the global batch against every size an elastic launcher
+        allows."""
         strategy = model.distribute_strategy
+        optimizer = getattr(model, "optimizer", None)
+        accumulation = int(
+            getattr(optimizer, "gradient_accumulation_steps", None) or 1)
         x, _ = _internals.fit_inputs(model)
-        global_batch = data_lib.global_batch_size_of(x)
-        if global_batch is None and epoch_iterator is not None:
-            global_batch = _internals.fit_batch_size(epoch_iterator)
-        if global_batch:
+        global_batch, step_batch = data_lib.batch_sizes_of(x)
+        if step_batch is None and epoch_iterator is not None:
+            step_batch = _internals.fit_batch_size(epoch_iterator)
+        if step_batch and global_batch and (
+            step_batch * accumulation != global_batch
+        ):
+            raise BackupConfigError(
+                "Invalid value for argument `accumulation_steps` of "
+                f"kd.data.distribute: the dataset is batched by {step_batch}"
+                f" for a global batch of {global_batch}, but the optimizer "
+                f"accumulates {accumulation} step(s). Expected the same "
+                "accumulation_steps for kd.data.distribute and "
+                "kd.accumulate_gradients (kd.elastic.batch_plan gives both)."
+            )
+        if step_batch:
+            global_batch = step_batch * accumulation
             elastic.check_global_batch(global_batch, strategy)
-        self._cursor.global_batch_size = int(global_batch or 0)
-        self._cursor.num_replicas = int(strategy.num_replicas_in_sync)
-        self._cursor.num_workers = int(self._task.num_workers)
+        cursor = self._cursor
+        cursor.global_batch_size = int(global_batch or 0)
+        cursor.step_batch_size = int(step_batch or 0)
+        cursor.accumulation_steps = accumulation
+        cursor.num_replicas = int(strategy.num_replicas_in_sync)
+        cursor.num_workers = int(self._task.num_workers)
 
     def _check_same_global_batch(self, meta: dict) -> None:
         """Refuses a backup made with another global batch (resuming it
@@ -430,9 +463,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             meta.update(finished=True, epochs=epochs,
                         stopped_early=self._cursor.epoch < epochs)
         values += arrays
-        store.save(self.backup_dir, self._cursor.global_step, meta, values,
+        # Named by optimizer updates: the same order at every world size.
+        store.save(self.backup_dir, self._cursor.updates(), meta, values,
                    self.keep, keep_it=self._task.is_chief)
         self._saved_at = self._cursor.global_step
+        self._save_pending = False
 
     def _steps_per_execution(self) -> int:
         if self._tracker is not None:
@@ -460,7 +495,13 @@ class BackupAndRestore(keras.callbacks.Callback):
                                    epoch_iterator, check_only)
         if check_only:
             return None
-        cursor = Cursor.from_meta(meta)
+        cursor = Cursor.from_meta(meta).converted(
+            self._cursor.step_batch_size, self._cursor.accumulation_steps,
+            self.backup_dir)
+        self._restored = cursor
+        restore_lib.set_optimizer_updates(
+            self.model, cursor.updates(), self._cursor.accumulation_steps,
+            int(meta.get("accumulation_steps") or 1))
         self._cursor.epoch = cursor.epoch
         self._cursor.step = cursor.step
         self._cursor.global_step = cursor.global_step
