@@ -401,8 +401,8 @@ def distribute(
     accumulation_steps = check_int("accumulation_steps", accumulation_steps)
     step_batch = None
     if global_batch_size is not None:
-        elastic.check_global_batch(global_batch_size, strategy)
         global_batch_size = check_int("global_batch_size", global_batch_size)
+        elastic.check_global_batch(global_batch_size, strategy)
         if global_batch_size % accumulation_steps:
             raise ValueError(
                 "Invalid value for argument `accumulation_steps`. Received: "

@@ -345,6 +345,34 @@ def test_synchronized_batchnorm_statistics_agree_between_workers(tmp_path):
         np.testing.assert_allclose(a, b, rtol=RESIZE_RTOL, atol=RESIZE_ATOL)
 
 
+def test_plain_batchnorm_depends_on_the_replica_count():
+    # What the docs say: plain BatchNormalization normalises each
+    # replica's part of the batch, so 2 replicas train differently from 1
+    # device with the same global batch; synchronized=True does not.
+    import keras
+    import tensorflow as tf
+
+    def moving_variance(strategy, batchnorm):
+        with strategy.scope():
+            model = fw.build_model(batchnorm=batchnorm)
+        model.fit(fw.make_dataset(strategy, 96, global_batch=GLOBAL_BATCH),
+                  epochs=1, verbose=0)
+        bn = next(layer for layer in model.layers
+                  if isinstance(layer, keras.layers.BatchNormalization))
+        return np.asarray(bn.moving_variance.numpy())
+
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    two = kd.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
+    plain = _max_diff([moving_variance(one, "plain")],
+                      [moving_variance(two, "plain")])
+    synced = _max_diff([moving_variance(one, "sync")],
+                       [moving_variance(two, "sync")])
+    print(f"BN moving variance, 1 vs 2 replicas: plain {plain:.3g}, "
+          f"synchronized {synced:.3g}")
+    assert plain > 1000 * RESIZE_ATOL
+    assert synced < RESIZE_ATOL * 10
+
+
 # -- in-process checks of the configuration rules -------------------------
 
 
