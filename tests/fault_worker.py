@@ -14,6 +14,14 @@ that attempt (`KERASDIST_RESTART_COUNT`) and worker after that step (EPOCH
 -1: after the strategy is created, before `fit`): WHAT is
 a signal name sent to the worker itself, or `KILL_IN_SAVE` (SIGKILL inside
 the next save, after the temporary file is written and before the rename).
+
+For elastic and multi-host tests: `--global_batch B` (default 16; the same
+at every group size), `--per_worker_batch P` (the global batch is P x the
+workers: resizing without kerasdist's handling), `--max_replica_batch M`
+(`kd.elastic.batch_plan` accumulates gradients above it), `--backup epoch`
+(a hand-written epoch-end backup instead of kerasdist's), `--pid_dir DIR`
+(each worker writes `<KERASDIST_HOST or 127.0.0.1>-w<index>-a<attempt>.pid`
+holding "pid pgid"), `--batchnorm plain|sync` and `--all_weights`.
 """
 
 from __future__ import annotations

@@ -72,6 +72,14 @@ def _launch(out, backup_dir, num_workers, *args, env=None, faults=()):
         text, _ = proc.communicate()
         pytest.fail(f"kerasdist-run did not end in {LAUNCH_TIMEOUT}s:\n"
                     f"{text[-4000:]}")
+    except BaseException:
+        # Interrupted: stop the launcher (it stops its workers on SIGTERM).
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return proc.returncode, text
 
 
@@ -305,7 +313,8 @@ def test_resume_with_another_global_batch_is_refused(interrupted, tmp_path):
                          "--epochs", str(EPOCHS))
     assert code == protocol.PERMANENT_EXIT_CODE, text
     assert "BackupMismatchError" in text
-    assert "global batch of 12 examples per step (3 replicas" in text
+    assert ("global batch of 12 examples per optimizer update "
+            "(3 replicas") in text
     assert "global_batch_size=8" in text
     assert "resume with global_batch_size=12" in text
     assert _files(backup) == before

@@ -410,7 +410,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         replicas = int(meta.get("num_replicas") or 0)
         raise BackupMismatchError(
             f"The backup in {self.backup_dir!r} was made with a global "
-            f"batch of {saved} examples per step"
+            f"batch of {saved} examples per optimizer update"
             + (f" ({replicas} replicas in sync)" if replicas else "")
             + f"; this run uses global_batch_size={current} "
             f"({self._cursor.num_replicas} replicas in sync). The global "
@@ -489,15 +489,17 @@ class BackupAndRestore(keras.callbacks.Callback):
                 self.model, self._task.num_workers, self.backup_dir, m))
         if meta is None:
             return None
+        cursor = None
         if not check_only:
+            # Both checks raise before anything is assigned.
             self._check_same_global_batch(meta)
+            cursor = Cursor.from_meta(meta).converted(
+                self._cursor.step_batch_size,
+                self._cursor.accumulation_steps, self.backup_dir)
         metrics = restore_lib.load(self.model, self.backup_dir, meta, values,
                                    epoch_iterator, check_only)
-        if check_only:
+        if cursor is None:
             return None
-        cursor = Cursor.from_meta(meta).converted(
-            self._cursor.step_batch_size, self._cursor.accumulation_steps,
-            self.backup_dir)
         self._restored = cursor
         restore_lib.set_optimizer_updates(
             self.model, cursor.updates(), self._cursor.accumulation_steps,
@@ -517,7 +519,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             logging.info(
                 "kerasdist: restored %s: resuming at epoch %d, step %d "
                 "(step %d of the run)",
-                store.ckpt_name(cursor.global_step), cursor.epoch + 1,
+                store.ckpt_name(cursor.updates()), cursor.epoch + 1,
                 cursor.step, cursor.global_step,
             )
             if cursor.num_replicas and (
