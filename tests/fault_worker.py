@@ -388,10 +388,10 @@ def main(argv=None) -> int:
     weights = [np.asarray(w) for w in model.get_weights()]
     if task.is_chief:
         np.savez(os.path.join(args.out, "final.npz"), *weights)
+        print("history epochs:", len(history.history.get("loss", [])))
     if args.all_weights:
         np.savez(os.path.join(args.out, f"final-w{task.worker_rank}.npz"),
                  *weights)
-        print("history epochs:", len(history.history.get("loss", [])))
     keras.backend.clear_session()
     return 0
 
