@@ -346,12 +346,14 @@ def main(argv=None) -> int:
     global_batch = args.global_batch
     if args.per_worker_batch:
         global_batch = args.per_worker_batch * task.num_workers
-    plan = kd.elastic.batch_plan(global_batch, args.max_replica_batch,
-                                 strategy)
+    accumulation_steps = 1
+    if args.max_replica_batch:
+        accumulation_steps = kd.elastic.batch_plan(
+            global_batch, args.max_replica_batch, strategy).accumulation_steps
     with strategy.scope():
         model = build_model(steps_per_execution=args.steps_per_execution,
                             batchnorm=args.batchnorm,
-                            accumulation_steps=plan.accumulation_steps)
+                            accumulation_steps=accumulation_steps)
     save_freq = args.save_freq
     save_freq = save_freq if save_freq == "epoch" else int(save_freq)
     os.makedirs(args.out, exist_ok=True)
@@ -361,7 +363,7 @@ def main(argv=None) -> int:
     )
     dataset = make_dataset(strategy, args.num_examples,
                            global_batch=global_batch,
-                           accumulation_steps=plan.accumulation_steps)
+                           accumulation_steps=accumulation_steps)
     validation = {"none": None, "same": dataset}.get(args.validation)
     if args.validation == "separate":
         validation = make_dataset(strategy, 64, seed=SEED + 1,
