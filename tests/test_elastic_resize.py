@@ -30,6 +30,7 @@ import pytest
 
 import kerasdist as kd
 from kerasdist import elastic
+from kerasdist.callbacks import backup_and_restore
 from kerasdist.launch import protocol
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -431,6 +432,23 @@ def test_batch_plan_accumulates_only_above_the_memory_cap():
     with pytest.raises(elastic.ElasticConfigError,
                        match="global_batch_size=13.*multiple of 2"):
         elastic.batch_plan(13, 4, strategy=two)
+
+
+def test_dataset_and_optimizer_must_accumulate_alike(tmp_path):
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    model = fw.build_model(accumulation_steps=2)
+    train = fw.make_dataset(strategy, 48, global_batch=12,
+                            accumulation_steps=3)  # batches of 4, not 6
+    log = str(tmp_path / "steps.jsonl")
+    with pytest.raises(backup_and_restore.BackupConfigError,
+                       match="batched by 4 for a global batch of 12, but the "
+                       "optimizer accumulates 2"):
+        model.fit(train, epochs=1, verbose=0, callbacks=[
+            fw.step_log_callback(log),
+            kd.callbacks.BackupAndRestore(str(tmp_path / "backup"))])
+    assert not os.path.exists(log)  # refused before the first step
 
 
 def test_file_sharding_is_refused_and_auto_picks_data_when_elastic(
