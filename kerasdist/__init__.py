@@ -45,8 +45,8 @@ import importlib as _importlib
 # etc. import it when first touched.
 _SUBMODULES = frozenset({
     "accumulation", "callbacks", "cluster", "compression", "data", "devices",
-    "errors", "flags", "integrations", "launch", "losses", "placement",
-    "strategies", "testing",
+    "elastic", "errors", "flags", "integrations", "launch", "losses",
+    "placement", "strategies", "testing",
 })
 _NAMES = {
     "MirroredStrategy": "kerasdist.strategies",
@@ -87,6 +87,7 @@ __all__ = [
     "compression",
     "data",
     "devices",
+    "elastic",
     "errors",
     "flags",
     "get_strategy",

@@ -299,6 +299,19 @@ def reads_dataset_as_given(epoch_iterator: Any, dataset: Any) -> bool:
     return getattr(epoch_iterator, "_distributed_dataset", None) is dataset
 
 
+def fit_batch_size(epoch_iterator: Any) -> int | None:
+    """The batch size of `fit`'s input as its data adapter knows it:
+    `batch_size` for arrays, the static batch dimension for a
+    `tf.data.Dataset` (`EpochIterator.data_adapter`,
+    `keras/src/trainers/epoch_iterator.py`), or None."""
+    adapter = getattr(epoch_iterator, "data_adapter", None)
+    try:
+        size = getattr(adapter, "batch_size", None)
+    except Exception:  # noqa: BLE001 (an adapter without a static size)
+        return None
+    return int(size) if size else None
+
+
 def in_multi_worker_mode(strategy: Any) -> bool:
     """`strategy.extended._in_multi_worker_mode()` (TF's
     `collective_all_reduce_strategy.py`); False for other strategies."""

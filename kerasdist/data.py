@@ -14,15 +14,17 @@ import warnings
 
 import tensorflow as tf
 
-from kerasdist import _internals
+from kerasdist import _internals, elastic
 from kerasdist._validate import check_int
 from kerasdist.errors import PermanentError
+from kerasdist.launch import protocol
 
 __all__ = [
     "SHARD_POLICIES",
     "UnevenBatchError",
     "check_keras_batches",
     "distribute",
+    "batch_sizes_of",
     "per_replica_batch_size",
 ]
 
@@ -93,12 +95,16 @@ def check_keras_batches(
     Raises:
         UnevenBatchError: if `batch_size` or the partial last batch does
             not divide by `strategy.num_replicas_in_sync`.
+        kerasdist.elastic.ElasticConfigError: under an elastic launcher,
+            if some allowed group size cannot split `batch_size`.
 
     Example:
 
     >>> check_keras_batches(4, None, tf.distribute.get_strategy())
     """
     replicas = strategy.num_replicas_in_sync
+    if batch_size is not None:
+        elastic.check_global_batch(batch_size, strategy)
     if replicas == 1 or batch_size is None:
         return
     if batch_size % replicas:
@@ -269,7 +275,25 @@ def _choose_policy(
     dataset: tf.data.Dataset, shard_policy: str, num_workers: int
 ) -> tf.data.experimental.AutoShardPolicy:
     policy = tf.data.experimental.AutoShardPolicy
-    if num_workers == 1 or shard_policy == "off":
+    if shard_policy == "off":
+        return policy.OFF
+    if elastic.is_elastic():
+        # FILE sharding gives each worker other files, so which examples
+        # form global batch k depends on the number of workers; DATA keeps
+        # every global batch the same at every size (kerasdist.elastic).
+        if shard_policy == "file":
+            low = os.environ.get(protocol.ENV_MIN_WORKERS)
+            raise elastic.ElasticConfigError(
+                "Invalid value for argument `shard_policy`. Received: "
+                "shard_policy='file' under an elastic launcher ("
+                f"{protocol.ENV_MIN_WORKERS}={low}): with file sharding the "
+                "examples of each global batch depend on the number of "
+                "workers, so a resized run would train on other batches. "
+                "Expected shard_policy='data' or 'auto' (which picks "
+                "'data' in elastic runs)."
+            )
+        return policy.OFF if num_workers == 1 else policy.DATA
+    if num_workers == 1:
         return policy.OFF
     if shard_policy == "data":
         return policy.DATA
@@ -297,6 +321,7 @@ def distribute(
     shard_policy: str = "auto",
     drop_remainder: bool = False,
     prefetch: bool = True,
+    accumulation_steps: int = 1,
 ) -> tf.data.Dataset:
     """Prepares a dataset of examples for data-parallel `fit`.
 
@@ -316,8 +341,11 @@ def distribute(
         shard_policy: str. How workers split the input:
             - `"auto"` (default): `"file"` when the dataset reads at least
               one file per worker (TFRecord, text lines, fixed-length
-              records), else `"data"`.
-            - `"file"`: each worker reads its own subset of the files.
+              records), else `"data"`; always `"data"` under an elastic
+              launcher (`kerasdist.elastic`).
+            - `"file"`: each worker reads its own subset of the files
+              (refused under an elastic launcher: the batches would
+              depend on the number of workers).
             - `"data"`: every worker reads all data and keeps its part of
               each global batch.
             - `"off"`: no sharding (each worker must feed different data
@@ -326,14 +354,23 @@ def distribute(
         drop_remainder: bool. Drop a last partial global batch. Defaults to
             False.
         prefetch: bool. Append `prefetch(AUTOTUNE)`. Defaults to True.
+        accumulation_steps: int. Training steps per optimizer update (the
+            optimizer must accumulate as many, `kd.accumulate_gradients`):
+            the dataset is batched by `global_batch_size /
+            accumulation_steps`. Use `kd.elastic.batch_plan` to choose it.
+            Defaults to 1.
 
     Returns:
-        `tf.data.Dataset` of global batches.
+        `tf.data.Dataset` of global batches (of their parts, with
+        `accumulation_steps > 1`).
 
     Raises:
         ValueError: if `global_batch_size` does not divide over the replicas,
             `shard_policy` is unknown, or the dataset has fewer global
             batches than there are workers (some worker would have no data).
+        kerasdist.elastic.ElasticConfigError: under an elastic launcher,
+            if some allowed group size cannot split `global_batch_size`,
+            or `shard_policy="file"`.
         UnevenBatchError: if the number of examples is known and would
             leave a last batch that does not divide over the replicas
             (unless `drop_remainder=True`).
@@ -361,13 +398,22 @@ def distribute(
             f"{list(SHARD_POLICIES)}."
         )
     num_workers = _internals.num_workers(strategy)
+    accumulation_steps = check_int("accumulation_steps", accumulation_steps)
+    step_batch = None
     if global_batch_size is not None:
-        per_replica_batch_size(global_batch_size, strategy)
-        _check_last_batch(dataset, strategy, global_batch_size,
-                          drop_remainder)
-        dataset = dataset.batch(
-            global_batch_size, drop_remainder=drop_remainder
-        )
+        global_batch_size = check_int("global_batch_size", global_batch_size)
+        elastic.check_global_batch(global_batch_size, strategy)
+        if global_batch_size % accumulation_steps:
+            raise ValueError(
+                "Invalid value for argument `accumulation_steps`. Received: "
+                f"accumulation_steps={accumulation_steps} with "
+                f"global_batch_size={global_batch_size}. Expected a divisor "
+                "of the global batch; kd.elastic.batch_plan chooses one."
+            )
+        step_batch = global_batch_size // accumulation_steps
+        per_replica_batch_size(step_batch, strategy)
+        _check_last_batch(dataset, strategy, step_batch, drop_remainder)
+        dataset = dataset.batch(step_batch, drop_remainder=drop_remainder)
     batches = int(dataset.cardinality())
     if 0 <= batches < num_workers:
         raise ValueError(
@@ -389,4 +435,41 @@ def distribute(
     dataset = dataset.with_options(options)
     if prefetch:
         dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    if global_batch_size is not None:
+        # Read by kd.callbacks.BackupAndRestore (the cursor records them)
+        # through `batch_sizes_of`.
+        dataset._kerasdist_batch_sizes = (  # noqa: SLF001 (our own mark)
+            int(global_batch_size), step_batch)
     return dataset
+
+
+def batch_sizes_of(dataset: object) -> tuple[int | None, int | None]:
+    """The global batch and the dataset batch of a `fit` input, if known.
+
+    Args:
+        dataset: a dataset returned by `distribute` (which records both),
+            or any `tf.data.Dataset` whose batch dimension is static (then
+            both are that size).
+
+    Returns:
+        `(global_batch_size, step_batch_size)`: examples per optimizer
+        update and per dataset batch (smaller with gradient accumulation);
+        `(None, None)` when unknown.
+
+    Example:
+
+    >>> batch_sizes_of(tf.data.Dataset.range(8).batch(
+    ...     4, drop_remainder=True))
+    (4, 4)
+    """
+    recorded = getattr(dataset, "_kerasdist_batch_sizes", None)
+    if recorded is not None:
+        return recorded
+    if not isinstance(dataset, tf.data.Dataset):
+        return None, None
+    leaves = [spec for spec in tf.nest.flatten(dataset.element_spec)
+              if isinstance(spec, tf.TensorSpec) and spec.shape.rank]
+    if leaves and leaves[0].shape[0] is not None:
+        size = int(leaves[0].shape[0])
+        return size, size
+    return None, None

@@ -14,6 +14,14 @@ that attempt (`KERASDIST_RESTART_COUNT`) and worker after that step (EPOCH
 -1: after the strategy is created, before `fit`): WHAT is
 a signal name sent to the worker itself, or `KILL_IN_SAVE` (SIGKILL inside
 the next save, after the temporary file is written and before the rename).
+
+For elastic and multi-host tests: `--global_batch B` (default 16; the same
+at every group size), `--per_worker_batch P` (the global batch is P x the
+workers: resizing without kerasdist's handling), `--max_replica_batch M`
+(`kd.elastic.batch_plan` accumulates gradients above it), `--backup epoch`
+(a hand-written epoch-end backup instead of kerasdist's), `--pid_dir DIR`
+(each worker writes `<KERASDIST_HOST or 127.0.0.1>-w<index>-a<attempt>.pid`
+holding "pid pgid"), `--batchnorm plain|sync` and `--all_weights`.
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ def make_arrays(num_examples: int = NUM_EXAMPLES, seed: int = SEED):
 
 
 def make_dataset(strategy=None, num_examples: int = NUM_EXAMPLES,
-                 seed: int = SEED):
+                 seed: int = SEED, global_batch: int = GLOBAL_BATCH,
+                 accumulation_steps: int = 1):
     """Deterministic pipeline: seeded shuffle, reshuffled every epoch.
 
     With the default 192 examples an epoch has 12 batches of 16.
@@ -61,14 +70,23 @@ def make_dataset(strategy=None, num_examples: int = NUM_EXAMPLES,
     )
     return kd.data.distribute(
         ds, strategy or tf.distribute.get_strategy(),
-        global_batch_size=GLOBAL_BATCH,
+        global_batch_size=global_batch,
+        accumulation_steps=accumulation_steps,
     )
 
 
-def build_model(hidden: int = 16, steps_per_execution: int = 1):
-    """Seeded MLP whose `train_step` also logs a fingerprint of its batch."""
+def build_model(hidden: int = 16, steps_per_execution: int = 1,
+                batchnorm: str = "none", accumulation_steps: int = 1):
+    """Seeded MLP whose `train_step` also logs a fingerprint of its batch.
+
+    `batchnorm`: "none", "plain" (a `BatchNormalization` after the hidden
+    layer) or "sync" (the same with `synchronized=True`).
+    `accumulation_steps` > 1: `kd.accumulate_gradients` on the optimizer.
+    """
     import keras
     import tensorflow as tf
+
+    import kerasdist as kd
 
     class DropId(keras.layers.Layer):
         def call(self, x):
@@ -88,10 +106,15 @@ def build_model(hidden: int = 16, steps_per_execution: int = 1):
         DropId(),
         keras.layers.Dense(hidden, activation="relu",
                            kernel_initializer=init(seed=1)),
+        *([] if batchnorm == "none" else [keras.layers.BatchNormalization(
+            synchronized=batchnorm == "sync")]),
         keras.layers.Dense(CLASSES, kernel_initializer=init(seed=2)),
     ])
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+    if accumulation_steps > 1:
+        kd.accumulate_gradients(optimizer, accumulation_steps)
     model.compile(
-        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
@@ -184,6 +207,61 @@ def assert_weights_equal(a, b) -> None:
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+def epoch_backup_callback(backup_dir: str):
+    """What users write without kerasdist (the negative control): weights
+    and optimizer state saved by every worker at each epoch end."""
+    import keras
+    import numpy as np
+
+    class EpochBackup(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            os.makedirs(backup_dir, exist_ok=True)
+            values = [np.asarray(v.numpy()) for v in
+                      self.model.variables + self.model.optimizer.variables]
+            np.savez(os.path.join(backup_dir, "epoch.npz"),
+                     np.asarray(epoch + 1), *values)
+
+    return EpochBackup()
+
+
+def load_epoch_backup(model, backup_dir: str) -> int:
+    """Restores `epoch_backup_callback`'s file; returns the epoch to start."""
+    import numpy as np
+
+    path = os.path.join(backup_dir, "epoch.npz")
+    if not os.path.exists(path):
+        return 0
+    with model.distribute_strategy.scope():
+        model.optimizer.build(model.trainable_variables)
+    with np.load(path) as f:
+        values = [f[f"arr_{i}"] for i in range(len(f.files))]
+    for v, value in zip(model.variables + model.optimizer.variables,
+                        values[1:], strict=True):
+        v.assign(value)
+    return int(values[0])
+
+
+def write_pid(pid_dir: str) -> str:
+    """Writes `<host>-w<index>-a<attempt>.pid` holding "pid pgid".
+
+    The host is `KERASDIST_HOST` (127.0.0.1 when unset), the index
+    `KERASDIST_WORKER_INDEX`, the attempt `KERASDIST_RESTART_COUNT`: a test
+    can stop exactly the processes of one emulated host. Returns the path.
+    """
+    from kerasdist.launch import protocol
+
+    host = os.environ.get(protocol.ENV_HOST) or "127.0.0.1"
+    index = os.environ.get(protocol.ENV_WORKER_INDEX, "0")
+    path = os.path.join(
+        pid_dir, f"{host}-w{index}-a{protocol.restart_count()}.pid")
+    os.makedirs(pid_dir, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()} {os.getpgid(0)}\n")
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -199,7 +277,32 @@ def main(argv=None) -> int:
     parser.add_argument("--strict_logs", action="store_true",
                         help="a callback that reads logs['loss'] at epoch "
                         "end (raises KeyError on empty logs)")
+    parser.add_argument("--global_batch", type=int, default=GLOBAL_BATCH,
+                        help="examples per step over all workers")
+    parser.add_argument("--per_worker_batch", type=int, default=0,
+                        help="if > 0, the global batch is this times the "
+                        "number of workers (what resizing without "
+                        "kerasdist's elastic handling does)")
+    parser.add_argument("--max_replica_batch", type=int, default=None,
+                        help="a per-replica memory cap: "
+                        "kd.elastic.batch_plan accumulates gradients when "
+                        "a replica's share of the global batch exceeds it")
+    parser.add_argument("--pid_dir", default=None,
+                        help="each worker writes <host>-w<index>-a<attempt>"
+                        ".pid here, holding 'pid pgid'")
+    parser.add_argument("--backup", choices=["kerasdist", "epoch"],
+                        default="kerasdist",
+                        help="epoch: the usual hand-written way, each "
+                        "worker saves weights and optimizer at every epoch "
+                        "end and a restart resumes at the next epoch's "
+                        "start (use {rank} in --backup_dir)")
+    parser.add_argument("--batchnorm", choices=["none", "plain", "sync"],
+                        default="none")
+    parser.add_argument("--all_weights", action="store_true",
+                        help="every worker writes final-w<rank>.npz")
     args = parser.parse_args(argv)
+    if args.pid_dir:
+        write_pid(args.pid_dir)
 
     import keras
     import numpy as np
@@ -240,8 +343,17 @@ def main(argv=None) -> int:
     for e, _, what in faults:
         if e == -1:
             os.kill(os.getpid(), getattr(signal, what))
+    global_batch = args.global_batch
+    if args.per_worker_batch:
+        global_batch = args.per_worker_batch * task.num_workers
+    accumulation_steps = 1
+    if args.max_replica_batch:
+        accumulation_steps = kd.elastic.batch_plan(
+            global_batch, args.max_replica_batch, strategy).accumulation_steps
     with strategy.scope():
-        model = build_model(steps_per_execution=args.steps_per_execution)
+        model = build_model(steps_per_execution=args.steps_per_execution,
+                            batchnorm=args.batchnorm,
+                            accumulation_steps=accumulation_steps)
     save_freq = args.save_freq
     save_freq = save_freq if save_freq == "epoch" else int(save_freq)
     os.makedirs(args.out, exist_ok=True)
@@ -249,32 +361,39 @@ def main(argv=None) -> int:
         os.path.join(args.out, f"steps-{task.worker_rank}.jsonl"),
         strategy.num_replicas_in_sync, on_step,
     )
-    dataset = make_dataset(strategy, args.num_examples)
-    validation = {
-        "none": None,
-        "same": dataset,
-        "separate": make_dataset(strategy, 64, seed=SEED + 1),
-    }[args.validation]
+    dataset = make_dataset(strategy, args.num_examples,
+                           global_batch=global_batch,
+                           accumulation_steps=accumulation_steps)
+    validation = {"none": None, "same": dataset}.get(args.validation)
+    if args.validation == "separate":
+        validation = make_dataset(strategy, 64, seed=SEED + 1,
+                                  global_batch=global_batch)
     callbacks = [log]
     if args.strict_logs:
         callbacks.append(keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: float(logs["loss"])))
-    callbacks.append(kd.callbacks.BackupAndRestore(
-        args.backup_dir.replace("{rank}", str(task.worker_rank)), save_freq,
-    ))
+    backup_dir = args.backup_dir.replace("{rank}", str(task.worker_rank))
+    initial_epoch = 0
+    if args.backup == "epoch":
+        initial_epoch = load_epoch_backup(model, backup_dir)
+        callbacks.append(epoch_backup_callback(backup_dir))
+    else:
+        callbacks.append(kd.callbacks.BackupAndRestore(backup_dir, save_freq))
     history = model.fit(
         dataset,
+        initial_epoch=initial_epoch,
         epochs=args.epochs,
         verbose=0,
         validation_data=validation,
         callbacks=callbacks,
     )
+    weights = [np.asarray(w) for w in model.get_weights()]
     if task.is_chief:
-        np.savez(
-            os.path.join(args.out, "final.npz"),
-            *[np.asarray(w) for w in model.get_weights()],
-        )
+        np.savez(os.path.join(args.out, "final.npz"), *weights)
         print("history epochs:", len(history.history.get("loss", [])))
+    if args.all_weights:
+        np.savez(os.path.join(args.out, f"final-w{task.worker_rank}.npz"),
+                 *weights)
     keras.backend.clear_session()
     return 0
 

@@ -161,6 +161,7 @@ def load(model: Any, backup_dir: str, meta: dict, values: list[np.ndarray],
         BackupMismatchError: if the backup was made by a different model.
     """
     model_vars, opt_vars, metric_vars = variables(model)
+    meta, values, opt_vars = _without_accumulators(meta, values, opt_vars)
     store.check_compatible(backup_dir, meta, values, [
         (kind, [(v.path, tuple(v.shape), v.dtype) for v in group])
         for kind, group in (("model", model_vars), ("optimizer", opt_vars))
@@ -187,3 +188,45 @@ def load(model: Any, backup_dir: str, meta: dict, values: list[np.ndarray],
         stacklevel=4,
     )
     return None
+
+
+ACCUMULATOR_SUFFIX = "_gradient_accumulator"
+
+
+def _is_accumulator(path: str) -> bool:
+    return path.endswith(ACCUMULATOR_SUFFIX)
+
+
+def _without_accumulators(meta: dict, values: list, opt_vars: list
+                          ) -> tuple[dict, list, list]:
+    """Drops the gradient accumulators from both sides when only one has
+    them: a backup of a run without gradient accumulation resumed with it,
+    or the reverse (an elastic resize changed the plan). Backups are taken
+    between optimizer updates, where the accumulators are zero (Keras's
+    `*_gradient_accumulator` variables, keras/src/optimizers/
+    base_optimizer.py)."""
+    n_model, n_opt = meta["num_model"], meta["num_optimizer"]
+    names = meta["names"]
+    saved = [_is_accumulator(n) for n in names[n_model:n_model + n_opt]]
+    mine = [_is_accumulator(v.path) for v in opt_vars]
+    if any(saved) == any(mine):
+        return meta, values, opt_vars
+    drop = {n_model + i for i, acc in enumerate(saved) if acc}
+    meta = dict(meta, num_optimizer=n_opt - len(drop),
+                names=[n for i, n in enumerate(names) if i not in drop])
+    values = [v for i, v in enumerate(values) if i not in drop]
+    opt_vars = [v for v, acc in zip(opt_vars, mine, strict=True) if not acc]
+    return meta, values, opt_vars
+
+
+def set_optimizer_updates(model: Any, updates: int, accumulation: int,
+                          saved_accumulation: int) -> None:
+    """Sets the optimizer's step counter for a resume with another number
+    of accumulation steps: Keras counts training steps (`iterations` is
+    that count divided by the accumulation steps), so `updates` optimizer
+    updates are `updates * accumulation` steps."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or accumulation == saved_accumulation:
+        return
+    _internals.iterations_variable(optimizer).assign(
+        updates * max(accumulation, 1))

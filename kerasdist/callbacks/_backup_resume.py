@@ -13,8 +13,14 @@ and on restore re-creates the same number of iterators (without reading
 them), advances the current one past the batches already trained, and makes
 the epoch's step enumeration start at the saved step.
 
-The `Cursor` is the one place that says where training is; the elastic work
-replaces its input fields by a world-size-independent position.
+The `Cursor` is the one place that says where training is. Its position
+does not depend on the number of workers: it counts *global* batches (each
+split over all replicas) and the samples they held, and records the global
+batch and the replica count of the run that saved. Under
+`MultiWorkerMirroredStrategy` with the `DATA` auto-shard policy, global
+batch k holds the same examples at every worker count (see
+`kerasdist.elastic`), so skipping the same number of global batches resumes
+exactly at another size; a different global batch is refused.
 """
 
 from __future__ import annotations
@@ -40,7 +46,19 @@ class Cursor:
             so far (by `fit`, and by validation when it reads the same
             dataset object).
         current_iterator: int. Which of those (1-based) training reads.
-        batches_consumed: int. Batches taken from that iterator.
+        batches_consumed: int. Global batches taken from that iterator.
+        samples_consumed: int. Examples in those batches (batches x the
+            global batch; 0 when the global batch is unknown).
+        global_batch_size: int. Examples per optimizer update over all
+            replicas of the run that saved (0: unknown, e.g. a kerasdist
+            0.1 backup).
+        step_batch_size: int. Examples per training step (one dataset
+            batch) of that run: the global batch, or a part of it with
+            gradient accumulation (0: unknown).
+        accumulation_steps: int. Training steps per optimizer update of
+            that run (1 without accumulation).
+        num_replicas: int. Replicas in sync of the run that saved.
+        num_workers: int. Workers of the run that saved.
     """
 
     epoch: int = 0
@@ -49,6 +67,12 @@ class Cursor:
     iterators_created: int = 0
     current_iterator: int = 0
     batches_consumed: int = 0
+    samples_consumed: int = 0
+    global_batch_size: int = 0
+    step_batch_size: int = 0
+    accumulation_steps: int = 1
+    num_replicas: int = 0
+    num_workers: int = 0
 
     def to_meta(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,6 +89,53 @@ class Cursor:
         """Counts `steps` trained steps."""
         self.global_step += steps
         self.batches_consumed += steps
+        self.samples_consumed += steps * self.step_batch_size
+
+    def batches_to_skip(self, step_batch_size: int) -> int:
+        """Dataset batches of `step_batch_size` to skip to reach this
+        position: from the samples consumed when both batch sizes are
+        known, else the batch count."""
+        if self.samples_consumed and step_batch_size:
+            return self.samples_consumed // step_batch_size
+        return self.batches_consumed
+
+    def at_update_boundary(self) -> bool:
+        """True when no gradient is half accumulated."""
+        return self.global_step % max(self.accumulation_steps, 1) == 0
+
+    def updates(self) -> int:
+        """Optimizer updates so far: the same count at every world size
+        (backups are named by it)."""
+        return self.global_step // max(self.accumulation_steps, 1)
+
+    def converted(self, step_batch_size: int, accumulation_steps: int,
+                  backup_dir: str) -> Cursor:
+        """This saved position in the steps of a run with another dataset
+        batch (gradient accumulation that changed with the world size).
+
+        Raises:
+            BackupConfigError: if the position is not a whole number of
+                the new steps (the backup was not taken at an optimizer
+                update boundary).
+        """
+        old = self.step_batch_size
+        if not old or not step_batch_size or old == step_batch_size:
+            return self
+        values = {}
+        for name in ("step", "global_step", "batches_consumed"):
+            samples = getattr(self, name) * old
+            if samples % step_batch_size:
+                raise BackupConfigError(
+                    f"The backup in {backup_dir!r} was taken after "
+                    f"{getattr(self, name)} steps of {old} examples "
+                    f"({name}), which is not a whole number of this run's "
+                    f"steps of {step_batch_size} examples. Resume with "
+                    f"the dataset batch the backup was made with ({old})."
+                )
+            values[name] = samples // step_batch_size
+        return dataclasses.replace(
+            self, **values, step_batch_size=step_batch_size,
+            accumulation_steps=accumulation_steps)
 
     def end_epoch(self, epoch: int) -> None:
         self.epoch = epoch + 1
@@ -113,10 +184,12 @@ class InputTracker:
                 cursor.iterators_created = at.iterators_created
                 cursor.current_iterator = at.current_iterator
                 cursor.batches_consumed = at.batches_consumed
+                cursor.samples_consumed = at.samples_consumed
                 return iterator
             cursor.iterators_created += 1
             cursor.current_iterator = cursor.iterators_created
             cursor.batches_consumed = 0
+            cursor.samples_consumed = 0
             return original()
 
         _internals.patch_get_iterator(ei, counting_get_iterator)
@@ -145,7 +218,7 @@ class InputTracker:
             for _ in range(saved.current_iterator - 1):
                 iter(original())
             iterator = iter(original())
-            for _ in range(saved.batches_consumed):
+            for _ in range(saved.batches_to_skip(cursor.step_batch_size)):
                 next(iterator)
             for _ in range(saved.iterators_created - saved.current_iterator):
                 iter(original())  # validation's, after training's

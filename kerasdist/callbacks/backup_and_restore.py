@@ -37,8 +37,9 @@ import keras
 import numpy as np
 from absl import logging
 
-from kerasdist import _internals, _validate
+from kerasdist import _internals, _validate, elastic
 from kerasdist import cluster as cluster_lib
+from kerasdist import data as data_lib
 from kerasdist.callbacks import _backup_preemption, _callback_state
 from kerasdist.callbacks import _backup_restore as restore_lib
 from kerasdist.callbacks import _backup_store as store
@@ -141,7 +142,12 @@ class BackupAndRestore(keras.callbacks.Callback):
             dataset itself under a strategy (its effect on the shuffle
             order cannot be replayed; pass a separate one).
         BackupMismatchError: at the start of `fit`, if the backup was made
-            by a different model.
+            by a different model, or with another global batch (the
+            number of workers may change between runs; the global batch
+            may not).
+        kerasdist.elastic.ElasticConfigError: at the start of `fit` under
+            an elastic launcher, if some allowed group size cannot split
+            the global batch.
 
     Example:
 
@@ -187,6 +193,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._callback_states: tuple[dict, list] | None = None
         self._preemption: _backup_preemption.Preemption | None = None
         self._heartbeat = _backup_preemption.Heartbeat()
+        self._restored: Cursor | None = None
+        self._save_pending = False
+        self._stop_pending = False
 
     def _variables(self) -> tuple[list, list, list]:
         return restore_lib.variables(self.model)
@@ -223,6 +232,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 optimizer.build(model.trainable_variables)
         epoch_iterator = _internals.find_epoch_iterator(model)
         shared_validation = self._check_validation_data(epoch_iterator)
+        self._record_world(model, epoch_iterator)
         self._callbacks = run_last(self, EpochLogs(self))
         new_run = self._is_new_run_in_this_process()
         if self._task.is_chief:
@@ -233,7 +243,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if new_run and self._task.is_chief:
             store.delete_all(self.backup_dir)
             os.makedirs(self.backup_dir, exist_ok=True)
-        saved = Cursor.from_meta(meta) if meta is not None else None
+        saved = self._restored if meta is not None else None
         if epoch_iterator is not None:
             self._tracker = InputTracker(epoch_iterator, self._cursor,
                                          shared_validation)
@@ -286,8 +296,17 @@ class BackupAndRestore(keras.callbacks.Callback):
             global_step // self.save_freq
             > (global_step - steps) // self.save_freq
         ):
-            self._save()
+            self._save_pending = True
         if self._preemption.should_stop(global_step, steps):
+            self._stop_pending = True
+        # With gradient accumulation, only between optimizer updates: a
+        # backup never holds half-accumulated gradients, so it can resume
+        # with another accumulation (another world size).
+        if not self._cursor.at_update_boundary():
+            return
+        if self._save_pending:
+            self._save()
+        if self._stop_pending:
             self._stop_for_preemption()
 
     def on_test_begin(self, logs=None):
@@ -302,6 +321,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._cursor.end_epoch(epoch)
         self._resumed_epoch = None
         if self.save_freq == "epoch":
+            self._save_pending = True
+        if self._save_pending and self._cursor.at_update_boundary():
             self._save()
         self._heartbeat.beat()
 
@@ -346,6 +367,60 @@ class BackupAndRestore(keras.callbacks.Callback):
             "with another seed, or without shuffle)."
         )
 
+    def _record_world(self, model, epoch_iterator) -> None:
+        """Puts the batch sizes and the world size in the cursor, and
+        checks the global batch against every size an elastic launcher
+        allows."""
+        strategy = model.distribute_strategy
+        optimizer = getattr(model, "optimizer", None)
+        accumulation = int(
+            getattr(optimizer, "gradient_accumulation_steps", None) or 1)
+        x, _ = _internals.fit_inputs(model)
+        global_batch, step_batch = data_lib.batch_sizes_of(x)
+        if step_batch is None and epoch_iterator is not None:
+            step_batch = _internals.fit_batch_size(epoch_iterator)
+        if step_batch and global_batch and (
+            step_batch * accumulation != global_batch
+        ):
+            raise BackupConfigError(
+                "Invalid value for argument `accumulation_steps` of "
+                f"kd.data.distribute: the dataset is batched by {step_batch}"
+                f" for a global batch of {global_batch}, but the optimizer "
+                f"accumulates {accumulation} step(s). Expected the same "
+                "accumulation_steps for kd.data.distribute and "
+                "kd.accumulate_gradients (kd.elastic.batch_plan gives both)."
+            )
+        if step_batch:
+            global_batch = step_batch * accumulation
+            elastic.check_global_batch(global_batch, strategy)
+        cursor = self._cursor
+        cursor.global_batch_size = int(global_batch or 0)
+        cursor.step_batch_size = int(step_batch or 0)
+        cursor.accumulation_steps = accumulation
+        cursor.num_replicas = int(strategy.num_replicas_in_sync)
+        cursor.num_workers = int(self._task.num_workers)
+
+    def _check_same_global_batch(self, meta: dict) -> None:
+        """Refuses a backup made with another global batch (resuming it
+        would train other batches: not the same run at another size)."""
+        saved = int(meta.get("global_batch_size") or 0)
+        current = self._cursor.global_batch_size
+        if not saved or not current or saved == current:
+            return
+        replicas = int(meta.get("num_replicas") or 0)
+        raise BackupMismatchError(
+            f"The backup in {self.backup_dir!r} was made with a global "
+            f"batch of {saved} examples per optimizer update"
+            + (f" ({replicas} replicas in sync)" if replicas else "")
+            + f"; this run uses global_batch_size={current} "
+            f"({self._cursor.num_replicas} replicas in sync). The global "
+            "batch must not change when the number of workers does: "
+            f"resume with global_batch_size={saved} (kd.data.distribute("
+            f"..., global_batch_size={saved}) or fit(..., batch_size="
+            f"{saved})), not a per-worker batch times the workers; or "
+            "start a new run with a new `backup_dir`."
+        )
+
     def _is_new_run_in_this_process(self) -> bool:
         return restore_lib.new_run_in_this_process(self.backup_dir)
 
@@ -388,9 +463,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             meta.update(finished=True, epochs=epochs,
                         stopped_early=self._cursor.epoch < epochs)
         values += arrays
-        store.save(self.backup_dir, self._cursor.global_step, meta, values,
+        # Named by optimizer updates: the same order at every world size.
+        store.save(self.backup_dir, self._cursor.updates(), meta, values,
                    self.keep, keep_it=self._task.is_chief)
         self._saved_at = self._cursor.global_step
+        self._save_pending = False
 
     def _steps_per_execution(self) -> int:
         if self._tracker is not None:
@@ -412,11 +489,21 @@ class BackupAndRestore(keras.callbacks.Callback):
                 self.model, self._task.num_workers, self.backup_dir, m))
         if meta is None:
             return None
+        cursor = None
+        if not check_only:
+            # Both checks raise before anything is assigned.
+            self._check_same_global_batch(meta)
+            cursor = Cursor.from_meta(meta).converted(
+                self._cursor.step_batch_size,
+                self._cursor.accumulation_steps, self.backup_dir)
         metrics = restore_lib.load(self.model, self.backup_dir, meta, values,
                                    epoch_iterator, check_only)
-        if check_only:
+        if cursor is None:
             return None
-        cursor = Cursor.from_meta(meta)
+        self._restored = cursor
+        restore_lib.set_optimizer_updates(
+            self.model, cursor.updates(), self._cursor.accumulation_steps,
+            int(meta.get("accumulation_steps") or 1))
         self._cursor.epoch = cursor.epoch
         self._cursor.step = cursor.step
         self._cursor.global_step = cursor.global_step
@@ -432,9 +519,20 @@ class BackupAndRestore(keras.callbacks.Callback):
             logging.info(
                 "kerasdist: restored %s: resuming at epoch %d, step %d "
                 "(step %d of the run)",
-                store.ckpt_name(cursor.global_step), cursor.epoch + 1,
+                store.ckpt_name(cursor.updates()), cursor.epoch + 1,
                 cursor.step, cursor.global_step,
             )
+            if cursor.num_replicas and (
+                cursor.num_replicas != self._cursor.num_replicas
+            ):
+                logging.info(
+                    "kerasdist: the backup was made with %d worker(s), %d "
+                    "replicas; resuming with %d worker(s), %d replicas and "
+                    "the same global batch of %d",
+                    cursor.num_workers, cursor.num_replicas,
+                    self._cursor.num_workers, self._cursor.num_replicas,
+                    self._cursor.global_batch_size,
+                )
         return meta
 
     # ------------------------------------------------------------------

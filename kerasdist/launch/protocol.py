@@ -19,6 +19,10 @@ Kept in one place so the launcher and `kd.callbacks.BackupAndRestore` agree:
   `KERASDIST_RESTART_COUNT` (0 on the first attempt), `KERASDIST_WORKER_INDEX`,
   `KERASDIST_NUM_WORKERS`, `KERASDIST_HEARTBEAT_FILE` (a file the worker
   touches to show progress; see `touch_heartbeat`) and `TF_CONFIG`.
+- Elastic runs (the launcher may restart the group at another size) also
+  get `KERASDIST_MIN_WORKERS` and `KERASDIST_MAX_WORKERS` (the allowed
+  group sizes; elastic when MIN < MAX) and `KERASDIST_HOST` (this worker's
+  host address). `kerasdist.elastic` reads them.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ __all__ = [
     "ENGINES",
     "ENV_ENGINE",
     "ENV_HEARTBEAT_FILE",
+    "ENV_HOST",
     "ENV_K8S_RESTART_EXIT_CODE",
+    "ENV_MAX_WORKERS",
+    "ENV_MIN_WORKERS",
     "ENV_SLURM_REQUEUE",
     "ENV_NUM_WORKERS",
     "ENV_RESTART_COUNT",
@@ -58,6 +65,10 @@ ENV_RESTART_COUNT = "KERASDIST_RESTART_COUNT"
 ENV_WORKER_INDEX = "KERASDIST_WORKER_INDEX"
 ENV_NUM_WORKERS = "KERASDIST_NUM_WORKERS"
 ENV_HEARTBEAT_FILE = "KERASDIST_HEARTBEAT_FILE"
+# Elastic runs (owner: kerasdist.elastic; set by the multi-host launcher).
+ENV_MIN_WORKERS = "KERASDIST_MIN_WORKERS"  # smallest group size allowed
+ENV_MAX_WORKERS = "KERASDIST_MAX_WORKERS"  # largest group size allowed
+ENV_HOST = "KERASDIST_HOST"  # this worker's host address
 
 
 def restart_count() -> int:
