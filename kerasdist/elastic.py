@@ -51,6 +51,7 @@ __all__ = [
     "allowed_workers",
     "batch_plan",
     "check_global_batch",
+    "unsplittable_sizes",
     "is_elastic",
 ]
 
@@ -193,11 +194,9 @@ def check_global_batch(
         strategy = tf.distribute.get_strategy()
     local = _local_replicas(strategy)
     low, high = sizes
-    failing = [w for w in range(low, high + 1)
-               if global_batch_size % (w * local)]
+    failing, lcm = unsplittable_sizes(global_batch_size, low, high, local)
     if not failing:
         return
-    lcm = math.lcm(*(w * local for w in range(low, high + 1)))
     working = [w for w in range(low, high + 1) if w not in failing]
     # The narrowest fix that keeps the maximum: the smallest minimum whose
     # sizes all split the batch.
@@ -217,6 +216,35 @@ def check_global_batch(
         + (f" (sizes that work: {working})" if working else "")
         + "."
     )
+
+
+def unsplittable_sizes(global_batch_size: int, low: int, high: int,
+                       replicas_per_worker: int = 1) -> tuple[list[int], int]:
+    """The group sizes in `[low, high]` whose replicas cannot split the
+    global batch, and the least common multiple of all sizes' replicas.
+
+    The one rule behind `check_global_batch` and Ray's
+    `kerasdist.integrations.ray.check_global_batch`.
+
+    Args:
+        global_batch_size: int. Examples per optimizer update.
+        low: int. Smallest number of workers.
+        high: int. Largest number of workers.
+        replicas_per_worker: int. Replicas each worker holds.
+
+    Returns:
+        (list of int, int): the failing worker counts (empty when every
+        size works) and a global batch multiple that works at every size.
+
+    Example:
+
+    >>> unsplittable_sizes(16, 1, 3)
+    ([3], 6)
+    """
+    sizes = range(max(low, 1), high + 1)
+    failing = [w for w in sizes
+               if global_batch_size % (w * replicas_per_worker)]
+    return failing, math.lcm(*(w * replicas_per_worker for w in sizes))
 
 
 def _multiple_near(value: int, step: int) -> int:

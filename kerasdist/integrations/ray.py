@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 import shutil
 import tempfile
@@ -54,6 +53,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kerasdist import elastic
 from kerasdist._validate import check_int
 from kerasdist.callbacks import BackupAndRestore as _BackupAndRestore
 from kerasdist.errors import PermanentError
@@ -78,11 +78,10 @@ __all__ = [
     "check_resources",
 ]
 
-# The elastic launcher's contract (kerasdist/launch/protocol.py on the
-# elastic branch names them ENV_MIN_WORKERS and ENV_MAX_WORKERS): the
-# smallest and largest group size a resize may choose.
-ENV_MIN_WORKERS = "KERASDIST_MIN_WORKERS"
-ENV_MAX_WORKERS = "KERASDIST_MAX_WORKERS"
+# The elastic launcher's contract: the smallest and largest group size a
+# resize may choose.
+ENV_MIN_WORKERS = protocol.ENV_MIN_WORKERS
+ENV_MAX_WORKERS = protocol.ENV_MAX_WORKERS
 
 
 class RayResourcesError(PermanentError, ValueError):
@@ -169,11 +168,11 @@ def check_global_batch(scaling_config: Any, global_batch_size: int) -> None:
     global_batch_size = check_int("global_batch_size", global_batch_size)
     low, high = _worker_range(scaling_config)
     per_worker = _replicas_per_worker(scaling_config)
-    sizes = range(max(low, 1), high + 1)
-    bad = [n for n in sizes if global_batch_size % (n * per_worker)]
+    bad, multiple = elastic.unsplittable_sizes(
+        global_batch_size, low, high, per_worker
+    )
     if not bad:
         return
-    multiple = math.lcm(*(n * per_worker for n in sizes))
     lower = global_batch_size // multiple * multiple
     suggestions = " or ".join(
         str(v) for v in (lower, lower + multiple) if v > 0

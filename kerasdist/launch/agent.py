@@ -762,10 +762,10 @@ class _Agent:
             beat_dir, f"worker-{index}.heartbeat"
         )
         if spec.multi_host:
-            env["KERASDIST_HOST"] = host.address
+            env[protocol.ENV_HOST] = host.address
         if spec.elastic:
-            env["KERASDIST_MIN_WORKERS"] = str(self.min_workers)
-            env["KERASDIST_MAX_WORKERS"] = str(spec.max_workers)
+            env[protocol.ENV_MIN_WORKERS] = str(self.min_workers)
+            env[protocol.ENV_MAX_WORKERS] = str(spec.max_workers)
         if "PYTHONUNBUFFERED" not in os.environ:
             env.setdefault("PYTHONUNBUFFERED", "1")
         return env
