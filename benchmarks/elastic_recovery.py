@@ -50,6 +50,11 @@ TESTS = str(Path(common.ROOT) / "tests")
 WORKER = str(Path(TESTS) / "elastic_hosts_worker.py")
 FIRST_OCTET = 20  # Hosts 127.0.0.20, .21, .22; .22 is lost.
 LOST = f"127.0.0.{FIRST_OCTET + 2}"
+# Loss curves overlap when every step's batch loss agrees to float32
+# round-off (2 and 3 replicas sum in a different order).
+LOSS_TOLERANCE = 1e-5
+PROBE = "waiting for the lost host: first reachability probe (3 s timeout)"
+WAIT_REST = f"rest of --host_wait ({HOST_WAIT:g} s from the stop)"
 
 
 def _read(path: Path) -> list[dict]:
@@ -136,10 +141,11 @@ def _breakdown(run: dict) -> dict:
     phase = next(p for p in run["phases"] if p["attempt"] == 1)
     first = min(r["time"] for r in run["metrics"] if r["attempt"] == 1)
     marks = [
-        ("detection (launcher sees the lost worker die)", ev["detected"]),
-        ("stop survivors (SIGTERM, SIGKILL after restart_grace_period "
-         "1 s) + first host probe (3 s timeout)", ev["unreachable"]),
-        ("rest of --host_wait", ev["going_on"]),
+        # The launcher prints the failure after it stopped the group.
+        ("detection + stopping the survivors (SIGTERM, SIGKILL after "
+         "restart_grace_period 1 s)", ev["detected"]),
+        (PROBE, ev["unreachable"]),
+        (WAIT_REST, ev["going_on"]),
         ("launcher starts the smaller group", ev["relaunched"]),
         ("process start (python, up to the worker script)",
          phase["started"]),
@@ -246,8 +252,11 @@ def main(full: bool = False) -> dict:
         for n in names
     }
     retrained_stats = common.ratio_stats([n / SAVE_FREQ for n in retrained])
+    # Derived, not measured: the ratio had the launcher not waited for the
+    # lost host at all (no probe timeout, --host_wait 0).
+    waits = [PROBE, WAIT_REST]
     without_wait = common.ratio_stats([
-        (r["breakdown"]["total"] - r["breakdown"]["rest of --host_wait"])
+        (r["breakdown"]["total"] - sum(r["breakdown"][w] for w in waits))
         / t for r, t in zip(runs, imports, strict=True)])
     return {
         "name": "elastic_recovery",
@@ -255,17 +264,20 @@ def main(full: bool = False) -> dict:
         "target": f"<= {TARGET} (recovery ÷ cold import); <= "
         f"{TARGET_RETRAINED} (steps retrained ÷ save_freq)",
         "meets_target": stats["median"] <= TARGET
-        and retrained_stats["max"] <= TARGET_RETRAINED,
+        and retrained_stats["max"] <= TARGET_RETRAINED
+        and max(diffs) <= LOSS_TOLERANCE,
         "cold_import_seconds": imports,
         "recovery_seconds": recoveries,
         "recovery_breakdown_seconds": [r["breakdown"] for r in runs],
         "recovery_breakdown_median_seconds": median_breakdown,
-        "ratio_without_host_wait_rest": without_wait,
+        "ratio_if_no_wait_for_the_lost_host (derived)": without_wait,
         "steps_retrained_after_loss": retrained,
         "steps_retrained_ratio": retrained_stats,
         "steps_retrained_after_grow_sigterm": retrained_grow,
         "workers_per_attempt": [r["sizes"] for r in runs],
         "max_abs_loss_diff_vs_unfailed": max(diffs),
+        "loss_curves_overlap": max(diffs) <= LOSS_TOLERANCE,
+        "loss_tolerance": LOSS_TOLERANCE,
         "max_abs_loss_diff_per_round": diffs,
         "plot": str(png.relative_to(common.RESULTS.parent.parent)),
         "load_average_before_after": [load_before, os.getloadavg()],

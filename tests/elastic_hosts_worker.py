@@ -38,11 +38,13 @@ def with_batch_loss(model):
     batch before the update (Keras' own `loss` is a running mean)."""
     import keras
 
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     step = model.train_step
 
     def train_step(data):
-        loss = loss_fn(data[1], model(data[0], training=True))
+        # The per-example function: a `keras.losses.Loss` object would
+        # divide by the replicas in sync (scaled for distribution).
+        loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+            data[1], model(data[0], training=True), from_logits=True))
         logs = dict(step(data))
         logs["batch_loss"] = loss  # Averaged over replicas by Keras.
         return logs
