@@ -40,12 +40,12 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path, exit_code=0, **kwargs):
+def _run(tmp_path, exit_code=0, run_timeout=120, **kwargs):
     return elastic.HostBedRun(
         [sys.executable, "-c", WORKER, str(tmp_path / "steps.jsonl"),
          str(tmp_path / "pids"), str(exit_code)],
         HOSTS, tmp_path, step_log=tmp_path / "steps.jsonl",
-        run_timeout=120, **kwargs,
+        run_timeout=run_timeout, **kwargs,
     )
 
 
@@ -86,6 +86,17 @@ def test_finish_reports_a_failed_run_with_its_log(tmp_path):
         AssertionError, match=r"(?s)status 3.*exited with status 3"
     ):
         run.finish()
+
+
+@pytest.mark.timeout(240)
+def test_finish_kills_a_run_that_outlives_its_time(tmp_path):
+    with _run(tmp_path, run_timeout=5) as run:
+        run.wait_for("both pid files", lambda: len(run.worker_pids()) == 2)
+        pids = run.worker_pids()
+        with pytest.raises(AssertionError, match="did not end within"):
+            run.finish()
+    assert run.proc.returncode is not None
+    assert not any(_alive(p) for p in pids.values())
 
 
 @pytest.mark.timeout(240)

@@ -366,7 +366,8 @@ class HostBedRun:
 
         Raises:
             AssertionError: with the log's tail if the launcher did not
-                exit with status 0 in time (it is killed then).
+                exit with status 0, or not within the run's time (it is
+                killed then).
 
         Example:
 
@@ -375,13 +376,17 @@ class HostBedRun:
         assert "workers per attempt: 3 -> 2 -> 3" in log
         ```
         """
+        timed_out = False
         try:
             self.proc.wait(timeout=max(1, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            pass
+            timed_out = True
         finally:
             kill_group(self.proc)
         self._reader.join(timeout=10)
+        if timed_out:
+            raise self._fail("the run did not end within its run_timeout "
+                             "(the launcher was killed)")
         if self.proc.returncode != 0:
             raise AssertionError(
                 f"launcher exited with status {self.proc.returncode}:\n"
