@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 
+import fault_worker
 import numpy as np
 import pytest
 
-import fault_worker
+from kerasdist.testing import elastic
 from kerasdist.testing import hosts as testbed
-from kerasdist.testing import kill_group
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "elastic_hosts_worker.py")
@@ -49,90 +46,19 @@ def _needs_nftables():
         pytest.skip(f"emulated host loss needs nftables: {why}")
 
 
-class Run:
+def start_run(tmp, min_workers=2, step_delay=0.25) -> elastic.HostBedRun:
     """One `kerasdist-run` over the three emulated hosts, in the
     background; its output goes to `launcher.log`."""
-
-    def __init__(self, tmp, min_workers=2, step_delay=0.25):
-        self.tmp = tmp
-        self.out = tmp / "out"
-        self.pids = tmp / "pids"
-        self.log_path = tmp / "launcher.log"
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (HERE, os.path.dirname(HERE),
-                        env.get("PYTHONPATH")) if p)
-        env.pop("TF_CONFIG", None)
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kerasdist.launch",
-                 "--hosts", ",".join(h.address for h in HOSTS),
-                 "--min_workers", str(min_workers), "--host_wait", "3",
-                 "--timeout", "20", "--max_restarts", "4",
-                 "--log_dir", str(tmp / "logs"), "--",
-                 sys.executable, WORKER, "--out", str(self.out),
-                 "--backup_dir", str(tmp / "backup"),
-                 "--pid_dir", str(self.pids),
-                 "--step_delay", str(step_delay)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE,
-                start_new_session=True,
-            )
-        self.deadline = time.monotonic() + TIMEOUT
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def steps(self) -> list[dict]:
-        path = self.out / "steps-0.jsonl"
-        return fault_worker.read_steps(path) if path.exists() else []
-
-    def wait_for(self, what, check):
-        while not check():
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"launcher ended before {what}:\n{self.log()[-6000:]}")
-            if time.monotonic() > self.deadline:
-                raise AssertionError(
-                    f"timed out waiting for {what}:\n{self.log()[-6000:]}")
-            time.sleep(0.1)
-
-    def wait_steps(self, n, attempt=None):
-        self.wait_for(f"{n} steps", lambda: sum(
-            1 for r in self.steps()
-            if attempt is None or r["attempt"] >= attempt) >= n)
-
-    def kill_host(self, host) -> None:
-        """SIGKILL every live worker process group of `host`."""
-        for name in os.listdir(self.pids):
-            if not name.startswith(f"{host.address}-"):
-                continue
-            pid, pgid = map(int, (self.pids / name).read_text().split())
-            try:  # Only our own worker: still alive in its own group.
-                if os.getpgid(pid) == pgid:
-                    os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def finish(self) -> str:
-        try:
-            self.proc.wait(timeout=max(1, self.deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            kill_group(self.proc)
-        log = self.log()
-        assert self.proc.returncode == 0, log[-8000:]
-        return log
-
-    def stop(self):
-        kill_group(self.proc, grace=1.0)
-        for name in os.listdir(self.pids) if self.pids.exists() else []:
-            pid, pgid = map(int, (self.pids / name).read_text().split())
-            try:
-                if os.getpgid(pid) == pgid:
-                    os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    out = tmp / "out"
+    return elastic.HostBedRun(
+        [sys.executable, WORKER, "--out", str(out),
+         "--backup_dir", str(tmp / "backup"),
+         "--pid_dir", str(tmp / "pids"),
+         "--step_delay", str(step_delay)],
+        HOSTS, tmp, pid_dir=tmp / "pids", step_log=out / "steps-0.jsonl",
+        min_workers=min_workers, host_wait=3, timeout=20, max_restarts=4,
+        run_timeout=TIMEOUT, python_path=[HERE], cwd=HERE,
+    )
 
 
 @pytest.fixture
@@ -140,7 +66,7 @@ def run(tmp_path):
     runs = []
 
     def start(**kwargs):
-        runs.append(Run(tmp_path, **kwargs))
+        runs.append(start_run(tmp_path, **kwargs))
         return runs[-1]
 
     yield start
@@ -151,13 +77,13 @@ def run(tmp_path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An unfailed 3-host run: final weights and step fingerprints."""
-    r = Run(tmp_path_factory.mktemp("reference"), step_delay=0.0)
+    r = start_run(tmp_path_factory.mktemp("reference"), step_delay=0.0)
     try:
         log = r.finish()
     finally:
         r.stop()
     assert "workers per attempt" not in log
-    weights = np.load(r.out / "final.npz")
+    weights = np.load(r.workdir / "out" / "final.npz")
     steps = r.steps()
     assert len(steps) == STEPS
     return [weights[k] for k in sorted(weights, key=lambda k: int(k[4:]))], (
@@ -169,7 +95,7 @@ def _check_same_training(r, reference, sizes):
     log = r.finish()
     assert f"workers per attempt: {sizes}" in log, log[-4000:]
     weights, prints = reference
-    final = np.load(r.out / "final.npz")
+    final = np.load(r.workdir / "out" / "final.npz")
     final = [final[k] for k in sorted(final, key=lambda k: int(k[4:]))]
     diff = max(float(np.max(np.abs(a - b)))
                for a, b in zip(final, weights, strict=True))
@@ -179,8 +105,9 @@ def _check_same_training(r, reference, sizes):
     records = r.steps()
     assert fault_worker.fingerprints(fault_worker.lineage(records)) == prints
     # Nothing left running on any host.
-    for name in os.listdir(r.pids):
-        pid = int((r.pids / name).read_text().split()[0])
+    pids = r.worker_pids()
+    assert pids
+    for name, pid in pids.items():
         assert not os.path.exists(f"/proc/{pid}"), name
     return log
 
