@@ -53,7 +53,7 @@ LOST = f"127.0.0.{FIRST_OCTET + 2}"
 # Loss curves overlap when every step's batch loss agrees to float32
 # round-off (2 and 3 replicas sum in a different order).
 LOSS_TOLERANCE = 1e-5
-PROBE = "waiting for the lost host: first reachability probe (3 s timeout)"
+PROBE = "waiting for the lost host: first reachability probe (1 s timeout)"
 WAIT_REST = f"rest of --host_wait ({HOST_WAIT:g} s from the stop)"
 
 

@@ -125,7 +125,7 @@ def test_unreachable_host_at_start_is_refused(tmp_path):
                     *_touch_command(marker), cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert (
-        "Host(s) unreachable at start: 127.0.0.5 (no answer within 3s). "
+        "Host(s) unreachable at start: 127.0.0.5 (no answer within 1s). "
         "Nothing was started."
     ) in proc.stderr
     assert "remove it from --hosts/--hostfile" in proc.stderr
@@ -177,7 +177,7 @@ def test_host_that_stays_cut_off(tmp_path, elastic):
     finally:
         kill_group(proc)
     out = log.read_text()
-    assert "host 127.0.0.7 is unreachable (no answer within 3s); waiting " \
+    assert "host 127.0.0.7 is unreachable (no answer within 1s); waiting " \
         "up to 1s for it" in out, out
     if elastic:
         assert proc.returncode == 0, out

@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 _POLL_SECONDS = 0.05
-_PROBE_TIMEOUT = 3.0  # Seconds a host has to answer a reachability probe.
 _REGROW_SECONDS = 2.0  # How often an elastic run probes its missing hosts.
 _STARTERS = ("auto", "local", "ssh")
 _GROW = object()  # `_monitor`'s answer when a missing host is back.
@@ -660,7 +659,8 @@ class _Agent:
         down: dict[hostlib.Host, str] = {}
 
         def probe(host):
-            reason = self._starter(host).reachable(host, _PROBE_TIMEOUT)
+            starter = self._starter(host)
+            reason = starter.reachable(host, starter.probe_timeout)
             if reason is not None:
                 down[host] = reason
 

@@ -249,6 +249,8 @@ class Starter:
     """
 
     name = "starter"
+    # Seconds a host has to answer `reachable` when the launcher asks.
+    probe_timeout = 3.0
 
     def reachable(self, host: Host, timeout: float) -> str | None:
         """None when workers can be started on `host`, else why not.
@@ -301,6 +303,9 @@ class LocalStarter(Starter):
     """
 
     name = "local"
+    # An address of this machine answers in microseconds, or never (its
+    # traffic is dropped): no need to wait long.
+    probe_timeout = 1.0
 
     def reachable(self, host: Host, timeout: float) -> str | None:
         try:

@@ -472,6 +472,8 @@ class SshStarter(hosts.Starter):
     """
 
     name = "ssh"
+    # ssh's own ConnectTimeout: a TCP and key exchange over a real network.
+    probe_timeout = 10.0
 
     def __init__(self, ssh_command: str | Sequence[str] = "ssh",
                  cwd: str | None = None, python: str | None = None,
