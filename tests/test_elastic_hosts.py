@@ -112,6 +112,13 @@ def _check_same_training(r, reference, sizes):
     return log
 
 
+def _trains_on_two_hosts(r):
+    """Waits until the group restarted without a host and trained on."""
+    r.wait_for("the group on two hosts",
+               lambda: "starting 2 worker(s)" in r.log())
+    r.wait_steps(3, attempt=1)
+
+
 def test_host_lost_for_good_finishes_on_the_others(run, reference):
     r = run()
     r.wait_steps(6)
@@ -126,9 +133,7 @@ def test_host_lost_then_back_grows_to_three(run, reference):
     r.wait_steps(6)
     with testbed.partition(HOSTS[2]):
         r.kill_host(HOSTS[2])
-        r.wait_for("the group on two hosts",
-                   lambda: "starting 2 worker(s)" in r.log())
-        r.wait_steps(3, attempt=1)
+        _trains_on_two_hosts(r)
     # The host answers again: the launcher stops the group (which saves)
     # and starts it on three hosts.
     log = _check_same_training(r, reference, "3 -> 2 -> 3")
@@ -139,9 +144,7 @@ def test_partitioned_host_does_not_hang_the_group(run, reference):
     r = run()
     r.wait_steps(6)
     with testbed.partition(HOSTS[1]):  # Cut off, its worker still runs.
-        r.wait_for("the group on two hosts",
-                   lambda: "starting 2 worker(s)" in r.log())
-        r.wait_steps(3, attempt=1)
+        _trains_on_two_hosts(r)
     log = _check_same_training(r, reference, "3 -> 2 -> 3")
     # Its peers block in a collective with it: the launcher's --timeout
     # sees no progress and restarts the group without the cut-off host.
@@ -155,9 +158,7 @@ def test_two_losses_down_to_min_workers(run, reference):
     r.wait_steps(6)
     with testbed.partition(HOSTS[2]):
         r.kill_host(HOSTS[2])
-        r.wait_for("the group on two hosts",
-                   lambda: "starting 2 worker(s)" in r.log())
-        r.wait_steps(3, attempt=1)
+        _trains_on_two_hosts(r)
         with testbed.partition(HOSTS[1]):
             r.kill_host(HOSTS[1])
             _check_same_training(r, reference, "3 -> 2 -> 1")

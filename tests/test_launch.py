@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 
 import fault_worker as fw
 import numpy as np
@@ -25,6 +24,7 @@ import pytest
 
 import kerasdist as kd
 from kerasdist.launch import supervisor
+from kerasdist.testing import gone, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "fault_worker.py")
@@ -33,16 +33,6 @@ QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
 
 def _python(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
-
-
-def _wait_for(condition, seconds, process=None):
-    """Polls `condition` for up to `seconds`; fails with the output."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            output = process.output() if process is not None else ""
-            pytest.fail(f"gave up after {seconds}s waiting:\n{output}")
-        time.sleep(0.05)
 
 
 # ----------------------------------------------------------------------
@@ -200,10 +190,10 @@ def test_sigterm_to_launcher_is_forwarded_and_it_exits(tmp_path):
         env={**os.environ, **QUIET}, capture=True,
     )
     try:
-        _wait_for(lambda: launcher.output().count("] ready") == 2, 60,
+        wait_for(lambda: launcher.output().count("] ready") == 2, 60,
                   launcher)
         os.kill(launcher.pid, signal.SIGTERM)
-        _wait_for(lambda: not launcher.running(), 30, launcher)
+        wait_for(lambda: not launcher.running(), 30, launcher)
     finally:
         supervisor.stop_all([launcher], grace=10)
     rest = launcher.output()
@@ -373,15 +363,10 @@ def _cli(*args, prefix=(), timeout=60):
         env={**os.environ, **QUIET, "PYTHONPATH": path}, capture=True,
     )
     try:
-        _wait_for(lambda: not launcher.running(), timeout, launcher)
+        wait_for(lambda: not launcher.running(), timeout, launcher)
     finally:
         supervisor.stop_all([launcher], grace=5)
     return launcher.returncode, launcher.output()
-
-
-def _gone(pid):
-    """True when `pid` has exited (a zombie waiting for init counts)."""
-    return supervisor.process_state(pid) in (None, "Z", "X")
 
 
 @pytest.mark.timeout(90)
@@ -397,18 +382,18 @@ def test_workers_die_when_the_launcher_is_sigkilled(tmp_path):
     )
     pids = []
     try:
-        _wait_for(lambda: launcher.output().count("] pid ") == 2, 60,
+        wait_for(lambda: launcher.output().count("] pid ") == 2, 60,
                   launcher)
         pids = [int(line.split()[-1])
                 for line in launcher.output().splitlines()
                 if "] pid " in line]
-        assert all(not _gone(pid) for pid in pids)
+        assert all(not gone(pid) for pid in pids)
         os.kill(launcher.pid, signal.SIGKILL)  # No chance to clean up.
-        _wait_for(lambda: all(_gone(pid) for pid in pids), 20, launcher)
+        wait_for(lambda: all(gone(pid) for pid in pids), 20, launcher)
     finally:
         supervisor.stop_all([launcher], grace=0)
         for pid in pids:  # Only if the test failed: the workers we saw.
-            if not _gone(pid):
+            if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
     assert launcher.returncode == -signal.SIGKILL
 
@@ -428,17 +413,17 @@ def test_supervisor_never_signals_a_reaped_group():
                                   "import time; time.sleep(60)"])
         print("child", child.pid, flush=True)
     """), capture=True)
-    _wait_for(lambda: not p.running(), 30, p)
+    wait_for(lambda: not p.running(), 30, p)
     child = int(p.output().split()[-1])
     try:
         assert supervisor.process_state(p.pid) == "Z"  # Exited, not reaped.
-        assert not _gone(child)  # Left behind in the group.
+        assert not gone(child)  # Left behind in the group.
         supervisor.stop_all([p], grace=1.0)
         assert p.returncode == 0
         assert supervisor.process_state(p.pid) is None  # Reaped.
-        _wait_for(lambda: _gone(child), 10)  # The group's SIGKILL.
+        wait_for(lambda: gone(child), 10)  # The group's SIGKILL.
     finally:
-        if not _gone(child):
+        if not gone(child):
             os.kill(child, signal.SIGKILL)
 
 
@@ -446,9 +431,9 @@ def test_process_state_shows_a_stopped_process():
     p = supervisor.Process(_python("import time; time.sleep(60)"))
     try:
         p.signal(signal.SIGSTOP)
-        _wait_for(lambda: p.state() == "T", 10)
+        wait_for(lambda: p.state() == "T", 10)
         p.signal(signal.SIGCONT)
-        _wait_for(lambda: p.state() in ("R", "S"), 10)
+        wait_for(lambda: p.state() in ("R", "S"), 10)
     finally:
         supervisor.stop_all([p], grace=0)
     assert p.returncode == -signal.SIGKILL
@@ -728,7 +713,7 @@ def test_permanent_error_outside_the_launcher_exits_as_usual(tmp_path):
         raise PermanentError("bad")
     """), env=env, capture=True)
     try:
-        _wait_for(lambda: not p.running(), 30, p)
+        wait_for(lambda: not p.running(), 30, p)
     finally:
         supervisor.stop_all([p], grace=0)
     assert p.returncode == 1, p.output()

@@ -24,8 +24,8 @@ import kerasdist as kd
 from kerasdist.launch import supervisor
 from kerasdist.launch.hosts import Host
 from kerasdist.launch.ssh import SshStarter
+from kerasdist.testing import gone, kill_group, wait_for
 from kerasdist.testing import hosts as hosts_lib
-from kerasdist.testing import kill_group
 
 pytestmark = pytest.mark.real_component
 
@@ -71,24 +71,9 @@ def _worker(*args):
     return [sys.executable, WORKER, *map(str, args)]
 
 
-def _wait_for(condition, seconds, process=None):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            output = process.output() if process is not None else ""
-            pytest.fail(f"gave up after {seconds}s waiting:\n{output}")
-        time.sleep(0.05)
-
-
 def _pids(path):
     with open(path) as f:
         return [int(p) for p in f.read().split()]
-
-
-def _gone(pid):
-    # A killed process whose parent died may linger as a zombie until
-    # init reaps it: dead all the same.
-    return supervisor.process_state(pid) in (None, "Z")
 
 
 def test_env_cwd_and_arguments_arrive(starter, started, tmp_path,
@@ -100,7 +85,7 @@ def test_env_cwd_and_arguments_arrive(starter, started, tmp_path,
     args = ["a b", "c'd", "$HOME", "*", ""]
     p = starter.start(HOST_A, _worker("probe", *args), env, capture=True)
     started.append(p)
-    _wait_for(lambda: not p.running(), 60, p)
+    wait_for(lambda: not p.running(), 60, p)
     assert p.returncode == 0, p.output()
     assert "\r" not in p.output()
     seen = json.loads(p.output())
@@ -122,7 +107,7 @@ def test_exit_status_is_the_remote_workers(starter, started):
     ]
     started.extend(processes)
     for p in processes:
-        _wait_for(lambda p=p: not p.running(), 60, p)
+        wait_for(lambda p=p: not p.running(), 60, p)
     assert [p.returncode for p in processes] == [
         0, 75, 78, 255, 128 + signal.SIGKILL
     ]
@@ -140,7 +125,7 @@ def test_ssh_failure_is_told_apart(server, tmp_path, started):
     p = refused.start(HOST_A, ["true"], BASE_ENV, sink=lines.append,
                       prefix="[worker-0] ")
     started.append(p)
-    _wait_for(lambda: not p.running(), 60, p)
+    wait_for(lambda: not p.running(), 60, p)
     assert p.returncode == 255
     assert "Connection refused" in p.ssh_failure
     assert p.ssh_failure.startswith("ssh to 127.0.0.21 ended with status 255")
@@ -151,7 +136,7 @@ def test_missing_directory_is_a_permanent_error(server, started):
     starter = SshStarter(server.ssh_command, cwd="/nonexistent/kerasdist")
     p = starter.start(HOST_A, ["true"], BASE_ENV, capture=True)
     started.append(p)
-    _wait_for(lambda: not p.running(), 60, p)
+    wait_for(lambda: not p.running(), 60, p)
     assert p.returncode == kd.launch.PERMANENT_EXIT_CODE
     assert p.ssh_failure is None
     assert "cannot enter the launcher's working directory " \
@@ -165,13 +150,13 @@ def test_signal_reaches_the_remote_worker(starter, started, tmp_path, sig):
     p = starter.start(HOST_A, _worker("signals", pidfile), BASE_ENV,
                       capture=True)
     started.append(p)
-    _wait_for(lambda: "ready" in p.output(), 60, p)
+    wait_for(lambda: "ready" in p.output(), 60, p)
     (pid,) = _pids(pidfile)
     p.signal(sig)
-    _wait_for(lambda: not p.running(), 30, p)
+    wait_for(lambda: not p.running(), 30, p)
     assert p.returncode == kd.launch.RESTART_EXIT_CODE, p.output()
     assert p.output() == f"ready\ngot {sig.name}\n"
-    assert _gone(pid)
+    assert gone(pid)
 
 
 def test_stop_and_continue_reach_the_worker_and_show_in_state(
@@ -180,16 +165,16 @@ def test_stop_and_continue_reach_the_worker_and_show_in_state(
     p = starter.start(HOST_A, _worker("signals", pidfile), BASE_ENV,
                       capture=True)
     started.append(p)
-    _wait_for(lambda: "ready" in p.output(), 60, p)
+    wait_for(lambda: "ready" in p.output(), 60, p)
     (pid,) = _pids(pidfile)
-    _wait_for(lambda: p.state() in ("S", "R"), 10, p)
+    wait_for(lambda: p.state() in ("S", "R"), 10, p)
     p.signal(signal.SIGSTOP)
-    _wait_for(lambda: p.state() == "T", 10, p)
+    wait_for(lambda: p.state() == "T", 10, p)
     assert supervisor.process_state(pid) == "T"  # The remote worker itself.
     p.signal(signal.SIGCONT)
-    _wait_for(lambda: p.state() in ("S", "R"), 10, p)
+    wait_for(lambda: p.state() in ("S", "R"), 10, p)
     p.signal(signal.SIGTERM)
-    _wait_for(lambda: not p.running(), 30, p)
+    wait_for(lambda: not p.running(), 30, p)
     assert p.returncode == kd.launch.RESTART_EXIT_CODE, p.output()
     assert p.state() is None
 
@@ -202,9 +187,9 @@ def test_stop_all_leaves_no_remote_process(starter, tmp_path):
     ]
     try:
         for p in processes:
-            _wait_for(lambda p=p: "ready" in p.output(), 60, p)
+            wait_for(lambda p=p: "ready" in p.output(), 60, p)
         remote = [pid for f in pidfiles for pid in _pids(f)]
-        assert all(not _gone(pid) for pid in remote)
+        assert all(not gone(pid) for pid in remote)
         # SIGTERM is ignored, so stop_all escalates to SIGKILL.
         supervisor.stop_all(processes, grace=1.0)
     finally:
@@ -213,7 +198,7 @@ def test_stop_all_leaves_no_remote_process(starter, tmp_path):
     assert [p.ssh_failure for p in processes] == [None, None]
     # reap() waited for the wrapper, which waited for the worker; its
     # child in the same group got the same SIGKILL.
-    _wait_for(lambda: all(_gone(pid) for pid in remote), 10)
+    wait_for(lambda: all(gone(pid) for pid in remote), 10)
 
 
 @pytest.mark.parametrize("end", ["local_ssh_killed", "host_sshd_ended"])
@@ -224,7 +209,7 @@ def test_lost_ssh_connection_stops_the_remote_worker(server, starter,
     p = starter.start(HOST_A, _worker("stubborn", pidfile), BASE_ENV,
                       capture=True)
     started.append(p)
-    _wait_for(lambda: "ready" in p.output(), 60, p)
+    wait_for(lambda: "ready" in p.output(), 60, p)
     remote = _pids(pidfile)
     if end == "local_ssh_killed":
         # As with a SIGKILLed launcher: the host's sshd closes the
@@ -236,8 +221,8 @@ def test_lost_ssh_connection_stops_the_remote_worker(server, starter,
         (session,) = set(sshd_server.children(server.process.pid)) - (
             sessions_before)
         os.kill(session, signal.SIGTERM)
-    _wait_for(lambda: all(_gone(pid) for pid in remote), 20, p)
-    _wait_for(lambda: not p.running(), 20, p)
+    wait_for(lambda: all(gone(pid) for pid in remote), 20, p)
+    wait_for(lambda: not p.running(), 20, p)
     assert p.ssh_failure is not None
     assert p.ssh_failure in p.output()
     assert "Killed" not in p.output()  # No shell noise in the output.
@@ -254,9 +239,9 @@ def test_network_cut_still_leaves_no_remote_process(server, tmp_path,
     p = starter.start(HOST_B, _worker("stubborn", pidfile), BASE_ENV,
                       capture=True)
     started.append(p)
-    _wait_for(lambda: "ready" in p.output(), 60, p)
+    wait_for(lambda: "ready" in p.output(), 60, p)
     remote = _pids(pidfile)
-    assert not any(_gone(pid) for pid in remote)
+    assert not any(gone(pid) for pid in remote)
     with hosts_lib.partition(HOST_B.address):
         # The KILL line cannot get through: after kill_timeout the local
         # ssh is killed. The test sshd has no ClientAliveInterval, so the
@@ -265,7 +250,7 @@ def test_network_cut_still_leaves_no_remote_process(server, tmp_path,
         supervisor.stop_all([p], grace=0)
         assert p.returncode == -signal.SIGKILL
         assert "killed by signal 9" in p.ssh_failure
-        _wait_for(lambda: all(_gone(pid) for pid in remote), 30, p)
+        wait_for(lambda: all(gone(pid) for pid in remote), 30, p)
 
 
 def test_heartbeat_is_relayed_and_keepalive_spares_a_live_worker(
@@ -278,7 +263,7 @@ def test_heartbeat_is_relayed_and_keepalive_spares_a_live_worker(
     env = {**BASE_ENV, kd.launch.ENV_HEARTBEAT_FILE: str(local)}
     p = starter.start(HOST_A, _worker("beat"), env, capture=True)
     started.append(p)
-    _wait_for(lambda: not p.running(), 60, p)
+    wait_for(lambda: not p.running(), 60, p)
     # The worker ran twice as long as alive_timeout: the keepalive kept it.
     assert p.returncode == 0, p.output()
     remote = p.output().strip()
@@ -344,7 +329,7 @@ def test_two_worker_training_over_ssh(starter, started, tmp_path):
             prefix=f"[worker-{i}] "))
     started.extend(processes)
     for p in processes:
-        _wait_for(lambda p=p: not p.running(), 240, p)
+        wait_for(lambda p=p: not p.running(), 240, p)
     assert [p.returncode for p in processes] == [0, 0], "\n".join(
         p.output() for p in processes)
     w0, w1 = (np.load(tmp_path / f"weights-{i}.npz") for i in range(2))
@@ -386,7 +371,7 @@ def test_kerasdist_run_over_ssh_saves_on_sigterm_and_resumes(server,
         first = _launch(tmp_path, "ssh", ssh, log)
         try:
             steps = tmp_path / "ssh" / "steps-0.jsonl"
-            _wait_for(lambda: steps.exists() and len(
+            wait_for(lambda: steps.exists() and len(
                 fault_worker.read_steps(steps)) >= 6, 240)
             first.send_signal(signal.SIGTERM)
             first.wait(timeout=120)

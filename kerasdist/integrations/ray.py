@@ -78,12 +78,6 @@ __all__ = [
     "check_resources",
 ]
 
-# The elastic launcher's contract: the smallest and largest group size a
-# resize may choose.
-ENV_MIN_WORKERS = protocol.ENV_MIN_WORKERS
-ENV_MAX_WORKERS = protocol.ENV_MAX_WORKERS
-
-
 class RayResourcesError(PermanentError, ValueError):
     """The Ray cluster cannot hold the workers `ScalingConfig` asks for.
 
@@ -198,8 +192,8 @@ def _with_elastic_env(fn: Callable, low: int, high: int) -> Callable:
     """
 
     def set_env() -> None:
-        os.environ[ENV_MIN_WORKERS] = str(low)
-        os.environ[ENV_MAX_WORKERS] = str(high)
+        os.environ[protocol.ENV_MIN_WORKERS] = str(low)
+        os.environ[protocol.ENV_MAX_WORKERS] = str(high)
         os.environ[protocol.ENV_NUM_WORKERS] = str(
             ray_train.get_context().get_world_size()
         )

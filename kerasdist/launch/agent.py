@@ -298,8 +298,9 @@ class WorkerSpec:
                 f"host_wait={self.host_wait!r}. Expected a number of "
                 "seconds >= 0."
             )
-        hosts = self.host_list()
-        total = sum(h.slots for h in hosts)
+        # Parsed once: a hostfile edited during the run changes nothing.
+        object.__setattr__(self, "_hosts", tuple(self._parse_hosts()))
+        total = self.max_workers
         if self.min_workers is not None:
             try:
                 check_int("min_workers", self.min_workers, 1)
@@ -320,10 +321,11 @@ class WorkerSpec:
         Returns:
             list of `kerasdist.launch.hosts.Host`; one host (`host`,
             `num_workers` slots) without `hosts`/`hostfile`.
-
-        Raises:
-            LauncherError: naming an unparsable or repeated host.
         """
+        return list(self._hosts)
+
+    def _parse_hosts(self) -> list[hostlib.Host]:
+        """Raises `LauncherError` naming an unparsable or repeated host."""
         try:
             if self.hostfile is not None:
                 return hostlib.read_hostfile(
@@ -343,7 +345,7 @@ class WorkerSpec:
     @property
     def max_workers(self) -> int:
         """Workers when every host is up."""
-        return sum(h.slots for h in self.host_list())
+        return sum(h.slots for h in self._hosts)
 
     @property
     def elastic(self) -> bool:
@@ -631,7 +633,8 @@ class _Agent:
             else spec.max_workers
         )
         self._starters: dict[str, hostlib.Starter] = {}
-        self._returned: list[hostlib.Host] = []
+        self._returned: list[hostlib.Host] = []  # Missing hosts back.
+        self._answered: set[hostlib.Host] = set()  # At the last probe.
         self._prober: threading.Thread | None = None
 
     # -- hosts ---------------------------------------------------------
@@ -732,7 +735,7 @@ class _Agent:
         row (so that a flapping host does not resize the group)."""
         if self._prober is not None and self._prober.is_alive():
             return
-        answered = getattr(self, "_answered", set())
+        answered = self._answered
 
         def probe():
             down = self._probe(missing)

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from kerasdist import cluster
 from kerasdist.launch import supervisor
@@ -25,9 +25,11 @@ from kerasdist.launch import supervisor
 __all__ = [
     "WorkerResult",
     "WorkersFailed",
+    "gone",
     "kill_group",
     "run_scenario",
     "run_workers",
+    "wait_for",
 ]
 
 _POLL_SECONDS = 0.05
@@ -84,6 +86,48 @@ def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     if proc.returncode is not None:
         return
     supervisor.stop_all([supervisor.Leader(proc)], grace)
+
+
+def wait_for(condition: Callable[[], object], seconds: float,
+             process: supervisor.Process | None = None) -> None:
+    """Polls `condition` until it is true; fails after `seconds`.
+
+    Args:
+        condition: callable. Checked every 50 ms.
+        seconds: float. How long to wait.
+        process: `supervisor.Process` or None. Its captured output goes
+            into the failure message. Defaults to None.
+
+    Raises:
+        AssertionError: after `seconds`, with the process's output.
+
+    Example:
+
+    ```python
+    wait_for(lambda: not launcher.running(), 30, launcher)
+    ```
+    """
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            output = process.output() if process is not None else ""
+            raise AssertionError(
+                f"gave up after {seconds}s waiting:\n{output}")
+        time.sleep(_POLL_SECONDS)
+
+
+def gone(pid: int) -> bool:
+    """True when process `pid` has exited.
+
+    A zombie counts: a killed process whose parent died lingers as one
+    until init reaps it, dead all the same.
+
+    Example:
+
+    >>> gone(2 ** 22 + 1)  # Above Linux's largest pid.
+    True
+    """
+    return supervisor.process_state(pid) in (None, "Z", "X")
 
 
 def run_workers(
