@@ -41,6 +41,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 __all__ = [
@@ -273,7 +274,10 @@ def stall(
     With `stopped_fraction=1.0` the groups get SIGSTOP once and stay stopped
     for the whole block (a hung host); below 1.0 a thread alternates SIGSTOP
     for `stopped_fraction * period` seconds and SIGCONT for the rest (a slow
-    host). SIGCONT is always sent when the block ends.
+    host). SIGCONT is always sent when the block ends. A full stall returns
+    once every process of the groups is stopped, and leaving the block
+    returns once they run again (each wait bounded by 5 seconds), so a
+    check right after sees the new state.
 
     Args:
         pgids: sequence of int. Process-group ids (as `kerasdist.testing`
@@ -309,10 +313,22 @@ def stall(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
 
+    def settle(stopped: bool) -> None:
+        # kill() returns before the kernel has stopped (or woken) the
+        # target, so /proc may still say "R" for a moment: wait, bounded,
+        # until every process of the groups shows the new state.
+        deadline = time.monotonic() + _SETTLE_SECONDS
+        while time.monotonic() < deadline:
+            states = _group_states(pgids)
+            if all((s in _STOPPED) == stopped for s in states):
+                return
+            time.sleep(0.005)
+
     done = threading.Event()
     cycler = None
     if stopped_fraction >= 1:
         send(signal.SIGSTOP)
+        settle(stopped=True)
     else:
 
         def cycle():
@@ -332,3 +348,29 @@ def stall(
         if cycler is not None:
             cycler.join()
         send(signal.SIGCONT)
+        settle(stopped=False)
+
+
+_SETTLE_SECONDS = 5.0
+_STOPPED = ("T", "t")  # /proc state letters: stopped, traced.
+
+
+def _group_states(pgids: Sequence[int]) -> list[str]:
+    """The /proc state letters of every live process in the given groups."""
+    wanted = {str(g) for g in pgids}
+    states = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # Gone meanwhile.
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and ")".
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 2 and fields[2].decode() in wanted:
+            state = fields[0].decode()
+            if state not in ("Z", "X"):  # A zombie cannot be stopped.
+                states.append(state)
+    return states
