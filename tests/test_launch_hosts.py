@@ -147,16 +147,16 @@ _SLEEPER = (
 
 
 @pytest.mark.real_component
-@pytest.mark.parametrize("elastic", [False, True])
-def test_host_that_stays_cut_off(tmp_path, elastic):
+@pytest.mark.parametrize("elastic, wait", [(False, 1), (True, 1), (True, 0)])
+def test_host_that_stays_cut_off(tmp_path, elastic, wait):
     """Cut off mid-run: no progress for --timeout, the host does not answer
-    for --host_wait; an elastic run goes on with the other host, a fixed
-    one gives up with the reason."""
+    for --host_wait; an elastic run goes on with the other host (at once
+    with --host_wait 0), a fixed one gives up with the reason."""
     why = testbed.nftables_unavailable()
     if why:
         pytest.skip(f"cutting a host off needs nftables: {why}")
     args = ["--hosts", "127.0.0.6,127.0.0.7", "--timeout", "2",
-            "--host_wait", "1", "--max_restarts", "2"]
+            "--host_wait", str(wait), "--max_restarts", "2"]
     if elastic:
         args += ["--min_workers", "1"]
     log = tmp_path / "launcher.log"
@@ -177,8 +177,13 @@ def test_host_that_stays_cut_off(tmp_path, elastic):
     finally:
         kill_group(proc)
     out = log.read_text()
-    assert "host 127.0.0.7 is unreachable (no answer within 1s); waiting " \
-        "up to 1s for it" in out, out
+    if wait:
+        assert "host 127.0.0.7 is unreachable (no answer within 1s); " \
+            "waiting up to 1s for it" in out, out
+    else:
+        assert "host 127.0.0.7 is unreachable (no answer within 1s)\n" \
+            in out, out
+        assert "waiting" not in out
     if elastic:
         assert proc.returncode == 0, out
         assert "going on without 127.0.0.7: 1 worker(s) on 1 host(s) " \

@@ -636,6 +636,9 @@ class _Agent:
         self._returned: list[hostlib.Host] = []  # Missing hosts back.
         self._answered: set[hostlib.Host] = set()  # At the last probe.
         self._prober: threading.Thread | None = None
+        # Started when a failure is seen, while the survivors are stopped:
+        # (monotonic time of the failure, thread, {host: reason} it fills).
+        self._early: tuple[float, threading.Thread, dict] | None = None
 
     # -- hosts ---------------------------------------------------------
 
@@ -657,9 +660,11 @@ class _Agent:
                 self._starters[how] = hostlib.LocalStarter()
         return self._starters[how]
 
-    def _probe(self, hosts: Sequence[hostlib.Host]) -> dict:
-        """{host: reason} for the hosts that do not answer (in parallel)."""
-        down: dict[hostlib.Host, str] = {}
+    def _probe(self, hosts: Sequence[hostlib.Host],
+               down: dict | None = None) -> dict:
+        """{host: reason} for the hosts that do not answer (in parallel);
+        fills `down` if given."""
+        down = {} if down is None else down
 
         def probe(host):
             starter = self._starter(host)
@@ -688,16 +693,34 @@ class _Agent:
                 "without a password), or remove it from --hosts/--hostfile."
             )
 
+    def _probe_early(self) -> None:
+        """Starts probing the hosts as soon as a failure is seen, so that
+        the probe runs while the survivors are being stopped."""
+        if not self.spec.multi_host:
+            return
+        down: dict[hostlib.Host, str] = {}
+        thread = threading.Thread(
+            target=self._probe, args=(self.hosts, down), daemon=True
+        )
+        thread.start()
+        self._early = (time.monotonic(), thread, down)
+
     def _gather(self) -> list[hostlib.Host] | None:
-        """Hosts for the next attempt, waiting up to `host_wait` for the
-        unreachable ones; None when too few are left."""
+        """Hosts for the next attempt, waiting up to `host_wait` (from the
+        failure) for the unreachable ones; None when too few are left."""
         spec = self.spec
         if not spec.multi_host:
             return self.hosts
-        deadline = time.monotonic() + spec.host_wait
+        early, self._early = self._early, None
+        since = early[0] if early else time.monotonic()
+        deadline = since + spec.host_wait
         announced: set[hostlib.Host] = set()
         while True:
-            down = self._probe(self.hosts)
+            if early:
+                early[1].join()
+                down, early = early[2], None
+            else:
+                down = self._probe(self.hosts)
             up = [h for h in self.hosts if h not in down]
             if not down:
                 return up
@@ -705,8 +728,10 @@ class _Agent:
                 if h not in announced:
                     announced.add(h)
                     self.out.launcher(
-                        f"host {h} is unreachable ({why}); waiting up to "
-                        f"{spec.host_wait:g}s for it"
+                        f"host {h} is unreachable ({why})" + (
+                            f"; waiting up to {spec.host_wait:g}s for it"
+                            if spec.host_wait else ""
+                        )
                     )
             if time.monotonic() >= deadline or self.interrupted:
                 slots = sum(h.slots for h in up)
@@ -999,6 +1024,7 @@ class _Agent:
         elif failure is None:
             self._stop_group(workers, 0.0)  # Reap; all exited.
         else:
+            self._probe_early()
             self._stop_group(workers, spec.restart_grace_period)
         return failure
 
