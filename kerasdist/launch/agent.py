@@ -161,8 +161,10 @@ class WorkerSpec:
             the hosts left if they have at least this many workers, and
             grows back when a host returns. Defaults to None (every host
             is needed).
-        host_wait: float. Seconds to wait for an unreachable host before
-            going on without it (elastic) or giving up. Defaults to 30.
+        host_wait: float. Seconds, counted from the failure, to wait for
+            an unreachable host before going on without it (elastic) or
+            giving up; 0 goes on at once (a host that returns later is
+            taken in by the next resize). Defaults to 30.
         starter: str. How workers start on a host: `"local"` (an address
             of this machine), `"ssh"`, or `"auto"` (local for this
             machine's addresses, ssh for others). Defaults to `"auto"`.
@@ -229,8 +231,9 @@ class WorkerSpec:
         metavar="M", parse=int, default_text="all (not elastic)",
     )
     host_wait: float = _option(
-        30.0, "seconds to wait for an unreachable host before going on "
-        "without it (elastic) or giving up", metavar="W", parse=float,
+        30.0, "seconds from a failure to wait for an unreachable host "
+        "before going on without it (elastic) or giving up", metavar="W",
+        parse=float,
     )
     starter: str = _option(
         "auto", "how workers start on a host: `local`, `ssh`, or `auto` "
