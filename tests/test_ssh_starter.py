@@ -253,6 +253,36 @@ def test_network_cut_still_leaves_no_remote_process(server, tmp_path,
         wait_for(lambda: all(gone(pid) for pid in remote), 30, p)
 
 
+def test_network_cut_ends_the_session_on_the_launchers_side(server, tmp_path,
+                                                          started):
+    # What lets an elastic launcher notice a cut ssh host without
+    # --timeout: ssh's ServerAlive check ends the local session (here after
+    # 2 x 1 s instead of kerasdist's default 6 x 5 s), so the worker counts
+    # as failed, and the host's wrapper kills the worker on its side.
+    reason = hosts_lib.nftables_unavailable()
+    if reason:
+        pytest.skip(reason)
+    starter = SshStarter(
+        server.ssh_command
+        + " -o ServerAliveInterval=1 -o ServerAliveCountMax=2",
+        cwd=str(tmp_path), alive_timeout=3.0,
+    )
+    pidfile = str(tmp_path / "pids")
+    p = starter.start(HOST_B, _worker("stubborn", pidfile), BASE_ENV,
+                      capture=True)
+    started.append(p)
+    wait_for(lambda: "ready" in p.output(), 60, p)
+    remote = _pids(pidfile)
+    with hosts_lib.partition(HOST_B.address):
+        wait_for(lambda: not p.running(), 60, p)
+        assert p.returncode == 255, p.output()
+        assert "before the worker reported its exit" in p.ssh_failure
+        # The test's ssh runs with LogLevel=ERROR, which hides ssh's own
+        # "Timeout, server ... not responding": kerasdist says what it means.
+        assert "the connection was lost" in p.ssh_failure, p.ssh_failure
+        wait_for(lambda: all(gone(pid) for pid in remote), 30, p)
+
+
 def test_heartbeat_is_relayed_and_keepalive_spares_a_live_worker(
         starter, started, tmp_path):
     starter = SshStarter(starter.ssh_argv, cwd=starter.cwd,

@@ -318,6 +318,14 @@ class SshProcess(supervisor.Process):
             reason = f"ssh was killed by signal {-code}" + (
                 f" ({reason})" if reason else ""
             )
+        elif code == 255 and not reason:
+            # E.g. ServerAlive timing out under LogLevel=ERROR or -q, which
+            # hide ssh's "Timeout, server ... not responding".
+            reason = (
+                "ssh printed nothing; status 255 without a message usually "
+                "means the connection was lost (a network cut, or the host "
+                "went down)"
+            )
         self._failure = (
             f"ssh to {self.host.address} ended with status {code} before "
             f"the worker reported its exit: {reason or 'no message'}"
