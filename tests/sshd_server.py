@@ -27,6 +27,8 @@ import socket
 import subprocess
 import time
 
+from kerasdist.launch import supervisor
+
 SSHD = "/usr/sbin/sshd"
 REQUIRED = ("ssh", "ssh-keygen")
 # sshd, started as root, insists on its privilege separation directory;
@@ -73,19 +75,7 @@ def port_free_on_all(addresses) -> int:
 
 def children(pid: int) -> list[int]:
     """PIDs of the processes whose parent is `pid` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
+    return [p.pid for p in supervisor.processes() if p.ppid == pid]
 
 
 @dataclasses.dataclass

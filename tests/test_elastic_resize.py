@@ -119,6 +119,18 @@ def _assert_each_example_once_per_epoch(records):
         assert sum(r["id_sq"] for r in rows) == int((ids * ids).sum())
 
 
+def _assert_matches_unfailed_run(steps, final, reference, label):
+    """Every example once per epoch, the unfailed run's batches, and its
+    weights within the resize tolerance."""
+    assert fw.fingerprints(steps) == fw.fingerprints(reference[1])
+    _assert_each_example_once_per_epoch(steps)
+    weights = _weights(final)
+    print(f"{label}: max |weight difference| = "
+          f"{_max_diff(weights, reference[0]):.3g}")
+    for w, r in zip(weights, reference[0], strict=True):
+        np.testing.assert_allclose(w, r, rtol=RESIZE_RTOL, atol=RESIZE_ATOL)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("elastic")
@@ -178,14 +190,9 @@ def test_resize_3_to_2_workers_matches_unfailed_run(
     assert code == 0, text
     resumed = _steps(out, 1)
     assert (resumed[0]["epoch"], resumed[0]["step"]) == (0, 8)
-    steps = fw.lineage(interrupted[1] + resumed)
-    assert fw.fingerprints(steps) == fw.fingerprints(reference[1])
-    _assert_each_example_once_per_epoch(steps)
-    weights = _weights(out / "final.npz")
-    print(f"3 -> 2 workers: max |weight difference| = "
-          f"{_max_diff(weights, reference[0]):.3g}")
-    for w, r in zip(weights, reference[0], strict=True):
-        np.testing.assert_allclose(w, r, rtol=RESIZE_RTOL, atol=RESIZE_ATOL)
+    _assert_matches_unfailed_run(fw.lineage(interrupted[1] + resumed),
+                                 out / "final.npz", reference,
+                                 "3 -> 2 workers")
 
 
 def test_resize_3_to_2_to_3_workers_matches_unfailed_run(
@@ -201,14 +208,9 @@ def test_resize_3_to_2_to_3_workers_matches_unfailed_run(
     assert code == 0, text
     three = _steps(tmp_path / "three", 2)
     assert (three[0]["epoch"], three[0]["step"]) == (1, 4)
-    steps = fw.lineage(interrupted[1] + two + three)
-    assert fw.fingerprints(steps) == fw.fingerprints(reference[1])
-    _assert_each_example_once_per_epoch(steps)
-    weights = _weights(tmp_path / "three" / "final.npz")
-    print(f"3 -> 2 -> 3 workers: max |weight difference| = "
-          f"{_max_diff(weights, reference[0]):.3g}")
-    for w, r in zip(weights, reference[0], strict=True):
-        np.testing.assert_allclose(w, r, rtol=RESIZE_RTOL, atol=RESIZE_ATOL)
+    _assert_matches_unfailed_run(fw.lineage(interrupted[1] + two + three),
+                                 tmp_path / "three" / "final.npz", reference,
+                                 "3 -> 2 -> 3 workers")
 
 
 def _per_update(records, accumulation):
@@ -249,14 +251,10 @@ def test_resize_with_gradient_accumulation_matches_unfailed_run(
     assert code == 0, text
     three = _steps(tmp_path / "three", 2)
     assert (three[0]["epoch"], three[0]["step"]) == (1, 4)
-    steps = fw.lineage(interrupted[1] + _per_update(two, 2) + three)
-    assert fw.fingerprints(steps) == fw.fingerprints(reference[1])
-    _assert_each_example_once_per_epoch(steps)
-    weights = _weights(tmp_path / "three" / "final.npz")
-    print(f"3 -> 2 (accumulating 2 steps) -> 3 workers: max |weight "
-          f"difference| = {_max_diff(weights, reference[0]):.3g}")
-    for w, r in zip(weights, reference[0], strict=True):
-        np.testing.assert_allclose(w, r, rtol=RESIZE_RTOL, atol=RESIZE_ATOL)
+    _assert_matches_unfailed_run(
+        fw.lineage(interrupted[1] + _per_update(two, 2) + three),
+        tmp_path / "three" / "final.npz", reference,
+        "3 -> 2 (accumulating 2 steps) -> 3 workers")
 
 
 def test_negative_control_usual_resize_changes_the_weights(

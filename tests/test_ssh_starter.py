@@ -76,6 +76,16 @@ def _pids(path):
         return [int(p) for p in f.read().split()]
 
 
+def _start_ready(starter, started, host, mode, tmp_path):
+    """Starts `worker.py MODE PIDFILE` on `host`, waits for its "ready";
+    returns (process, remote pids)."""
+    pidfile = str(tmp_path / "pids")
+    p = starter.start(host, _worker(mode, pidfile), BASE_ENV, capture=True)
+    started.append(p)
+    wait_for(lambda: "ready" in p.output(), 60, p)
+    return p, _pids(pidfile)
+
+
 def test_env_cwd_and_arguments_arrive(starter, started, tmp_path,
                                       monkeypatch):
     monkeypatch.setenv("KD_LOCAL_ONLY", "must stay on the launcher")
@@ -146,12 +156,8 @@ def test_missing_directory_is_a_permanent_error(server, started):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1,
                                  signal.SIGINT], ids=lambda s: s.name)
 def test_signal_reaches_the_remote_worker(starter, started, tmp_path, sig):
-    pidfile = str(tmp_path / "pid")
-    p = starter.start(HOST_A, _worker("signals", pidfile), BASE_ENV,
-                      capture=True)
-    started.append(p)
-    wait_for(lambda: "ready" in p.output(), 60, p)
-    (pid,) = _pids(pidfile)
+    p, (pid,) = _start_ready(starter, started, HOST_A, "signals",
+                              tmp_path)
     p.signal(sig)
     wait_for(lambda: not p.running(), 30, p)
     assert p.returncode == kd.launch.RESTART_EXIT_CODE, p.output()
@@ -161,12 +167,8 @@ def test_signal_reaches_the_remote_worker(starter, started, tmp_path, sig):
 
 def test_stop_and_continue_reach_the_worker_and_show_in_state(
         starter, started, tmp_path):
-    pidfile = str(tmp_path / "pid")
-    p = starter.start(HOST_A, _worker("signals", pidfile), BASE_ENV,
-                      capture=True)
-    started.append(p)
-    wait_for(lambda: "ready" in p.output(), 60, p)
-    (pid,) = _pids(pidfile)
+    p, (pid,) = _start_ready(starter, started, HOST_A, "signals",
+                              tmp_path)
     wait_for(lambda: p.state() in ("S", "R"), 10, p)
     p.signal(signal.SIGSTOP)
     wait_for(lambda: p.state() == "T", 10, p)
@@ -204,13 +206,8 @@ def test_stop_all_leaves_no_remote_process(starter, tmp_path):
 @pytest.mark.parametrize("end", ["local_ssh_killed", "host_sshd_ended"])
 def test_lost_ssh_connection_stops_the_remote_worker(server, starter,
                                                       tmp_path, started, end):
-    pidfile = str(tmp_path / "pids")
     sessions_before = set(sshd_server.children(server.process.pid))
-    p = starter.start(HOST_A, _worker("stubborn", pidfile), BASE_ENV,
-                      capture=True)
-    started.append(p)
-    wait_for(lambda: "ready" in p.output(), 60, p)
-    remote = _pids(pidfile)
+    p, remote = _start_ready(starter, started, HOST_A, "stubborn", tmp_path)
     if end == "local_ssh_killed":
         # As with a SIGKILLed launcher: the host's sshd closes the
         # wrapper's input, and the wrapper kills the worker's group.
@@ -235,12 +232,7 @@ def test_network_cut_still_leaves_no_remote_process(server, tmp_path,
         pytest.skip(reason)
     starter = SshStarter(server.ssh_command, cwd=str(tmp_path),
                          kill_timeout=2.0, alive_timeout=3.0)
-    pidfile = str(tmp_path / "pids")
-    p = starter.start(HOST_B, _worker("stubborn", pidfile), BASE_ENV,
-                      capture=True)
-    started.append(p)
-    wait_for(lambda: "ready" in p.output(), 60, p)
-    remote = _pids(pidfile)
+    p, remote = _start_ready(starter, started, HOST_B, "stubborn", tmp_path)
     assert not any(gone(pid) for pid in remote)
     with hosts_lib.partition(HOST_B.address):
         # The KILL line cannot get through: after kill_timeout the local
@@ -267,12 +259,7 @@ def test_network_cut_ends_the_session_on_the_launchers_side(server, tmp_path,
         + " -o ServerAliveInterval=1 -o ServerAliveCountMax=2",
         cwd=str(tmp_path), alive_timeout=3.0,
     )
-    pidfile = str(tmp_path / "pids")
-    p = starter.start(HOST_B, _worker("stubborn", pidfile), BASE_ENV,
-                      capture=True)
-    started.append(p)
-    wait_for(lambda: "ready" in p.output(), 60, p)
-    remote = _pids(pidfile)
+    p, remote = _start_ready(starter, started, HOST_B, "stubborn", tmp_path)
     with hosts_lib.partition(HOST_B.address):
         wait_for(lambda: not p.running(), 60, p)
         assert p.returncode == 255, p.output()

@@ -50,7 +50,6 @@ _REGROW_SECONDS = 2.0  # How often an elastic run probes its missing hosts.
 _STARTERS = ("auto", "local", "ssh")
 _GROW = object()  # `_monitor`'s answer when a missing host is back.
 _HUNG_EXIT_CODE = 124  # As timeout(1).
-_STOPPED_STATES = ("T", "t")  # /proc state: stopped (SIGSTOP), traced.
 
 
 class LauncherError(PermanentError, ValueError):
@@ -599,7 +598,7 @@ class _Worker:
 
     def is_stopped(self) -> bool:
         """True when the process is stopped (SIGSTOP) or traced."""
-        return self.process.state() in _STOPPED_STATES
+        return self.process.state() in supervisor.STOPPED_STATES
 
     def poll(self) -> int | None:
         code = self.process.returncode

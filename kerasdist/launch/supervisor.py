@@ -30,11 +30,15 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 __all__ = [
+    "STOPPED_STATES",
     "Leader",
+    "ProcessInfo",
     "Process",
     "process_state",
+    "processes",
     "stop_all",
 ]
 
@@ -76,6 +80,47 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
+STOPPED_STATES = ("T", "t")
+"""`/proc` state letters of a stopped (SIGSTOP) or traced process."""
+
+
+class ProcessInfo(NamedTuple):
+    """One process as `/proc/PID/stat` describes it.
+
+    Attributes:
+        pid: int. Its process id.
+        state: str. One letter: `"R"` running, `"S"` sleeping, `"T"`
+            stopped (e.g. by SIGSTOP), `"Z"` zombie, ...
+        ppid: int. Its parent's process id.
+        pgid: int. Its process group id.
+
+    Example:
+
+    >>> info = ProcessInfo(42, "S", 1, 42)
+    >>> info.state in STOPPED_STATES
+    False
+    """
+
+    pid: int
+    state: str
+    ppid: int
+    pgid: int
+
+
+def _stat(pid: int | str) -> ProcessInfo | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None  # No such process (any more), or no /proc.
+    # "pid (comm) state ppid pgrp ...": comm may hold spaces and ")".
+    fields = stat[stat.rfind(b")") + 2:].split()
+    if len(fields) < 3:
+        return None
+    return ProcessInfo(int(pid), fields[0].decode(), int(fields[1]),
+                       int(fields[2]))
+
+
 def process_state(pid: int) -> str | None:
     """The scheduler state of `pid` from `/proc/PID/stat`.
 
@@ -92,13 +137,28 @@ def process_state(pid: int) -> str | None:
     >>> process_state(os.getpid()) in ("R", "S")
     True
     """
+    info = _stat(pid)
+    return info.state if info else None
+
+
+def processes() -> list[ProcessInfo]:
+    """Every process of this machine (this PID namespace), from `/proc`.
+
+    Returns:
+        list of `ProcessInfo`; empty without /proc.
+
+    Example:
+
+    >>> me = [p for p in processes() if p.pid == os.getpid()]
+    >>> me[0].ppid == os.getppid()
+    True
+    """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        entries = os.listdir("/proc")
     except OSError:
-        return None
-    # "pid (comm) S ...": comm may hold spaces and parentheses.
-    return stat[stat.rfind(b")") + 2:][:1].decode() or None
+        return []
+    found = (_stat(entry) for entry in entries if entry.isdigit())
+    return [info for info in found if info is not None]
 
 
 class Leader:

@@ -44,6 +44,8 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
+from kerasdist.launch import supervisor
+
 __all__ = [
     "EmulatedHost",
     "emulated_hosts",
@@ -320,7 +322,8 @@ def stall(
         deadline = time.monotonic() + _SETTLE_SECONDS
         while time.monotonic() < deadline:
             states = _group_states(pgids)
-            if all((s in _STOPPED) == stopped for s in states):
+            if all((s in supervisor.STOPPED_STATES) == stopped
+                   for s in states):
                 return
             time.sleep(0.005)
 
@@ -352,25 +355,11 @@ def stall(
 
 
 _SETTLE_SECONDS = 5.0
-_STOPPED = ("T", "t")  # /proc state letters: stopped, traced.
 
 
 def _group_states(pgids: Sequence[int]) -> list[str]:
     """The /proc state letters of every live process in the given groups."""
-    wanted = {str(g) for g in pgids}
-    states = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue  # Gone meanwhile.
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and ")".
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 2 and fields[2].decode() in wanted:
-            state = fields[0].decode()
-            if state not in ("Z", "X"):  # A zombie cannot be stopped.
-                states.append(state)
-    return states
+    wanted = set(pgids)
+    # A zombie (Z, X) cannot be stopped or continued: not counted.
+    return [p.state for p in supervisor.processes()
+            if p.pgid in wanted and p.state not in ("Z", "X")]
