@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -120,20 +119,21 @@ def _elastic_run(workdir: str, lose: bool, host_wait: float = 0.0) -> dict:
             lost_at = time.time()
             with testbed.partition(hosts[2]):
                 run.kill_host(hosts[2])
-                run.wait_for("the group on two hosts",
-                             lambda: "starting 2 worker(s)" in run.log())
+                run.wait_event("attempt_started", size=2)
                 run.wait_steps(3, attempt=1)
         log = run.finish()
         events = {}
         if lose:
-            patterns = {
-                "detected": r"\[launcher\] worker-\d+ .*; restart 1/",
-                "unreachable": rf"host {re.escape(LOST)}\b.* is unreachable",
-                "going_on": rf"going on without {re.escape(LOST)}",
-                "relaunched": r"attempt 2: starting",
+            # What the launcher did and when, from its events.jsonl.
+            found = {
+                "detected": run.event("restarting", after=lost_at),
+                "unreachable": run.event("host_unreachable", after=lost_at,
+                                         host=LOST),
+                "going_on": run.event("shrunk", after=lost_at),
+                "relaunched": run.event("attempt_started", after=lost_at,
+                                        attempt=2),
             }
-            events = {k: run.line_time(p, after=lost_at)
-                      for k, p in patterns.items()}
+            events = {k: e and e["time"] for k, e in found.items()}
     sizes = next((line.split(": ", 1)[1] for line in log.splitlines()
                   if "workers per attempt:" in line), "3")
     return {"metrics": _read(out / "metrics-0.jsonl"),
@@ -147,7 +147,7 @@ def _breakdown(run: dict) -> dict:
     phase = next(p for p in run["phases"] if p["attempt"] == 1)
     first = min(r["time"] for r in run["metrics"] if r["attempt"] == 1)
     marks = [
-        # The launcher prints the failure after it stopped the group.
+        # The launcher decides to restart after it stopped the group.
         ("detection + stopping the survivors (SIGTERM, SIGKILL after "
          "restart_grace_period 1 s; hosts probed meanwhile)", ev["detected"]),
         (PROBE, ev["unreachable"]),
@@ -163,7 +163,8 @@ def _breakdown(run: dict) -> dict:
     out, prev = {}, lost
     for name, when in marks:
         if when is None:
-            raise RuntimeError(f"no time for {name!r} in the launcher log")
+            raise RuntimeError(f"no time for {name!r} in the launcher's "
+                               "events")
         out[name] = round(when - prev, 3)
         prev = when
     out["total"] = round(first - lost, 3)

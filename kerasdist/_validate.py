@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-__all__ = ["check_int"]
+__all__ = ["check_int", "check_seconds", "env_int"]
 
 
 def check_int(
@@ -45,3 +45,80 @@ def check_int(
             f"{value!r}. Expected {expected}.{' ' + hint if hint else ''}"
         )
     return int(value)
+
+
+def check_seconds(
+    name: str, value: Any, *, zero: bool = True, none: bool = False
+) -> float | None:
+    """Returns `value` as a `float` if it is a valid number of seconds.
+
+    Args:
+        name: str. The argument's name, as the user wrote it.
+        value: the value received.
+        zero: bool. Whether 0 is allowed. Defaults to True.
+        none: bool. Whether None (no limit) is allowed. Defaults to False.
+
+    Returns:
+        float, or None when `value` is None and `none` is True.
+
+    Raises:
+        ValueError: naming the argument, the value and what is expected.
+
+    Example:
+
+    >>> check_seconds("grace_period", 10)
+    10.0
+    """
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+        value < 0 or (value == 0 and not zero) or value != value
+    ):
+        expected = (
+            "a number of seconds >= 0" if zero
+            else "a positive number of seconds"
+        )
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Received: {name}="
+            f"{value!r}. Expected {expected}{' or None' if none else ''}."
+        )
+    return float(value)
+
+
+def env_int(name: str, default: int | None = None, minimum: int = 0,
+            environ: Any = None) -> int | None:
+    """Reads an integer environment variable, with a message naming it.
+
+    Args:
+        name: str. The variable, e.g. `"KERASDIST_NUM_WORKERS"`.
+        default: int or None. Returned when the variable is unset or
+            empty. Defaults to None.
+        minimum: int. The smallest allowed value. Defaults to 0.
+        environ: mapping or None. Defaults to `os.environ`.
+
+    Returns:
+        int, or `default`.
+
+    Raises:
+        ValueError: naming the variable, its value and what is expected.
+
+    Example:
+
+    >>> env_int("KERASDIST_SURELY_UNSET", 3)
+    3
+    """
+    import os
+
+    text = (os.environ if environ is None else environ).get(name, "")
+    if not text.strip():
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(
+            f"Invalid environment variable {name}={text!r}. Expected an "
+            f"integer >= {minimum}; unset it or fix its value."
+        )
+    return value

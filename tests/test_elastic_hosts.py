@@ -114,8 +114,7 @@ def _check_same_training(r, reference, sizes):
 
 def _trains_on_two_hosts(r):
     """Waits until the group restarted without a host and trained on."""
-    r.wait_for("the group on two hosts",
-               lambda: "starting 2 worker(s)" in r.log())
+    r.wait_event("attempt_started", size=2)
     r.wait_steps(3, attempt=1)
 
 
@@ -126,6 +125,10 @@ def test_host_lost_for_good_finishes_on_the_others(run, reference):
         r.kill_host(HOSTS[2])
         log = _check_same_training(r, reference, "3 -> 2")
     assert "going on without 127.0.0.4" in log
+    shrunk = r.event("shrunk")
+    assert shrunk is not None, r.events()
+    assert (shrunk["lost"], shrunk["old_size"], shrunk["new_size"]) == (
+        ["127.0.0.4"], 3, 2)
 
 
 def test_host_lost_then_back_grows_to_three(run, reference):
@@ -138,6 +141,15 @@ def test_host_lost_then_back_grows_to_three(run, reference):
     # and starts it on three hosts.
     log = _check_same_training(r, reference, "3 -> 2 -> 3")
     assert "127.0.0.4 answer again" in log
+    # The events say the same, with the sizes, in order.
+    names = [e["event"] for e in r.events()]
+    shrunk, grew = r.event("shrunk"), r.event("grew")
+    assert shrunk and grew, names
+    assert (shrunk["old_size"], shrunk["new_size"]) == (3, 2)
+    assert (grew["old_size"], grew["new_size"], grew["hosts"]) == (
+        2, 3, [h.address for h in HOSTS])
+    assert names.index("shrunk") < names.index("hosts_returned") < (
+        names.index("grew")), names
 
 
 def test_partitioned_host_does_not_hang_the_group(run, reference):

@@ -106,16 +106,20 @@ def test_gives_up_after_max_restarts_and_names_last_failure(tmp_path):
     assert "last failure: worker-1 exited with status 3 at" in text
 
 
+# Worker 1 SIGKILLs itself in the first attempt only.
+_SIGKILL_ONCE = _python("""
+    import os, signal
+    if os.environ["KERASDIST_RESTART_COUNT"] == "0" and \\
+            os.environ["KERASDIST_WORKER_INDEX"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
 @pytest.mark.timeout(60)
 def test_signal_death_is_reported_and_restarted(tmp_path):
     out = io.StringIO()
     result = kd.launch.run(
-        _python("""
-            import os, signal
-            if os.environ["KERASDIST_RESTART_COUNT"] == "0" and \\
-                    os.environ["KERASDIST_WORKER_INDEX"] == "1":
-                os.kill(os.getpid(), signal.SIGKILL)
-        """),
+        _SIGKILL_ONCE,
         num_workers=2,
         max_restarts=3,
         stream=out,
@@ -124,6 +128,33 @@ def test_signal_death_is_reported_and_restarted(tmp_path):
     assert result.ok and result.restarts == 1, text
     assert "worker-1 died (SIGKILL) at" in text
     assert "restart 1/3" in text
+
+
+@pytest.mark.timeout(60)
+def test_events_jsonl_tells_a_sigkilled_worker_and_its_restart(tmp_path):
+    """`--log_dir D` writes D/events.jsonl: the attempt, the worker's exit
+    (rank, signal), the restart decision and the new attempt, in order."""
+    out = io.StringIO()
+    result = kd.launch.run(
+        _SIGKILL_ONCE,
+        num_workers=2, max_restarts=3, stream=out, log_dir=tmp_path,
+    )
+    assert result.ok, out.getvalue()
+    got = kd.launch.read_events(tmp_path)
+    assert [e["event"] for e in got] == [
+        "attempt_started", "worker_exited", "restarting", "attempt_started",
+        "run_ended"], got
+    started, exited, restarting, again, ended = got
+    assert (started["attempt"], started["size"]) == (1, 2)
+    assert (exited["attempt"], exited["rank"], exited["signal"],
+            exited["exit_code"]) == (1, 1, "SIGKILL", -9), exited
+    assert (restarting["kind"], restarting["used"], restarting["limit"]) == (
+        "restart", 1, 3)
+    assert (again["attempt"], again["size"]) == (2, 2)
+    assert (ended["returncode"], ended["outcome"], ended["sizes"]) == (
+        0, "SUCCEEDED", [2, 2])
+    times = [e["time"] for e in got]
+    assert times == sorted(times), got
 
 
 @pytest.mark.timeout(60)

@@ -17,11 +17,12 @@ loading the launcher itself.
 import importlib as _importlib
 
 _NAMES = {
-    "Failure": "agent",
-    "LauncherError": "agent",
-    "RunResult": "agent",
-    "WorkerSpec": "agent",
-    "WorkerState": "agent",
+    "Failure": "results",
+    "LauncherError": "spec",
+    "RunResult": "results",
+    "WorkerSpec": "spec",
+    "WorkerState": "results",
+    "read_events": "events",
     "run": "agent",
     "main": "cli",
     "options_table": "cli",
@@ -34,9 +35,11 @@ _NAMES = {
     "restart_count": "protocol",
 }
 
+_RENAMED = {"read_events": "read"}
 
 _SUBMODULES = frozenset({
-    "agent", "cli", "hosts", "protocol", "ssh", "supervisor",
+    "agent", "cli", "events", "group", "hosts", "membership", "policy",
+    "protocol", "results", "spec", "ssh", "supervisor",
 })
 
 
@@ -48,7 +51,7 @@ def __getattr__(name):
             f"module 'kerasdist.launch' has no attribute {name!r}"
         )
     module = _importlib.import_module(f"kerasdist.launch.{_NAMES[name]}")
-    value = getattr(module, name)
+    value = getattr(module, _RENAMED.get(name, name))
     globals()[name] = value
     return value
 

@@ -1,6 +1,6 @@
 """Command line of `kerasdist-run` (and `python -m kerasdist.launch`).
 
-The options are `WorkerSpec`'s fields (see `agent`): the parser and the
+The options are `WorkerSpec`'s fields (see `spec`): the parser and the
 options table of docs/guide/fault_tolerance.md are generated from them.
 """
 
@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from kerasdist.launch import agent, protocol
+from kerasdist.launch import agent, protocol, spec
 
 _USAGE = (
     "kerasdist-run [--num_workers N | --hosts A[:N],B[:N],...] "
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
             "succeeded, else the last failure's."
         ),
     )
-    for field in agent.option_fields():
+    for field in spec.option_fields():
         parser.add_argument(
             f"--{field.name}",
             type=field.metadata["parse"],
@@ -78,7 +78,7 @@ def options_table() -> str:
     '| option | default | meaning |'
     """
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
-    for field in agent.option_fields():
+    for field in spec.option_fields():
         meta = field.metadata
         rows.append(
             f"| `--{field.name} {meta['metavar']}` | {meta['default_text']} "
@@ -123,6 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args["env"] = dict(args["env"])
     try:
         result = agent.run(command, **args)
-    except agent.LauncherError as e:
+    except spec.LauncherError as e:
         parser.error(str(e))
     return result.returncode

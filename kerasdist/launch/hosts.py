@@ -228,10 +228,12 @@ def is_local_address(address: str) -> bool:
 class Starter:
     """How the launcher starts worker processes on a host.
 
-    Subclasses implement `reachable` and `start`. The launcher calls
-    `reachable` for every host before each attempt (and for missing hosts
-    while an elastic run is smaller than it may be), then `start` once per
-    worker.
+    Subclasses implement `reachable` and `start`, and override
+    `pick_ports` and `failure_reason` when their hosts are other machines.
+    The launcher calls `reachable` for every host before each attempt (and
+    for missing hosts while an elastic run is smaller than it may be),
+    `pick_ports` once per attempt, then `start` once per worker, and
+    `failure_reason` for a worker that ended the attempt.
 
     Example:
 
@@ -285,6 +287,39 @@ class Starter:
             OSError: if the command cannot be started.
         """
         raise NotImplementedError
+
+    def pick_ports(self, hosts: Sequence[Host]) -> list[int]:
+        """One free TCP port per slot of `hosts`, in order, all distinct.
+
+        For the workers' `TF_CONFIG` addresses. This default picks them on
+        this machine, free on every local address (TensorFlow listens on
+        all of them); a starter for other machines picks them there.
+
+        Args:
+            hosts: list of `Host` started by this starter.
+
+        Returns:
+            list of int, `sum(h.slots for h in hosts)` long.
+
+        Raises:
+            OSError: naming the host when its ports cannot be picked.
+        """
+        from kerasdist import cluster
+
+        return cluster.free_ports(sum(h.slots for h in hosts), host="")
+
+    def failure_reason(self, process: supervisor.Process) -> str | None:
+        """Why the way of starting `process` (not the worker) failed.
+
+        Args:
+            process: a process this starter started, after it exited.
+
+        Returns:
+            None when its exit status is the worker's own, else a sentence
+            (e.g. ssh's connection was lost).
+        """
+        del process
+        return None
 
 
 class LocalStarter(Starter):

@@ -643,6 +643,16 @@ class SshStarter(hosts.Starter):
             alive_interval=(self.alive_timeout or 60.0) / 6, **process,
         )
 
+    def pick_ports(self, hosts_: Sequence[hosts.Host]) -> list[int]:
+        """Free ports on each host, picked there (see `free_ports`)."""
+        return [p for h in hosts_ for p in self.free_ports(h, h.slots)]
+
+    def failure_reason(self, process: supervisor.Process) -> str | None:
+        """`SshProcess.ssh_failure`: why ssh itself failed, or None."""
+        return (
+            process.ssh_failure if isinstance(process, SshProcess) else None
+        )
+
     def free_ports(self, host: hosts.Host, count: int,
                    timeout: float = 60.0) -> list[int]:
         """Finds `count` TCP ports free on `host` right now (over ssh).

@@ -2,9 +2,10 @@
 
 `HostBedRun` starts `python -m kerasdist.launch --hosts ...` in the
 background, in a process group of its own, with its output in a log file
-and every output line time-stamped as it arrives (for benchmarks that read
-when the launcher noticed a failure or restarted the group). A test then
-waits for steps or log lines, takes a host down (`kill_host`: SIGKILL the
+and every output line time-stamped as it arrives. What the launcher did
+and when (a host unreachable, the group shrunk or grown) is read from its
+events (`events`, `wait_event`: `logs/events.jsonl`), not its console. A
+test then waits for steps or events, takes a host down (`kill_host`: SIGKILL the
 process groups of that host's workers, found from the pid files they write,
 plus `kerasdist.testing.hosts.partition` to cut its network), and either
 waits for the run to succeed (`finish`) or stops it (`stop`), which also
@@ -38,7 +39,18 @@ __all__ = ["HostBedRun"]
 
 _POLL_SECONDS = 0.1
 _TAIL = 6000  # Characters of the launcher log shown in errors.
-_REPO = str(Path(__file__).resolve().parent.parent.parent)
+
+
+def _kerasdist_path() -> list[str]:
+    """The directory holding the `kerasdist` this process imported, when it
+    is not installed (a source tree); nothing for an installed package."""
+    import site
+
+    import kerasdist
+
+    root = str(Path(kerasdist.__file__).resolve().parent.parent)
+    installed = {str(Path(p).resolve()) for p in site.getsitepackages()}
+    return [] if root in installed else [root]
 
 
 def _address(host: testbed.EmulatedHost | str) -> str:
@@ -51,8 +63,9 @@ class HostBedRun:
 
     The launcher runs as `python -m kerasdist.launch --hosts A,B,...
     --host_wait W --timeout T --max_restarts R [--min_workers M] --log_dir
-    WORKDIR/logs -- *command`, with this copy of kerasdist first on
-    `PYTHONPATH` and no inherited `TF_CONFIG`; its output goes to
+    WORKDIR/logs -- *command`, with the kerasdist this process imported
+    (an installed package, or a source tree put on `PYTHONPATH`) and no
+    inherited `TF_CONFIG`; its output goes to
     `WORKDIR/launcher.log`. Use it as a context manager (or call `stop`) so
     that the launcher and every worker it started are killed at the end,
     even when the test fails.
@@ -97,7 +110,7 @@ class HostBedRun:
         with testbed.partition(hosts[2]):
             run.kill_host(hosts[2])
             log = run.finish()
-        print(run.line_time(r"going on without") - lost_at)
+        print(run.event("shrunk")["time"] - lost_at)
     ```
     """
 
@@ -132,7 +145,8 @@ class HostBedRun:
         launcher_env.update(env or {})
         launcher_env.pop("TF_CONFIG", None)
         launcher_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (*python_path, _REPO, os.environ.get("PYTHONPATH"))
+            p for p in (*python_path, *_kerasdist_path(),
+                        os.environ.get("PYTHONPATH"))
             if p)
         argv = [
             sys.executable, "-m", "kerasdist.launch",
@@ -221,6 +235,74 @@ class HostBedRun:
             if when > after and regex.search(line):
                 return when
         return None
+
+    def events(self) -> list[dict]:
+        """The launcher's events so far (`logs/events.jsonl`), in order.
+
+        Returns:
+            list of dict, each with `"event"` (its name) and `"time"`
+            (seconds since the epoch); see the fault-tolerance guide.
+
+        Example:
+
+        ```python
+        sizes = [e["size"] for e in run.events()
+                 if e["event"] == "attempt_started"]
+        ```
+        """
+        from kerasdist.launch import events
+
+        return events.read(self.workdir / "logs")
+
+    def event(self, name: str, after: float = 0.0, **fields) -> dict | None:
+        """The first event called `name` after `after` whose fields match.
+
+        Args:
+            name: str. The event's name, e.g. `"shrunk"`.
+            after: float. Only events later than this time (seconds since
+                the epoch) count. Defaults to 0.
+            **fields: values the event must have, e.g. `size=2`.
+
+        Returns:
+            dict or None.
+
+        Example:
+
+        ```python
+        shrunk = run.event("shrunk", after=lost_at)
+        print(shrunk["time"] - lost_at, shrunk["new_size"])
+        ```
+        """
+        for e in self.events():
+            if e["event"] == name and e["time"] > after and all(
+                e.get(k) == v for k, v in fields.items()
+            ):
+                return e
+        return None
+
+    def wait_event(self, name: str, after: float = 0.0, **fields) -> dict:
+        """Waits for `event(name, after, **fields)` and returns it.
+
+        Raises:
+            AssertionError: as `wait_for`, with the events seen so far.
+
+        Example:
+
+        ```python
+        run.wait_event("attempt_started", size=2)
+        ```
+        """
+        found: list[dict] = []
+
+        def check() -> bool:
+            event = self.event(name, after, **fields)
+            if event is not None:
+                found.append(event)
+            return bool(found)
+
+        what = f"event {name!r} with {fields}" if fields else f"{name!r}"
+        self.wait_for(what, check)
+        return found[0]
 
     def steps(self) -> list[dict]:
         """The chief's step log records so far (empty without `step_log`).
