@@ -183,6 +183,36 @@ def test_hung_worker_is_detected_by_timeout(tmp_path):
     assert "worker-1 made no progress for 2s (hung)" in text
 
 
+# Silent for 4 s (start-up: imports, connecting), then a heartbeat every
+# 0.3 s (as BackupAndRestore does once fit begins), then exit 0.
+_SLOW_START = _python("""
+    import os, time
+    time.sleep(4)
+    for _ in range(6):
+        os.utime(os.environ["KERASDIST_HEARTBEAT_FILE"])
+        time.sleep(0.3)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_start_timeout_spares_a_slow_start(tmp_path):
+    """Issue 25 (6): `--timeout` is silence after the first heartbeat;
+    start-up has its own limit, `--start_timeout`."""
+    out = io.StringIO()
+    result = kd.launch.run(_SLOW_START, num_workers=2, max_restarts=0,
+                           timeout=1.5, start_timeout=60, stream=out,
+                           log_dir=tmp_path)
+    assert result.ok and result.attempts == 1, out.getvalue()
+    # Without it, start-up counts as before: the same run is hung.
+    out = io.StringIO()
+    result = kd.launch.run(_SLOW_START, num_workers=1, max_restarts=0,
+                           timeout=1.5, stream=out, log_dir=tmp_path)
+    assert result.returncode == 124, out.getvalue()
+    hung = [e for e in kd.launch.read_events(tmp_path)
+            if e["event"] == "worker_hung"]
+    assert [(e["rank"], e["at_start"]) for e in hung] == [(0, True)], hung
+
+
 @pytest.mark.timeout(60)
 def test_heartbeat_file_counts_as_progress(tmp_path):
     # A silent worker that touches its heartbeat is not hung.

@@ -7,6 +7,7 @@ test_elastic_hosts.py; these are the quick checks a user meets first.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -196,3 +197,153 @@ def test_host_that_stays_cut_off(tmp_path, elastic, wait):
             "worker slot(s), fewer than the 2 needed (not elastic: pass "
             "--min_workers to go on with fewer); giving up"
         ) in out
+
+
+class _Launcher:
+    """`kerasdist-run --log_dir LOGS ...` in the background; waits on its
+    events (`LOGS/events.jsonl`), never on its console text or on time."""
+
+    def __init__(self, tmp_path, *args):
+        self.logs = tmp_path / "logs"
+        self.out = tmp_path / "launcher.log"
+        with open(self.out, "w") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kerasdist.launch", "--log_dir",
+                 str(self.logs), *args],
+                stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def events(self):
+        return kd.launch.read_events(self.logs)
+
+    def wait_event(self, name, timeout=120.0, **fields):
+        deadline = time.monotonic() + timeout
+        while True:
+            for e in self.events():
+                if e["event"] == name and all(
+                        e.get(k) == v for k, v in fields.items()):
+                    return e
+            assert self.proc.poll() is None, (
+                f"the launcher ended (status {self.proc.returncode}) "
+                f"before event {name!r} {fields}:\n{self.out.read_text()}")
+            assert time.monotonic() < deadline, (
+                f"no event {name!r} {fields} within {timeout:g}s:\n"
+                f"{self.out.read_text()}")
+            time.sleep(0.05)
+
+    def wait(self, timeout=120.0):
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the launcher did not end within {timeout:g}s:\n"
+                        f"{self.out.read_text()}")
+        return self.proc.returncode, self.out.read_text()
+
+    def stop(self):
+        kill_group(self.proc)
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    started = []
+
+    def start(*args):
+        started.append(_Launcher(tmp_path, *args))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.stop()
+
+
+_SILENT = "import time; time.sleep(120)"
+
+
+@pytest.mark.real_component
+@pytest.mark.parametrize("elastic, sig", [
+    (False, signal.SIGTERM), (True, signal.SIGTERM), (True, signal.SIGINT)])
+def test_signal_during_host_wait_starts_nothing(launcher, elastic, sig):
+    """Issue 25 (3, 4): SIGTERM/SIGINT while the launcher waits for a lost
+    host ends the run at once with 128 + signal: no new group, no "going on
+    without", no "giving up", one INTERRUPTED summary."""
+    why = testbed.nftables_unavailable()
+    if why:
+        pytest.skip(f"cutting a host off needs nftables: {why}")
+    args = ["--hosts", "127.0.0.8,127.0.0.9", "--timeout", "2",
+            "--host_wait", "60", "--max_restarts", "2"]
+    if elastic:
+        args += ["--min_workers", "1"]
+    run = launcher(*args, "--", sys.executable, "-c", _SILENT)
+    run.wait_event("attempt_started", attempt=1)
+    with testbed.partition("127.0.0.9"):
+        run.wait_event("host_unreachable", host="127.0.0.9")
+        run.proc.send_signal(sig)
+        code, out = run.wait(timeout=60)
+    assert code == 128 + sig, out
+    names = [e["event"] for e in run.events()]
+    assert names.count("attempt_started") == 1, names
+    assert not {"shrunk", "gave_up", "grew"} & set(names), names
+    assert names[-1] == "run_ended", names
+    ended = run.events()[-1]
+    assert (ended["returncode"], ended["outcome"]) == (
+        128 + sig, f"INTERRUPTED ({signal.Signals(sig).name})"), ended
+    assert "going on without" not in out and "giving up" not in out, out
+    assert out.count("summary:") == 1, out
+
+
+_STOPS_ON_SECOND_HOST = """
+import os, signal, time
+if os.environ["KERASDIST_HOST"] == "127.0.0.11":
+    os.kill(os.getpid(), signal.SIGSTOP)  # Never gets going.
+beat = os.environ["KERASDIST_HEARTBEAT_FILE"]
+alone = os.environ["KERASDIST_NUM_WORKERS"] == "1"
+for _ in range(8 if alone else 100_000):  # With a stuck peer: forever.
+    time.sleep(0.25)
+    os.utime(beat)
+"""
+
+
+def test_host_whose_workers_never_start_is_excluded(launcher):
+    """Issue 25 (2): a host that answers probes but whose workers stop at
+    start-up in two attempts in a row is dropped like a lost host (elastic),
+    instead of spending every restart on it."""
+    run = launcher("--hosts", "127.0.0.10,127.0.0.11", "--min_workers", "1",
+                   "--timeout", "3", "--max_restarts", "4", "--",
+                   sys.executable, "-c", _STOPS_ON_SECOND_HOST)
+    code, out = run.wait(timeout=120)
+    assert code == 0, out
+    got = run.events()
+    hung = [e for e in got if e["event"] == "worker_hung"]
+    assert [(e["host"], e["at_start"]) for e in hung] == [
+        ("127.0.0.11", True)] * 2, got
+    excluded = [e for e in got if e["event"] == "host_excluded"]
+    assert [e["host"] for e in excluded] == ["127.0.0.11"], got
+    shrunk = [e for e in got if e["event"] == "shrunk"]
+    assert [(e["old_size"], e["new_size"], e["lost"]) for e in shrunk] == [
+        (2, 1, ["127.0.0.11"])], got
+    assert got[-1]["sizes"] == [2, 2, 1], got[-1]
+    assert "host 127.0.0.11: its workers hung or died at start-up in 2 " \
+        "attempts in a row; going on without it" in out
+
+
+@pytest.mark.real_component
+def test_elastic_start_without_an_unreachable_host(launcher, tmp_path):
+    """Issue 25 (5): with --min_workers, a host down at launch is not
+    fatal: the run starts on the hosts that answer."""
+    why = testbed.nftables_unavailable()
+    if why:
+        pytest.skip(f"cutting a host off needs nftables: {why}")
+    marker = tmp_path / "trained"
+    with testbed.partition("127.0.0.13"):
+        run = launcher("--hosts", "127.0.0.12,127.0.0.13", "--min_workers",
+                       "1", "--", *_touch_command(marker))
+        code, out = run.wait(timeout=60)
+    assert code == 0, out
+    assert marker.exists()
+    names = [e["event"] for e in run.events()]
+    assert names[:3] == ["host_unreachable", "shrunk", "attempt_started"], (
+        names)
+    shrunk = run.events()[1]
+    assert (shrunk["lost"], shrunk["old_size"], shrunk["new_size"]) == (
+        ["127.0.0.13"], 2, 1)
+    assert run.events()[2]["size"] == 1

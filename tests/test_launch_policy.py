@@ -276,6 +276,7 @@ COVERED = {
     "max_preemptions": "test_preemptions_have_their_own_budget",
     "log_dir": "test_events_jsonl_is_one_object_per_line",
     "timeout": "test_launch.py::test_hung_worker_is_detected_by_timeout",
+    "start_timeout": "test_launch.py::test_start_timeout_spares_a_slow_start",
     "grace_period": "test_end_stops_with_the_grace_each_outcome_asks",
     "restart_grace_period": "test_end_stops_with_the_grace_each_outcome_asks",
     "env": "test_launch.py::" + CLI_TEST,

@@ -147,6 +147,9 @@ class Agent:
         self.budget = policy.Budget(spec.max_restarts, spec.max_preemptions)
         self.failures: list[Failure] = []
         self.sizes: list[int] = []
+        # Hosts an elastic run goes on without for good (their workers
+        # never got going): {host: why}.
+        self.excluded: dict[hostlib.Host, str] = {}
 
     def run(self) -> RunResult:
         """Runs attempts until the run ends (see `run`, the function).
@@ -200,6 +203,9 @@ class Agent:
             if self.interrupted is not None:
                 return policy.Stop(self.interrupted)
             outcome = self._attempt(hosts, beat_dir)
+            if self.interrupted is not None:
+                # Also when the signal came while the group was stopping.
+                outcome = policy.Interrupted(self.interrupted)
             if isinstance(outcome, Failure):
                 self.failures.append(outcome)
             decision, self.budget = policy.after_attempt(outcome, self.budget)
@@ -213,21 +219,44 @@ class Agent:
                     used=decision.used, limit=decision.limit,
                     description=failure.describe(),
                 ))
+                self._exclude_failing_at_start()
             placed = self._place(failure)
             if isinstance(placed, _END):
                 return placed
             self._announce_size(hosts, placed)
             hosts = placed.hosts
 
+    def _usable(self) -> list[hostlib.Host]:
+        """The hosts not excluded, in order."""
+        return [h for h in self.hosts if h not in self.excluded]
+
+    def _exclude_failing_at_start(self) -> None:
+        """Elastic: drops a host whose workers never get going."""
+        if not self.spec.elastic:
+            return
+        host = policy.failing_at_start(
+            self.failures, self._usable(), min_workers=self.min_workers
+        )
+        if host is None:
+            return
+        why = (
+            "its workers hung or died at start-up in "
+            f"{policy.START_FAILURES} attempts in a row"
+        )
+        self.excluded[host] = why
+        self.bus.publish(events.HostExcluded(
+            attempt=self.attempt, host=str(host), reason=why,
+        ))
+
     def _announce_size(self, old: Sequence[hostlib.Host], placed) -> None:
         """Publishes `Shrunk` or `Grew` when the group changes size."""
         old_size, new_size = _size(old), _size(placed.hosts)
         names = [str(h) for h in placed.hosts]
-        if isinstance(placed, policy.Resize):
+        if new_size < old_size or isinstance(placed, policy.Resize):
             self.bus.publish(events.Shrunk(
-                attempt=self.attempt, lost=[str(h) for h in placed.lost],
-                hosts=names, old_size=old_size, new_size=new_size,
-                min_workers=placed.min_workers,
+                attempt=self.attempt, hosts=names, old_size=old_size,
+                lost=[str(h) for h in old if h not in placed.hosts],
+                new_size=new_size, min_workers=self.min_workers,
             ))
         elif new_size > old_size:
             self.bus.publish(events.Grew(
@@ -290,13 +319,13 @@ class Agent:
             return policy.Start(tuple(self.hosts))
         deadline = self.members.deadline()
         announced: set[hostlib.Host] = set()
-        while True:
+        while self.interrupted is None:
             down = self.members.unreachable()
             self._announce_down(down, announced, spec.host_wait)
             if self.interrupted is not None:
-                return policy.Stop(self.interrupted)
+                break
             placed = policy.placement(
-                self.hosts, down, min_workers=self.min_workers,
+                self._usable(), down, min_workers=self.min_workers,
                 elastic=spec.elastic,
                 waited=spec.host_wait - (deadline - time.monotonic()),
                 host_wait=spec.host_wait, failure=failure,
@@ -304,6 +333,8 @@ class Agent:
             if not isinstance(placed, policy.Wait):
                 return placed
             self._sleep_unless_interrupted(_PLACE_SECONDS)
+        # Interrupted: no probe, no new group (no ssh session) after this.
+        return policy.Stop(self.interrupted)
 
     def _sleep_unless_interrupted(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -348,7 +379,7 @@ class Agent:
             hosts=[str(h) for h in hosts], command=list(spec.command),
             multi_host=spec.multi_host,
         ))
-        missing = [h for h in self.hosts if h not in hosts] if (
+        missing = [h for h in self._usable() if h not in hosts] if (
             spec.elastic
         ) else []
         try:

@@ -30,6 +30,7 @@ __all__ = [
     "Event",
     "EventBus",
     "GaveUp",
+    "HostExcluded",
     "HostUnreachable",
     "HostsReturned",
     "Interrupted",
@@ -110,6 +111,7 @@ class _WorkerEvent(Event):
     host: str | None
     state: str
     reason: str
+    at_start: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +142,7 @@ def for_failure(failure: results.Failure) -> _WorkerEvent:
     common = dict(
         attempt=failure.attempt, rank=failure.worker, host=failure.host,
         state=failure.state.value, reason=failure.reason, time=failure.time,
+        at_start=failure.at_start,
     )
     if failure.state == results.WorkerState.HUNG:
         return WorkerHung(**common)
@@ -190,6 +193,22 @@ class HostUnreachable(Event):
             if self.host_wait else ""
         )
         return f"host {self.host} is unreachable ({self.reason}){wait}"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostExcluded(Event):
+    """An elastic run goes on without `host` for good: `reason`."""
+
+    name: ClassVar[str] = "host_excluded"
+    attempt: int
+    host: str
+    reason: str
+
+    def console(self) -> str:
+        return (
+            f"host {self.host}: {self.reason}; going on without it (it is "
+            "not taken back)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

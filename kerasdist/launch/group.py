@@ -33,6 +33,13 @@ _EXIT_STATES = {
 }
 
 
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
 class Worker:
     """One worker process of one attempt."""
 
@@ -45,6 +52,16 @@ class Worker:
         self.heartbeat = heartbeat
         self.starter = starter
         self.state = WorkerState.HEALTHY
+        self._created = _mtime(heartbeat)
+        self._started = False
+
+    def started(self) -> bool:
+        """True once the worker touched its heartbeat file (start-up over:
+        `BackupAndRestore` touches it when `fit` begins)."""
+        if not self._started:
+            mtime = _mtime(self.heartbeat)
+            self._started = mtime is not None and mtime != self._created
+        return self._started
 
     def last_progress(self) -> float:
         """Monotonic time of the last output or heartbeat."""
@@ -178,7 +195,7 @@ class Group:
                 raise StartFailed(Failure(
                     self.attempt, self._first_index(hosts[0]),
                     WorkerState.FAILED, f"could not be started ({e})", None,
-                    time.time(), hosts[0].address,
+                    time.time(), hosts[0].address, at_start=True,
                 )) from None
             for h in hosts:
                 ports[h] = [next(picked) for _ in range(h.slots)]
@@ -225,7 +242,7 @@ class Group:
                 return Failure(
                     self.attempt, w.index, w.state,
                     f"lost its host ({lost})" if lost else exit_reason(code),
-                    code, time.time(), w.host,
+                    code, time.time(), w.host, not w.started(),
                 )
         return self._hung()
 
@@ -246,7 +263,7 @@ class Group:
                     f"no progress; worker-{failed.index} "
                     f"{exit_reason(failed.process.returncode)} waiting "
                     "for it (hung)",
-                    None, time.time(), w.host,
+                    None, time.time(), w.host, not w.started(),
                 )
         return None
 
@@ -257,13 +274,15 @@ class Group:
         progressing too; blame the stopped one, else the one silent
         longest.
         """
-        timeout = self.spec.timeout
-        if timeout is None:
+        spec = self.spec
+        if spec.timeout is None:
             return None
         now = time.monotonic()
         healthy = [w for w in self.workers
                    if w.state == WorkerState.HEALTHY]
-        if not any(now - w.last_progress() > timeout for w in healthy):
+        silent = [w for w in healthy
+                  if now - w.last_progress() > _limit(spec, w)]
+        if not silent:
             return None
         stopped = [w for w in healthy if w.is_stopped()]
         culprit = stopped[0] if stopped else min(
@@ -274,8 +293,17 @@ class Group:
             "; it is stopped (process state T, e.g. SIGSTOP)"
             if stopped else ""
         )
+        started = culprit.started()
         return Failure(
             self.attempt, culprit.index, WorkerState.HUNG,
-            f"made no progress for {timeout:g}s (hung){note}", None,
-            time.time(), culprit.host,
+            f"made no progress for {_limit(spec, culprit):g}s (hung){note}",
+            None,
+            time.time(), culprit.host, not started,
         )
+
+
+def _limit(spec: WorkerSpec, worker: Worker) -> float:
+    """Seconds of silence after which `worker` is hung."""
+    if worker.started() or spec.start_timeout is None:
+        return spec.timeout
+    return spec.start_timeout

@@ -39,6 +39,7 @@ __all__ = [
     "Succeeded",
     "Wait",
     "after_attempt",
+    "failing_at_start",
     "may_grow",
     "placement",
 ]
@@ -47,6 +48,9 @@ RESTART = "restart"
 PREEMPTION = "preemption"
 # The exit status when a grow finds too few hosts (no worker failed).
 NO_HOSTS_EXIT_CODE = 1
+# Attempts in a row whose workers on one host hung or died at start-up
+# before an elastic run goes on without that host.
+START_FAILURES = 2
 
 
 # -- what happened ------------------------------------------------------
@@ -265,3 +269,40 @@ def may_grow(missing: Sequence[hostlib.Host], finished: bool) -> bool:
         bool.
     """
     return bool(missing) and not finished
+
+
+def failing_at_start(failures: Sequence[Failure], hosts: Sequence[
+        hostlib.Host], *, min_workers: int,
+        in_a_row: int = START_FAILURES) -> hostlib.Host | None:
+    """A host to exclude: its workers hung or died at start-up in the last
+    `in_a_row` attempts in a row, and the others hold `min_workers`.
+
+    A host that answers probes but whose workers never get going (stopped,
+    a broken disk, a missing library) is treated like a lost host by an
+    elastic run, instead of spending every restart on it.
+
+    Args:
+        failures: list of `Failure`, in order.
+        hosts: list of `Host`. The hosts the run may still use.
+        min_workers: int. Fewest workers the group may have.
+        in_a_row: int. Consecutive attempts needed. Defaults to 2.
+
+    Returns:
+        The `Host` to exclude, or None.
+    """
+    last = list(failures[-in_a_row:])
+    if len(last) < in_a_row or not last[-1].host:
+        return None
+    for before, after in zip(last, last[1:], strict=False):
+        if after.attempt != before.attempt + 1:
+            return None
+    if any(not f.at_start or f.host != last[-1].host
+           or f.state not in (WorkerState.FAILED, WorkerState.HUNG)
+           for f in last):
+        return None
+    host = next((h for h in hosts if h.address == last[-1].host), None)
+    if host is None:
+        return None
+    if sum(h.slots for h in hosts if h != host) < min_workers:
+        return None
+    return host

@@ -60,6 +60,8 @@ class Failure:
             if it was hung.
         time: float. When it was noticed (seconds since the epoch).
         host: str or None. The worker's host, in a multi-host group.
+        at_start: bool. The worker had not touched its heartbeat yet (it
+            died or hung during start-up).
 
     Example:
 
@@ -75,6 +77,7 @@ class Failure:
     exit_code: int | None
     time: float
     host: str | None = None
+    at_start: bool = False
 
     def describe(self) -> str:
         """`"worker-1 died (SIGKILL) at 13:52:01"` (with `on HOST` when

@@ -95,6 +95,11 @@ class WorkerSpec:
         timeout: float or None. A worker that prints nothing and does not
             touch its heartbeat file for this many seconds is hung, and the
             group restarts. Defaults to None (never).
+        start_timeout: float or None. The same limit for a worker that has
+            not touched its heartbeat file yet (start-up: importing
+            TensorFlow, connecting the workers; `BackupAndRestore` touches
+            it when `fit` begins, then about once a second). Defaults to
+            None (`timeout`).
         grace_period: float. Seconds between SIGTERM and SIGKILL when the
             launcher itself is stopped (Ctrl-C, SIGTERM): time for
             `BackupAndRestore` to save. Defaults to 10.
@@ -156,6 +161,11 @@ class WorkerSpec:
     timeout: float | None = _option(
         None, "a worker with no output and no heartbeat for `S` seconds is "
         "hung", metavar="S", parse=float, default_text="never",
+    )
+    start_timeout: float | None = _option(
+        None, "the same limit before a worker's first heartbeat (start-up: "
+        "imports, connecting, until `fit` begins)", metavar="T",
+        parse=float, default_text="`S`",
     )
     grace_period: float = _option(
         10.0, "SIGTERM → SIGKILL delay when the launcher itself is stopped",
@@ -219,7 +229,8 @@ class WorkerSpec:
             except ValueError as e:
                 raise LauncherError(str(e)) from None
         for name, zero, none in (
-            ("timeout", False, True), ("grace_period", True, False),
+            ("timeout", False, True), ("start_timeout", False, True),
+            ("grace_period", True, False),
             ("restart_grace_period", True, False), ("host_wait", True, False),
         ):
             try:
