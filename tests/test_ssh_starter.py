@@ -418,3 +418,16 @@ def test_kerasdist_run_over_ssh_saves_on_sigterm_and_resumes(server,
     want = np.load(tmp_path / "local" / "final.npz")
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_wrapper_script_speaks_this_modules_protocol():
+    """ssh_wrapper.sh (a package file, checked by shellcheck) prints the
+    status lines SshProcess reads and exits with the permanent-error code
+    when the working directory is missing."""
+    from kerasdist.launch import protocol, ssh
+
+    script = ssh._WRAPPER  # noqa: SLF001
+    assert not any(line.startswith("#") for line in script.splitlines())
+    for word in (ssh._STATUS, ssh._BEAT, ssh._STATE,  # noqa: SLF001
+                 f"exit {protocol.PERMANENT_EXIT_CODE}\n"):
+        assert word in script, f"ssh_wrapper.sh lost {word!r}"
