@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+import os
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["check_int", "check_seconds", "env_int"]
@@ -85,40 +87,43 @@ def check_seconds(
     return float(value)
 
 
-def env_int(name: str, default: int | None = None, minimum: int = 0,
-            environ: Any = None) -> int | None:
+def env_int(
+    name: str, *, minimum: int = 0, environ: Mapping[str, str] | None = None,
+    error: type[Exception] = ValueError, expected: str = "",
+) -> int | None:
     """Reads an integer environment variable, with a message naming it.
+
+    Every `KERASDIST_*`, `SLURM_*` and Kubernetes count the package reads
+    goes through here, so that they are parsed (digits only, surrounding
+    spaces allowed) and refused alike.
 
     Args:
         name: str. The variable, e.g. `"KERASDIST_NUM_WORKERS"`.
-        default: int or None. Returned when the variable is unset or
-            empty. Defaults to None.
         minimum: int. The smallest allowed value. Defaults to 0.
         environ: mapping or None. Defaults to `os.environ`.
+        error: exception class raised for a bad value. Defaults to
+            `ValueError`.
+        expected: str. What the value means, for the message, e.g.
+            `"a number of workers"`. Defaults to "".
 
     Returns:
-        int, or `default`.
+        int, or None when the variable is unset or blank.
 
     Raises:
-        ValueError: naming the variable, its value and what is expected.
+        error: naming the variable, its value and what is expected.
 
     Example:
 
-    >>> env_int("KERASDIST_SURELY_UNSET", 3)
-    3
+    >>> env_int("KERASDIST_SURELY_UNSET") is None
+    True
     """
-    import os
-
-    text = (os.environ if environ is None else environ).get(name, "")
-    if not text.strip():
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise ValueError(
-            f"Invalid environment variable {name}={text!r}. Expected an "
-            f"integer >= {minimum}; unset it or fix its value."
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < minimum:
+        what = f" ({expected})" if expected else ""
+        raise error(
+            f"Invalid value for environment variable {name}. Received: "
+            f"{name}={raw!r}. Expected an integer >= {minimum}{what}."
         )
-    return value
+    return int(raw)

@@ -32,6 +32,8 @@ import signal
 import subprocess
 import sys
 
+from kerasdist._validate import env_int
+
 __all__ = [
     "DEFAULT_K8S_RESTART_EXIT_CODE",
     "ENGINES",
@@ -82,8 +84,10 @@ def restart_count() -> int:
     >>> restart_count() >= 0
     True
     """
-    raw = os.environ.get(ENV_RESTART_COUNT, "").strip()
-    return int(raw) if raw.isdigit() else 0
+    try:
+        return env_int(ENV_RESTART_COUNT) or 0
+    except ValueError:
+        return 0  # Not set by a launcher we know: a first attempt.
 
 
 def touch_heartbeat() -> None:

@@ -288,8 +288,7 @@ class Process(Leader):
     Example:
 
     >>> p = Process(["true"], capture=True)
-    >>> stop_all([p], grace=5.0)
-    >>> p.returncode
+    >>> p.reap()  # Waits for it: stop_all would SIGTERM it if still up.
     0
     """
 
