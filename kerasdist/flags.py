@@ -33,7 +33,8 @@ if __name__ == "__main__":
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from absl import flags as absl_flags
 
@@ -184,6 +185,96 @@ def _backup_needs_model_dir(values):
     )
 
 
+class _Flag(NamedTuple):
+    """One standard flag: how `define_flags` defines and validates it."""
+
+    name: str
+    definer: Callable[..., Any]
+    help: str
+    enum_values: list[str] | None = None
+    validator: Callable[[Any], bool] | None = None
+
+
+# The standard flags, in `FLAG_NAMES` order; defaults are in `_DEFAULTS`.
+_FLAGS = (
+    _Flag(
+        "strategy", absl_flags.DEFINE_enum,
+        "Distribution strategy: 'auto' picks multi_worker when TF_CONFIG "
+        "names several tasks, else mirrored over several GPUs (or over "
+        "--num_virtual_cpus > 1), else one_device.",
+        list(_STRATEGY_NAMES),
+    ),
+    _Flag(
+        "num_virtual_cpus", absl_flags.DEFINE_integer,
+        "Split the host CPU into N logical devices (0: don't; also "
+        "KERASDIST_VIRTUAL_CPUS). For running mirrored on a CPU-only host.",
+        validator=_non_negative("num_virtual_cpus", "0 means no split"),
+    ),
+    _Flag(
+        "model_dir", absl_flags.DEFINE_string,
+        "Directory for this run's backups and outputs (shared by all "
+        "workers).",
+    ),
+    _Flag(
+        "global_batch_size", absl_flags.DEFINE_integer,
+        "Examples per training step, summed over all replicas of all "
+        "workers; must divide by the number of replicas.",
+        validator=_positive("global_batch_size"),
+    ),
+    _Flag(
+        "epochs", absl_flags.DEFINE_integer, "Training epochs.",
+        validator=_positive("epochs"),
+    ),
+    _Flag(
+        "steps_per_epoch", absl_flags.DEFINE_integer,
+        "Steps per epoch (unset: one pass over the training data).",
+        validator=_positive_or_none("steps_per_epoch"),
+    ),
+    _Flag(
+        "backup_freq", absl_flags.DEFINE_string,
+        "Back up for fault tolerance every N steps, or 'epoch'; unset: no "
+        "backups. Needs --model_dir.",
+        validator=_valid_backup_freq,
+    ),
+    _Flag(
+        "all_reduce", absl_flags.DEFINE_enum,
+        "All-reduce implementation: auto|ring|nccl for multi_worker, "
+        "auto|nccl|hierarchical_copy|one_device for mirrored.",
+        list(ALL_REDUCE_NAMES),
+    ),
+    _Flag(
+        "compression", absl_flags.DEFINE_enum,
+        "Cast gradients for the all-reduce: none|fp16|bf16.",
+        list(COMPRESSION_NAMES),
+    ),
+    _Flag(
+        "warmup_steps", absl_flags.DEFINE_integer,
+        "Learning-rate warm-up steps (0: no warm-up).",
+        validator=_non_negative("warmup_steps", "0 means no warm-up"),
+    ),
+    _Flag(
+        "seed", absl_flags.DEFINE_integer,
+        "Random seed for weights and generated data (the same on every "
+        "worker).",
+        validator=_non_negative("seed", "a random seed"),
+    ),
+    _Flag(
+        "dataset", absl_flags.DEFINE_string,
+        "Dataset: 'synthetic' (generated, no download) or a "
+        "tensorflow_datasets name the script supports.",
+        validator=lambda v: _check(
+            bool(v),
+            f"Invalid value for flag `--dataset`. Received: dataset={v!r}. "
+            "Expected 'synthetic' or a tensorflow_datasets name.",
+        ),
+    ),
+    _Flag(
+        "data_dir", absl_flags.DEFINE_string,
+        "tensorflow_datasets data directory (unset: TFDS's default).",
+    ),
+)
+
+
 def define_flags(
     flag_values: absl_flags.FlagValues | None = None, **defaults: Any
 ) -> None:
@@ -234,93 +325,17 @@ def define_flags(
         )
     d = {**_DEFAULTS, **defaults}
     defined = set()
-
-    def define(name, definer, help_text, enum_values=None, validator=None):
-        if name in fv:
-            return
-        defined.add(name)
-        if enum_values is None:
-            definer(name, d[name], help_text, flag_values=fv)
-        else:
-            definer(name, d[name], enum_values, help_text, flag_values=fv)
-        if validator is not None:
-            absl_flags.register_validator(name, validator, flag_values=fv)
-
-    define(
-        "strategy", absl_flags.DEFINE_enum,
-        "Distribution strategy: 'auto' picks multi_worker when TF_CONFIG "
-        "names several tasks, else mirrored over several GPUs (or over "
-        "--num_virtual_cpus > 1), else one_device.",
-        list(_STRATEGY_NAMES),
-    )
-    define(
-        "num_virtual_cpus", absl_flags.DEFINE_integer,
-        "Split the host CPU into N logical devices (0: don't; also "
-        "KERASDIST_VIRTUAL_CPUS). For running mirrored on a CPU-only host.",
-        validator=_non_negative("num_virtual_cpus", "0 means no split"),
-    )
-    define(
-        "model_dir", absl_flags.DEFINE_string,
-        "Directory for this run's backups and outputs (shared by all "
-        "workers).",
-    )
-    define(
-        "global_batch_size", absl_flags.DEFINE_integer,
-        "Examples per training step, summed over all replicas of all "
-        "workers; must divide by the number of replicas.",
-        validator=_positive("global_batch_size"),
-    )
-    define(
-        "epochs", absl_flags.DEFINE_integer, "Training epochs.",
-        validator=_positive("epochs"),
-    )
-    define(
-        "steps_per_epoch", absl_flags.DEFINE_integer,
-        "Steps per epoch (unset: one pass over the training data).",
-        validator=_positive_or_none("steps_per_epoch"),
-    )
-    define(
-        "backup_freq", absl_flags.DEFINE_string,
-        "Back up for fault tolerance every N steps, or 'epoch'; unset: no "
-        "backups. Needs --model_dir.",
-        validator=_valid_backup_freq,
-    )
-    define(
-        "all_reduce", absl_flags.DEFINE_enum,
-        "All-reduce implementation: auto|ring|nccl for multi_worker, "
-        "auto|nccl|hierarchical_copy|one_device for mirrored.",
-        list(ALL_REDUCE_NAMES),
-    )
-    define(
-        "compression", absl_flags.DEFINE_enum,
-        "Cast gradients for the all-reduce: none|fp16|bf16.",
-        list(COMPRESSION_NAMES),
-    )
-    define(
-        "warmup_steps", absl_flags.DEFINE_integer,
-        "Learning-rate warm-up steps (0: no warm-up).",
-        validator=_non_negative("warmup_steps", "0 means no warm-up"),
-    )
-    define(
-        "seed", absl_flags.DEFINE_integer,
-        "Random seed for weights and generated data (the same on every "
-        "worker).",
-        validator=_non_negative("seed", "a random seed"),
-    )
-    define(
-        "dataset", absl_flags.DEFINE_string,
-        "Dataset: 'synthetic' (generated, no download) or a "
-        "tensorflow_datasets name the script supports.",
-        validator=lambda v: _check(
-            bool(v),
-            f"Invalid value for flag `--dataset`. Received: dataset={v!r}. "
-            "Expected 'synthetic' or a tensorflow_datasets name.",
-        ),
-    )
-    define(
-        "data_dir", absl_flags.DEFINE_string,
-        "tensorflow_datasets data directory (unset: TFDS's default).",
-    )
+    for flag in _FLAGS:
+        if flag.name in fv:
+            continue
+        defined.add(flag.name)
+        args = (flag.name, d[flag.name])
+        if flag.enum_values is not None:
+            args += (flag.enum_values,)
+        flag.definer(*args, flag.help, flag_values=fv)
+        if flag.validator is not None:
+            absl_flags.register_validator(flag.name, flag.validator,
+                                          flag_values=fv)
     if "backup_freq" in defined and "model_dir" in fv:
         absl_flags.register_multi_flags_validator(
             ["backup_freq", "model_dir"], _backup_needs_model_dir,
