@@ -426,7 +426,7 @@ def test_wrapper_script_speaks_this_modules_protocol():
     when the working directory is missing."""
     from kerasdist.launch import protocol, ssh
 
-    script = ssh._WRAPPER  # noqa: SLF001
+    script = ssh.wrapper_script()
     assert not any(line.startswith("#") for line in script.splitlines())
     for word in (ssh._STATUS, ssh._BEAT, ssh._STATE,  # noqa: SLF001
                  f"exit {protocol.PERMANENT_EXIT_CODE}\n"):

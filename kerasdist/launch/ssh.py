@@ -43,6 +43,7 @@ Linux distribution.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import math
 import os
@@ -69,11 +70,40 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # K=V... CMD`): ssh_wrapper.sh, a shell script of this package checked by
 # shellcheck, whose comments say how it works (sent without them). Its
 # status lines and exit codes are this module's constants (a test checks).
-_WRAPPER = "".join(
-    line for line in importlib.resources.files(__package__).joinpath(
-        "ssh_wrapper.sh").read_text(encoding="utf-8").splitlines(True)
-    if not line.startswith("#")
-)
+_WRAPPER_FILE = "ssh_wrapper.sh"
+
+
+@functools.cache
+def wrapper_script() -> str:
+    """The shell script each ssh host runs around its worker, without its
+    comments (ssh_wrapper.sh, a file of this package).
+
+    Returns:
+        str.
+
+    Raises:
+        FileNotFoundError: naming the file when the installed package
+            lacks it (a packaging error).
+
+    Example:
+
+    >>> "kerasdist-ssh-status" in wrapper_script()
+    True
+    """
+    resource = importlib.resources.files(__package__).joinpath(
+        _WRAPPER_FILE)
+    try:
+        text = resource.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{_WRAPPER_FILE} is missing from the installed kerasdist.launch "
+            f"({resource}); ssh hosts need it. Reinstall kerasdist (its "
+            "package data must include kerasdist/launch/*.sh)."
+        ) from None
+    return "".join(
+        line for line in text.splitlines(True) if not line.startswith("#")
+    )
+
 
 # Picks free TCP ports on the host (all interfaces), like
 # `kerasdist.cluster.free_ports` does on this machine.
@@ -167,7 +197,7 @@ class SshProcess(supervisor.Process):
         self._alive.start()
 
     def _keep_alive(self, interval: float) -> None:
-        # Tells the wrapper the launcher is still there (see _WRAPPER).
+        # Tells the wrapper the launcher is still there (see ssh_wrapper.sh).
         while self._send("ALIVE\n"):
             time.sleep(interval)
 
@@ -474,7 +504,7 @@ class SshStarter(hosts.Starter):
                     "started over ssh. Expected letters, digits and '_', "
                     "not starting with a digit."
                 )
-        words = ["sh", "-c", _WRAPPER, "kerasdist-ssh", self.cwd,
+        words = ["sh", "-c", wrapper_script(), "kerasdist-ssh", self.cwd,
                  str(len(env)), str(math.ceil(self.alive_timeout)),
                  *(f"{k}={v}" for k, v in env.items()), *command]
         return " ".join(shlex.quote(w) for w in words)
