@@ -347,3 +347,43 @@ def test_elastic_start_without_an_unreachable_host(launcher, tmp_path):
     assert (shrunk["lost"], shrunk["old_size"], shrunk["new_size"]) == (
         ["127.0.0.13"], 2, 1)
     assert run.events()[2]["size"] == 1
+
+
+_FINISHES_THEN_WORKS_ON = """
+import os, sys, time
+# What protocol.report_training_finished() does when fit returns.
+with open(os.environ["KERASDIST_HEARTBEAT_FILE"], "w") as f:
+    f.write("finished\\n")
+open(os.path.join(sys.argv[1], "reported"), "w").close()
+time.sleep(8)  # Post-fit work (export, evaluation) a grow would cut short.
+open(os.path.join(sys.argv[1], "post-fit-done"), "w").close()
+"""
+
+
+@pytest.mark.real_component
+def test_no_grow_once_training_finished(launcher, tmp_path):
+    """Issue 25 (4): once a worker said training is done, a host that
+    comes back does not resize the group (its post-fit code runs once, to
+    the end)."""
+    why = testbed.nftables_unavailable()
+    if why:
+        pytest.skip(f"cutting a host off needs nftables: {why}")
+    reported = tmp_path / "reported"
+    with testbed.partition("127.0.0.15"):
+        run = launcher("--hosts", "127.0.0.14,127.0.0.15", "--min_workers",
+                       "1", "--timeout", "60", "--", sys.executable, "-c",
+                       _FINISHES_THEN_WORKS_ON, str(tmp_path))
+        deadline = time.monotonic() + 60
+        while not reported.exists():  # The worker's own report.
+            assert run.proc.poll() is None and time.monotonic() < deadline, (
+                f"the worker did not report within 60s:\n"
+                f"{run.out.read_text()}")
+            time.sleep(0.05)
+    # 127.0.0.15 answers again from here on, for the worker's last 8 s.
+    code, out = run.wait(timeout=60)
+    assert code == 0, out
+    assert (tmp_path / "post-fit-done").exists(), out
+    names = [e["event"] for e in run.events()]
+    assert names.count("attempt_started") == 1, names
+    assert "hosts_returned" not in names and "grew" not in names, names
+    assert run.events()[-1]["sizes"] == [1], names

@@ -426,3 +426,15 @@ def test_every_event_and_field_is_documented():
         for name in fields:
             assert f"`{name}`" in row, (
                 f"field {name!r} of event {cls.name!r} is not in its row")
+
+
+def test_report_training_finished_writes_the_heartbeat(tmp_path, monkeypatch):
+    from kerasdist.launch import protocol
+
+    beat = tmp_path / "worker-0.heartbeat"
+    beat.write_text("")
+    monkeypatch.setenv(protocol.ENV_HEARTBEAT_FILE, str(beat))
+    protocol.report_training_finished()
+    assert beat.read_text() == f"{protocol.TRAINING_FINISHED}\n"
+    monkeypatch.delenv(protocol.ENV_HEARTBEAT_FILE)
+    protocol.report_training_finished()  # Outside the launcher: no-op.

@@ -408,7 +408,7 @@ class Agent:
                 return failure
             if group.succeeded():
                 return policy.Succeeded()
-            if policy.may_grow(missing, finished=group.any_succeeded()):
+            if policy.may_grow(missing, finished=group.finishing()):
                 back = self.members.returned()
                 if back:
                     return policy.HostsBack(back)

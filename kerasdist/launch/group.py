@@ -33,11 +33,15 @@ _EXIT_STATES = {
 }
 
 
-def _mtime(path: str) -> int | None:
+def _mtime(path: str) -> tuple[int, int] | None:
+    """(modification time in ns, size): what changes when a worker touches
+    or writes its heartbeat file (times are coarse: the size tells a write
+    within the same tick)."""
     try:
-        return os.stat(path).st_mtime_ns
+        st = os.stat(path)
     except OSError:
         return None
+    return st.st_mtime_ns, st.st_size
 
 
 class Worker:
@@ -54,6 +58,8 @@ class Worker:
         self.state = WorkerState.HEALTHY
         self._created = _mtime(heartbeat)
         self._started = False
+        self._finished = False
+        self._read_at = self._created
 
     def started(self) -> bool:
         """True once the worker touched its heartbeat file (start-up over:
@@ -72,6 +78,22 @@ class Worker:
         except OSError:
             pass
         return latest
+
+    def finished(self) -> bool:
+        """True once the worker reported that training is done
+        (`protocol.report_training_finished`) or exited 0."""
+        if self._finished or self.state == WorkerState.SUCCEEDED:
+            return True
+        mtime = _mtime(self.heartbeat)
+        if mtime is not None and mtime != self._read_at:
+            self._read_at = mtime  # Read only when it changed.
+            try:
+                with open(self.heartbeat) as f:
+                    word = f.read(64).strip()
+            except OSError:
+                word = ""
+            self._finished = word == protocol.TRAINING_FINISHED
+        return self._finished
 
     def is_stopped(self) -> bool:
         """True when the process is stopped (SIGSTOP) or traced."""
@@ -221,9 +243,10 @@ class Group:
         """True when every worker exited with status 0."""
         return all(w.state == WorkerState.SUCCEEDED for w in self.workers)
 
-    def any_succeeded(self) -> bool:
-        """True when a worker exited with status 0 (the group finishes)."""
-        return any(w.state == WorkerState.SUCCEEDED for w in self.workers)
+    def finishing(self) -> bool:
+        """True when a worker finished training (it said so, or exited 0):
+        the group is finishing and must not be resized."""
+        return any(w.finished() for w in self.workers)
 
     def check(self) -> Failure | None:
         """The first reason to end this attempt, if any."""

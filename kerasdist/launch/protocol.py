@@ -57,6 +57,8 @@ __all__ = [
     "restart_engine",
     "restart_count",
     "slurm_requeue",
+    "TRAINING_FINISHED",
+    "report_training_finished",
     "touch_heartbeat",
 ]
 
@@ -71,6 +73,8 @@ ENV_HEARTBEAT_FILE = "KERASDIST_HEARTBEAT_FILE"
 ENV_MIN_WORKERS = "KERASDIST_MIN_WORKERS"  # smallest group size allowed
 ENV_MAX_WORKERS = "KERASDIST_MAX_WORKERS"  # largest group size allowed
 ENV_HOST = "KERASDIST_HOST"  # this worker's host address
+# Written to the heartbeat file by `report_training_finished`.
+TRAINING_FINISHED = "finished"
 
 
 def restart_count() -> int:
@@ -88,6 +92,28 @@ def restart_count() -> int:
         return env_int(ENV_RESTART_COUNT) or 0
     except ValueError:
         return 0  # Not set by a launcher we know: a first attempt.
+
+
+def report_training_finished() -> None:
+    """Tells the launcher this worker's training is done (no-op outside it).
+
+    Writes `TRAINING_FINISHED` to `KERASDIST_HEARTBEAT_FILE`. An elastic
+    `kerasdist-run` does not resize a group once one of its workers said
+    so (a grow would stop workers in their post-`fit` code). It also
+    counts as progress. Call it when `fit` returns.
+
+    Example:
+
+    >>> report_training_finished()
+    """
+    path = os.environ.get(ENV_HEARTBEAT_FILE)
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(f"{TRAINING_FINISHED}\n")
+    except OSError:
+        pass
 
 
 def touch_heartbeat() -> None:

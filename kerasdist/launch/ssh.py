@@ -209,8 +209,9 @@ class SshProcess(supervisor.Process):
         state = _STATE.encode()
         try:
             for line in iter(self.stderr.readline, b""):
-                if line.rstrip() == beat:
-                    self._beat()
+                if line.startswith(beat):
+                    self._beat(line[len(beat):].strip().decode(
+                        "ascii", "replace"))
                     continue
                 if line.startswith(state):
                     self._remote_state = line[len(state):].strip().decode(
@@ -231,14 +232,19 @@ class SshProcess(supervisor.Process):
             if log:
                 log.close()
 
-    def _beat(self) -> None:
+    def _beat(self, word: str) -> None:
         # The launcher owns the file; once it removed it (stopping), the
         # beat has nowhere to go.
-        if self._heartbeat:
-            try:
+        if not self._heartbeat:
+            return
+        try:
+            if word == protocol.TRAINING_FINISHED:
+                with open(self._heartbeat, "w") as f:
+                    f.write(f"{word}\n")
+            else:
                 os.utime(self._heartbeat)
-            except OSError:
-                pass
+        except OSError:
+            pass
 
     def _emit(self, line: bytes, log) -> None:
         # ssh ends its own messages with "\r\n".

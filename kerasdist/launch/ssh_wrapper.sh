@@ -13,7 +13,8 @@
 #   keepalive) write the time to a file. The monitor, every second, kills
 #   the group when that time is older than ALIVE seconds (0: never), and
 #   relays the worker's heartbeat file (a private file on this host) as
-#   `BEAT` lines, which touch the launcher's own heartbeat file, and the
+#   `BEAT [WORD]` lines, which touch the launcher's own heartbeat file (or
+#   write WORD, e.g. "finished", to it), and the
 #   worker's /proc state letter when it changes (`T`: stopped), for
 #   `SshProcess.state()`.
 # - After the worker ends, the rest of its group is killed, as the local
@@ -69,7 +70,11 @@ main=$$
       exit 0
     fi
     now=$(stat -c %y "$tmp/beat" 2>/dev/null)
-    if [ "$now" != "$last" ]; then echo "kerasdist-ssh-beat" >&2; last=$now; fi
+    if [ "$now" != "$last" ]; then
+      # The file's first word too: "finished" once training is done.
+      word=; { read -r word _ <"$tmp/beat"; } 2>/dev/null
+      echo "kerasdist-ssh-beat $word" >&2; last=$now
+    fi
     line=; { read -r line </proc/"$pid"/stat; } 2>/dev/null
     line=${line##*) }; ws=${line%% *}
     if [ "$ws" != "$wlast" ]; then echo "kerasdist-ssh-state $ws" >&2; wlast=$ws; fi
