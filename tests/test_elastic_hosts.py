@@ -163,6 +163,9 @@ def test_partitioned_host_does_not_hang_the_group(run, reference):
     assert re.search(r"worker-\d on 127\.0\.0\.\d made no progress for "
                      r"20s \(hung\)", log), log[-4000:]
     assert "going on without 127.0.0.3" in log
+    # The blame goes to the cut-off host's worker, not a bystander.
+    hung = r.event("worker_hung")
+    assert hung is not None and hung["host"] == "127.0.0.3", r.events()
 
 
 def test_two_losses_down_to_min_workers(run, reference):

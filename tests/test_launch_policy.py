@@ -438,3 +438,19 @@ def test_report_training_finished_writes_the_heartbeat(tmp_path, monkeypatch):
     assert beat.read_text() == f"{protocol.TRAINING_FINISHED}\n"
     monkeypatch.delenv(protocol.ENV_HEARTBEAT_FILE)
     protocol.report_training_finished()  # Outside the launcher: no-op.
+
+
+def test_hang_blame_goes_to_the_worker_whose_host_does_not_answer():
+    """Issue 25 (6): after a partition every worker is silent; the one on
+    the host that does not answer is named, not a bystander."""
+    hung = Failure(1, 0, WorkerState.HUNG, "made no progress for 20s (hung)",
+                   None, 0.0, "127.0.0.2")
+    hosts_of = {0: "127.0.0.2", 1: "127.0.0.3", 2: "127.0.0.4"}
+    blamed = policy.blame(hung, hosts_of, {B: "no answer within 1s"})
+    assert (blamed.worker, blamed.host, blamed.reason) == (
+        1, "127.0.0.3", "made no progress for 20s (hung); its host does "
+        "not answer (no answer within 1s)")
+    assert policy.blame(hung, hosts_of, {}) is hung  # Every host answers.
+    assert policy.blame(hung, hosts_of, {A: "gone"}) is hung  # Already.
+    died = _failure()
+    assert policy.blame(died, hosts_of, {B: "gone"}) is died  # Not a hang.

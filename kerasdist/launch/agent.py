@@ -396,6 +396,13 @@ class Agent:
         if self.interrupted is not None:
             outcome = policy.Interrupted(self.interrupted)
         self.stop_group(group, outcome)
+        if isinstance(outcome, Failure):
+            if spec.multi_host:
+                outcome = policy.blame(
+                    outcome, {w.index: w.host for w in group.workers},
+                    self.members.seen_at_failure(),
+                )
+            self.bus.publish(events.for_failure(outcome))
         return outcome
 
     def _monitor(self, group: Group, missing: list[hostlib.Host]):
@@ -419,7 +426,8 @@ class Agent:
         return policy.Interrupted(self.interrupted)
 
     def stop_group(self, group: Group, outcome: policy.Outcome) -> None:
-        """Stops `group` as `outcome` asks, publishing what happened.
+        """Stops `group` as `outcome` asks, publishing an interruption or a
+        grow (the failure is published by the caller, with its blame).
 
         Args:
             group: `group.Group` (anything with `stop(grace)`).
@@ -443,7 +451,6 @@ class Agent:
         elif isinstance(outcome, policy.Succeeded):
             group.stop(0.0)  # Reap; all exited.
         else:
-            self.bus.publish(events.for_failure(outcome))
             if spec.multi_host:
                 # Probe while the survivors stop; host_wait counts from now.
                 self.members.failure_seen()

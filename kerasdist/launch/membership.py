@@ -124,6 +124,24 @@ class Membership:
         with self._lock:
             return dict(early.down)
 
+    def seen_at_failure(self, timeout: float = 60.0) -> Down:
+        """{host: reason} from the probe started at the failure (waiting
+        for it), without using it up; empty when there is none.
+
+        Args:
+            timeout: float. Seconds to wait for the probe at most.
+
+        Returns:
+            dict mapping each unreachable host to the reason.
+        """
+        with self._lock:
+            early = self._early
+        if early is None:
+            return {}
+        early.thread.join(timeout)
+        with self._lock:
+            return dict(early.down)
+
     def new_attempt(self) -> None:
         """Forgets what missing hosts answered: a new group started."""
         with self._lock:

@@ -39,6 +39,7 @@ __all__ = [
     "Succeeded",
     "Wait",
     "after_attempt",
+    "blame",
     "failing_at_start",
     "may_grow",
     "placement",
@@ -306,3 +307,35 @@ def failing_at_start(failures: Sequence[Failure], hosts: Sequence[
     if sum(h.slots for h in hosts if h != host) < min_workers:
         return None
     return host
+
+
+def blame(failure: Failure, hosts_of: Mapping[int, str | None],
+          down: Mapping[hostlib.Host, str]) -> Failure:
+    """The hang's culprit, knowing which hosts do not answer.
+
+    When every worker is blocked in a collective with a cut-off host, the
+    silent-longest worker can be any of them. A worker on a host that does
+    not answer is the cause: blame it, not a bystander.
+
+    Args:
+        failure: `Failure` that ended the attempt.
+        hosts_of: {worker index: host address}, of this attempt.
+        down: {host: reason}. Hosts that did not answer the probe started
+            at the failure.
+
+    Returns:
+        `failure`, or a copy naming a worker on a host that is down.
+    """
+    if failure.state != WorkerState.HUNG:
+        return failure
+    unanswered = {h.address: why for h, why in down.items()}
+    if not unanswered or failure.host in unanswered:
+        return failure
+    for index, address in sorted(hosts_of.items()):
+        if address in unanswered:
+            return dataclasses.replace(
+                failure, worker=index, host=address,
+                reason=f"{failure.reason.split(';')[0]}; its host does not "
+                f"answer ({unanswered[address]})",
+            )
+    return failure
