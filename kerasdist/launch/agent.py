@@ -253,10 +253,12 @@ class Agent:
         old_size, new_size = _size(old), _size(placed.hosts)
         names = [str(h) for h in placed.hosts]
         if new_size < old_size or isinstance(placed, policy.Resize):
+            lost = placed.lost if isinstance(placed, policy.Resize) else [
+                h for h in old if h not in placed.hosts]
             self.bus.publish(events.Shrunk(
                 attempt=self.attempt, hosts=names, old_size=old_size,
-                lost=[str(h) for h in old if h not in placed.hosts],
-                new_size=new_size, min_workers=self.min_workers,
+                lost=[str(h) for h in lost], new_size=new_size,
+                min_workers=self.min_workers,
             ))
         elif new_size > old_size:
             self.bus.publish(events.Grew(

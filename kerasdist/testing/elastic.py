@@ -62,10 +62,10 @@ class HostBedRun:
     """One `kerasdist-run` over emulated hosts, running in the background.
 
     The launcher runs as `python -m kerasdist.launch --hosts A,B,...
-    --host_wait W --timeout T --max_restarts R [--min_workers M] --log_dir
-    WORKDIR/logs -- *command`, with the kerasdist this process imported
-    (an installed package, or a source tree put on `PYTHONPATH`) and no
-    inherited `TF_CONFIG`; its output goes to
+    --host_wait W --timeout T --start_timeout S --max_restarts R
+    [--min_workers M] --log_dir WORKDIR/logs -- *command`, with the
+    kerasdist this process imported (an installed package, or a source tree
+    put on `PYTHONPATH`) and no inherited `TF_CONFIG`; its output goes to
     `WORKDIR/launcher.log`. Use it as a context manager (or call `stop`) so
     that the launcher and every worker it started are killed at the end,
     even when the test fails.
@@ -85,6 +85,10 @@ class HostBedRun:
         host_wait: float. `--host_wait` seconds. Defaults to 3.
         timeout: float. The launcher's `--timeout` (hang detection)
             seconds. Defaults to 20.
+        start_timeout: float. The launcher's `--start_timeout`: the same
+            for a worker's start-up (until its first heartbeat), which on a
+            loaded machine can take far longer than a step. Defaults to
+            120.
         max_restarts: int. `--max_restarts`. Defaults to 4.
         run_timeout: float. Seconds the whole run may take before
             `wait_for` and `finish` give up. Defaults to 300.
@@ -125,6 +129,7 @@ class HostBedRun:
         min_workers: int | None = None,
         host_wait: float = 3.0,
         timeout: float = 20.0,
+        start_timeout: float = 120.0,
         max_restarts: int = 4,
         run_timeout: float = 300.0,
         env: Mapping[str, str] | None = None,
@@ -152,6 +157,7 @@ class HostBedRun:
             sys.executable, "-m", "kerasdist.launch",
             "--hosts", ",".join(_address(h) for h in hosts),
             "--host_wait", f"{host_wait:g}", "--timeout", f"{timeout:g}",
+            "--start_timeout", f"{start_timeout:g}",
             "--max_restarts", str(max_restarts),
             "--log_dir", str(self.workdir / "logs"),
         ]
