@@ -23,7 +23,6 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     args = parser.parse_args(argv)
     import keras
-    import numpy as np
     import tensorflow as tf
 
     import kerasdist as kd
@@ -38,14 +37,14 @@ def main(argv=None) -> int:
         f.write(str(os.getpid()))
     strategy = kd.get_strategy()
     batch, steps_per_epoch = 64, 100
-    n = batch * steps_per_epoch
-    rng = np.random.RandomState(0)
-    x = rng.normal(size=(n, 64)).astype("float32")
-    y = rng.randint(0, 10, n)
-    ds = kd.data.distribute(
-        tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
-            n, seed=1, reshuffle_each_iteration=True),
-        strategy, global_batch_size=batch)
+
+    def example(i):  # generated in the pipeline, the same in every run
+        x = tf.random.stateless_normal([64], seed=tf.stack([i, 0]))
+        return x, i % 10
+
+    ds = tf.data.Dataset.range(batch * steps_per_epoch).map(example).cache()
+    ds = kd.data.distribute(ds.shuffle(batch * steps_per_epoch, seed=1),
+                            strategy, global_batch_size=batch)
     with strategy.scope():
         model = keras.Sequential([
             keras.Input((64,)),
@@ -58,9 +57,10 @@ def main(argv=None) -> int:
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     save_freq = args.save_freq if args.save_freq in ("auto", "epoch") else (
         int(args.save_freq))
+    mtbf = args.mtbf if save_freq == "auto" else None
     model.fit(ds, epochs=args.steps // steps_per_epoch, verbose=0,
               callbacks=[kd.callbacks.BackupAndRestore(
-                  args.backup_dir, save_freq, mtbf=args.mtbf)])
+                  args.backup_dir, save_freq, mtbf=mtbf)])
     return 0
 
 

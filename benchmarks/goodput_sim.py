@@ -76,17 +76,21 @@ class Job:
     save_seconds: float
     save_freq: int | str = "auto"
     mtbf_prior: float | None = None
+    elastic: bool = False
+    workers_per_host: int = 8
     counted_fraction: float = 1.0  # share of a step's wall inside the step
+    # Costs: start-up and restart are a + b N seconds.
     startup_a: float = 60.0
     startup_b: float = 0.0
     restart_a: float = 10.0
     restart_b: float = 0.0
     detection: float = 1.0
-    host_loss: float = 0.0
-    workers_per_host: int = 8
-    replacement: float = 0.0
-    elastic: bool = False
+    host_loss: float = 0.0  # share of failures that take a host away...
+    replacement: float = 0.0  # ... for this long
     finish_seconds: float = 0.0  # last step -> the job has ended
+    # Failures at these times (seconds from the start) instead of Poisson
+    # ones: replays a real run's failures.
+    failure_times: tuple[float, ...] | None = None
 
     def startup(self) -> float:
         return self.startup_a + self.startup_b * self.workers
@@ -112,10 +116,15 @@ class _Run:
         self.failures = 0
         self.saves = 0
         self.grow_at: list[float] = []
-        self.interval = interval_lib.FIRST_SAVE_STEPS
+        self.interval = interval_lib.FIRST_SAVE_STEPS  # "auto"
         self._draw()
 
     def _draw(self) -> None:
+        times = self.job.failure_times
+        if times is not None:
+            self.next_fail = min((t for t in times if t > self.t),
+                                 default=math.inf)
+            return
         self.next_fail = self.t + self.rng.expovariate(
             self.size / self.job.worker_mtbf)
 
@@ -163,6 +172,14 @@ class _Run:
                 self.parts["waiting"] += job.replacement
         self._draw()
 
+    def next_save(self) -> int:
+        """The step of the next save: the next multiple of an integer
+        `save_freq` (as the callback counts), or the chosen interval."""
+        if self.job.save_freq != "auto":
+            freq = int(self.job.save_freq)
+            return (self.committed // freq + 1) * freq
+        return self.committed + self.interval
+
     def next_interval(self) -> int:
         job = self.job
         if job.save_freq != "auto":
@@ -189,7 +206,7 @@ def _attempt(run: _Run, first: bool) -> bool:
                 run.size = min(run.size + job.workers_per_host, job.workers)
                 run._draw()  # noqa: SLF001 (the rate changed)
                 run.spend(job.restart() + job.startup(), "resize")
-            target = min(run.committed + run.interval, job.total_steps)
+            target = min(run.next_save(), job.total_steps)
             run.train(max(target - run.pos, 0))
             if run.pos >= job.total_steps:
                 break
@@ -449,12 +466,17 @@ def measured(run: dict) -> dict:
     }
 
 
-def model_of(run: dict, calibration: dict) -> Job:
-    """The `Job` of a real run, with the costs measured in it."""
+def model_of(run: dict, calibration: dict, replay: bool = False,
+             job_mtbf: float | None = None) -> Job:
+    """The `Job` of a real run, with the costs measured in it; failing at
+    the run's kill times (`replay`) or at Poisson times."""
     c = calibration
     prior = run["mtbf_prior"]
+    times = tuple(k - run["start"] for k in run["kills"]) if replay else None
     return Job(
-        workers=run["workers"], worker_mtbf=run["job_mtbf"] * run["workers"],
+        workers=run["workers"],
+        worker_mtbf=(job_mtbf or run["job_mtbf"]) * run["workers"],
+        failure_times=times,
         step_seconds=c["step_seconds"], total_steps=run["steps"],
         save_seconds=c["save_seconds"], save_freq=run["save_freq"],
         mtbf_prior=interval_lib.parse_mtbf(prior) if prior else None,
@@ -472,18 +494,31 @@ def validate(workdir: str, workers: int, steps: int, job_mtbf: float,
         run = real_run(where, workers=workers, steps=steps,
                        save_freq=save_freq, job_mtbf=job_mtbf,
                        mtbf_prior=f"{job_mtbf:g}s", seed=seed + i)
-        got = measured(run)
-        want = predict(model_of(run, got["calibration"]), 400)
-        rows.append({"workers": workers, "save_freq": save_freq,
-                     "job_mtbf": job_mtbf, "measured": got,
-                     "predicted": want,
-                     "points": 100 * (want["goodput"] - got["goodput"])})
-        print(f"N={workers} save_freq={save_freq}: measured goodput "
-              f"{got['goodput']:.3f} ({got['kills']} kills, "
-              f"{got['attempts']} attempts, wall {got['wall']:.0f}s), "
-              f"predicted {want['goodput']:.3f} "
-              f"[{want['p10']:.3f}, {want['p90']:.3f}]", flush=True)
+        rows.append(compare(run))
     return rows
+
+
+def compare(run: dict) -> dict:
+    """Measured goodput of a real run vs the model's: replaying the run's
+    failure times, and with Poisson failures at the rate it saw."""
+    got = measured(run)
+    replayed = simulate(model_of(run, got["calibration"], replay=True))
+    seen = run["wall"] / max(len(run["kills"]), 1)
+    poisson = predict(model_of(run, got["calibration"], job_mtbf=seen), 400)
+    row = {"workers": run["workers"], "save_freq": run["save_freq"],
+           "job_mtbf": run["job_mtbf"], "measured": got,
+           "replayed": replayed, "predicted": poisson,
+           "points": 100 * (replayed["goodput"] - got["goodput"]),
+           "run": {k: run[k] for k in ("start", "wall", "facts", "kills",
+                                       "workers", "steps", "save_freq",
+                                       "job_mtbf", "mtbf_prior")}}
+    print(f"N={run['workers']} save_freq={run['save_freq']}: measured "
+          f"goodput {got['goodput']:.3f} ({got['kills']} kills, "
+          f"{got['attempts']} attempts, wall {got['wall']:.0f}s); model "
+          f"with these failures {replayed['goodput']:.3f}; with Poisson "
+          f"failures every {seen:.0f}s {poisson['goodput']:.3f} "
+          f"[{poisson['p10']:.3f}, {poisson['p90']:.3f}]", flush=True)
+    return row
 
 
 def plot(rows: list[dict], checks: list[dict], path: str) -> None:
@@ -507,10 +542,12 @@ def plot(rows: list[dict], checks: list[dict], path: str) -> None:
     ax.set_title("Predicted goodput at scale")
     labels = [str(c["save_freq"]) for c in checks]
     x = range(len(checks))
-    bx.bar([i - 0.2 for i in x], [c["measured"]["goodput"] for c in checks],
-           0.4, label="measured")
-    bx.bar([i + 0.2 for i in x], [c["predicted"]["goodput"] for c in checks],
-           0.4, label="predicted",
+    bx.bar([i - 0.27 for i in x], [c["measured"]["goodput"] for c in checks],
+           0.27, label="measured")
+    bx.bar(list(x), [c["replayed"]["goodput"] for c in checks], 0.27,
+           label="model, the run's failure times")
+    bx.bar([i + 0.27 for i in x], [c["predicted"]["goodput"] for c in checks],
+           0.27, label="model, Poisson at the run's rate (p10-p90)",
            yerr=[[c["predicted"]["goodput"] - c["predicted"]["p10"]
                   for c in checks],
                  [c["predicted"]["p90"] - c["predicted"]["goodput"]
@@ -536,10 +573,19 @@ def main(full: bool = False, argv: list[str] | None = None) -> dict:
     parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--steps", type=int, default=1100)
     parser.add_argument("--job_mtbf", type=float, default=60.0)
+    parser.add_argument("--recompare", action="store_true",
+                        help="compare the model again with the real runs "
+                        "kept in the last results (no new runs)")
     args = parser.parse_args(argv or [])
     rows = predictions(SCALE, args.replicates)
     checks = []
-    if not args.predict_only:
+    if args.recompare:
+        with open(common.RESULTS / "goodput_sim.json") as f:
+            for row in json.load(f)["validation"]:
+                run = row["run"]
+                run["facts"] = {int(a): r for a, r in run["facts"].items()}
+                checks.append(compare(run))
+    elif not args.predict_only:
         policies = [400, "auto"] if not full else [50, 400, "auto"]
         with tempfile.TemporaryDirectory(prefix="goodput-") as workdir:
             for n in ((4,) if not full else (4, 8, 16)):

@@ -339,11 +339,15 @@ class Facts:
         return json.dumps(
             {"global_step": max(self.global_step, self.high_water)})
 
-    def to_json(self) -> str:
-        self.updated = time.time()
+    def as_dict(self) -> dict:
         fields = dataclasses.asdict(self)
         fields.pop("high_water")
-        return json.dumps(fields)
+        return fields
+
+    def to_json(self) -> str:
+        """The facts now, as one JSON object (sets `updated`)."""
+        self.updated = time.time()
+        return json.dumps(self.as_dict())
 
 
 def read_high_water(backup_dir: str) -> int:

@@ -102,6 +102,16 @@ class SavedBackup:
         preempted: bool. Taken on a preemption signal, before leaving to
             be restarted.
         logs: dict. The logs of the last step (or epoch) before the save.
+
+    Example:
+
+    ```python
+    def report(backup: kd.callbacks.SavedBackup) -> None:
+        if backup.path is not None:  # the chief
+            print(f"step {backup.global_step}: {backup.path}")
+
+    kd.callbacks.BackupAndRestore("/ckpt/run1", 200, on_saved=report)
+    ```
     """
 
     path: str | None
@@ -306,11 +316,16 @@ class BackupAndRestore(keras.callbacks.Callback):
             None)
 
     @property
-    def goodput_facts(self) -> interval_lib.Facts:
-        """This worker's time facts of the current (or last) `fit`: step
-        and save times, steps retrained (see the "Running at scale"
-        guide)."""
-        return self._run.facts
+    def goodput_facts(self) -> dict:
+        """This worker's time facts of the current (or last) `fit`.
+
+        The fields the heartbeat file holds: `attempt`, `rank`,
+        `train_begin`, `first_step`, `restored_step`, `global_step`,
+        `steps`, `step_seconds`, `retrained_steps`, `retrained_seconds`,
+        `saves`, `save_seconds`, `saved_step`, `finished`, `updated` (see
+        the "Running at scale" guide).
+        """
+        return self._run.facts.as_dict()
 
     def on_backup_saved(self, backup: SavedBackup) -> None:
         """Called on every worker right after each backup is committed.
