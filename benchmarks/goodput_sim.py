@@ -214,6 +214,12 @@ def _attempt(run: _Run, first: bool) -> bool:
             run.committed = run.pos
             run.saves += 1
             run.interval = run.next_interval()
+        # The last backup (fit ended), then leaving (process exit, the
+        # launcher noticing): a failure now still restarts the group.
+        if run.pos > run.committed:  # (a finished run returns at once)
+            run.spend(job.save_seconds, "saves")
+        run.committed = run.pos
+        run.spend(job.finish_seconds, "finish")
     except _Failed:
         run.fail()
         return False
@@ -226,7 +232,6 @@ def simulate(job: Job, seed: int = 0) -> dict:
     first = True
     while not _attempt(run, first):
         first = False
-    run.t += job.finish_seconds
     p = run.parts
     full = job.step_seconds * job.total_steps
     counted = full * job.counted_fraction
@@ -438,12 +443,14 @@ def measured(run: dict) -> dict:
     step_wall = (longest["updated"] - longest["first_step"]
                  - longest["save_seconds"]) / max(longest["steps"] - 1, 1)
     saves = sum(f["saves"] for f in facts)
-    startup = facts[0]["first_step"] - run["start"]
-    recoveries = []
-    for f in facts[1:]:
+    startups, recoveries = [], []
+    for f in facts:
         before = [k for k in run["kills"] if k < f["train_begin"]]
-        if before and f.get("first_step"):
-            recoveries.append(f["first_step"] - before[-1])
+        began = before[-1] if before else run["start"]
+        if f.get("first_step"):
+            (recoveries if before else startups).append(
+                f["first_step"] - began)
+    startup = statistics.median(startups or recoveries)
     return {
         "goodput": counted / run["wall"],
         "wall": run["wall"],
@@ -459,8 +466,7 @@ def measured(run: dict) -> dict:
             "save_seconds": sum(f["save_seconds"] for f in facts)
             / max(saves, 1),
             "startup": startup,
-            "recovery": statistics.median(recoveries) if recoveries
-            else startup,
+            "recovery": statistics.median(recoveries or startups),
             "finish": run["start"] + run["wall"] - facts[-1]["updated"],
         },
     }

@@ -17,23 +17,31 @@ def _job(**kw):
 
 
 def test_no_failure():
-    # start-up 10 + 100 steps + saves after 25, 50, 75 (2 s each).
+    # start-up 10 + 100 steps + saves after 25, 50, 75, 100 (2 s each).
     run = sim.simulate(_job())
-    assert run["wall"] == pytest.approx(116.0)
-    assert run["goodput"] == pytest.approx(100 / 116)
-    assert run["parts"]["saves"] == pytest.approx(6.0)
+    assert run["wall"] == pytest.approx(118.0)
+    assert run["goodput"] == pytest.approx(100 / 118)
+    assert run["parts"]["saves"] == pytest.approx(8.0)
 
 
 def test_one_failure_replayed():
     """Fails at t=50: 13 steps after the save at 25 are lost; detection 1,
-    restart 5, start-up 10, then steps 25..100 with saves at 50 and 75."""
+    restart 5, start-up 10, then steps 25..100 with saves at 50, 75, 100."""
     run = sim.simulate(_job(failure_times=(50.0,)))
-    assert run["wall"] == pytest.approx(145.0)
+    assert run["wall"] == pytest.approx(147.0)
     parts = run["parts"]
     assert {k: round(v, 6) for k, v in parts.items() if v} == {
         "counted": 100.0, "startup": 20.0, "restart": 5.0,
-        "detection": 1.0, "retrained": 13.0, "saves": 6.0}
+        "detection": 1.0, "retrained": 13.0, "saves": 8.0}
     assert sum(parts.values()) == pytest.approx(run["wall"])
+
+
+def test_a_failure_while_leaving_restarts_the_group():
+    # The job ends at 118 + 5 s of exit; a failure at 120 costs detection,
+    # restart, start-up, and the exit again: no steps.
+    run = sim.simulate(_job(finish_seconds=5.0, failure_times=(120.0,)))
+    assert run["wall"] == pytest.approx(120 + 1 + 5 + 10 + 5)
+    assert run["parts"]["retrained"] == 0
 
 
 def test_auto_interval_uses_the_callbacks_estimator():

@@ -287,7 +287,9 @@ class Facts:
         restored_step: int. The global step restored (0: a fresh start).
         global_step: int. Steps of the run trained so far.
         steps: int. Steps trained in this attempt.
-        step_seconds: float. Time inside those steps.
+        step_seconds: float. Time in those steps: from the end of the
+            previous step's callbacks to the end of this one's (saves,
+            epoch ends and validation left out).
         retrained_steps: int. Of those, steps an earlier attempt had
             trained past its last backup before it failed.
         retrained_seconds: float. Time inside the retrained steps.

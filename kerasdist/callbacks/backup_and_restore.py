@@ -134,7 +134,9 @@ class _RunState:
     cursor: Cursor = dataclasses.field(default_factory=Cursor)
     saved_at: int | None = None  # global step of the newest backup
     batch_begin: int = 0
-    batch_started: float = 0.0  # monotonic time of on_train_batch_begin
+    # Monotonic time the step being trained began: the end of the last
+    # step's callbacks (saves excluded), or the first batch's begin.
+    step_clock: float | None = None
     iterations: int | None = None
     steps_this_epoch: int = 0
     returned_at_once: bool = False
@@ -439,6 +441,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         run = self._run
+        run.step_clock = None  # Not the time of epoch ends or validation.
         run.cursor.epoch = epoch
         run.steps_this_epoch = 0
         if run.resumed_epoch != epoch:
@@ -458,9 +461,16 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self._run.batch_begin = batch
-        self._run.batch_started = time.monotonic()
+        if self._run.step_clock is None:
+            self._run.step_clock = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
+        try:
+            self._train_batch_end(batch, logs)
+        finally:
+            self._run.step_clock = time.monotonic()
+
+    def _train_batch_end(self, batch: int, logs: dict | None) -> None:
         global_step, steps = self._count_steps(batch, logs)
         if (isinstance(self.save_freq, int) and (
             global_step // self.save_freq
@@ -483,7 +493,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Advances the cursor and the clocks past the last execution;
         returns (global step, steps it trained)."""
         run = self._run
-        seconds = time.monotonic() - run.batch_started
+        seconds = time.monotonic() - (run.step_clock or time.monotonic())
         steps, run.iterations = steps_done(
             run.batch_begin, batch, (self.params or {}).get("steps"),
             getattr(self.model, "optimizer", None), run.iterations)
@@ -527,10 +537,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._run.tracker = None
         _internals.set_initial_epoch(self.model, None)
         restore_lib.record_finished(self.backup_dir)
-        if self.delete_on_finish and self._run.task.is_chief:
-            store.delete_all(self.backup_dir)
         self._run.facts.finished = True
         self._run.heartbeat.beat(now=True)
+        if self.delete_on_finish and self._run.task.is_chief:
+            store.delete_all(self.backup_dir)
         if self._run.preemption.requested:
             self._exit_for_restart()
 
