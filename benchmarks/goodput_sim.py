@@ -493,13 +493,14 @@ def model_of(run: dict, calibration: dict, replay: bool = False,
 
 def validate(workdir: str, workers: int, steps: int, job_mtbf: float,
              policies: list, seed: int = 1) -> list[dict]:
-    """Real runs with Poisson SIGKILLs vs the model's prediction."""
+    """Real runs with Poisson SIGKILLs vs the model's prediction. Every
+    policy gets the same kill times (one seed): a paired comparison."""
     rows = []
     for i, save_freq in enumerate(policies):
-        where = os.path.join(workdir, f"run-{i}")
+        where = os.path.join(workdir, f"run-{workers}-{i}")
         run = real_run(where, workers=workers, steps=steps,
                        save_freq=save_freq, job_mtbf=job_mtbf,
-                       mtbf_prior=f"{job_mtbf:g}s", seed=seed + i)
+                       mtbf_prior=f"{job_mtbf:g}s", seed=seed)
         rows.append(compare(run))
     return rows
 
