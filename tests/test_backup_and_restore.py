@@ -42,8 +42,8 @@ class BadArgumentsTest(parameterized.TestCase):
         with self.assertRaisesRegex(
             ValueError,
             r"Invalid value for argument `save_freq`. Received: "
-            rf"save_freq={save_freq!r}\. Expected either 'epoch' or a "
-            r"positive integer",
+            rf"save_freq={save_freq!r}\. Expected either 'epoch', 'auto' "
+            r"or a positive integer",
         ):
             kd.callbacks.BackupAndRestore("/tmp/x", save_freq=save_freq)
 

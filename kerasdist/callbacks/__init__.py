@@ -3,6 +3,7 @@
 from kerasdist.callbacks.backup_and_restore import (
     BackupAndRestore,
     BackupMismatchError,
+    SavedBackup,
 )
 from kerasdist.callbacks.chief_only import ChiefOnly, RunSummary, chief_verbose
 from kerasdist.callbacks.keras_files import (
@@ -25,6 +26,7 @@ __all__ = [
     "MetricAverage",
     "MetricAverageError",
     "RunSummary",
+    "SavedBackup",
     "Throughput",
     "WarmupSchedule",
     "adapt_file_callbacks",

@@ -21,6 +21,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kerasdist import _internals
@@ -32,20 +33,27 @@ HEARTBEAT_SECONDS = 1.0
 
 
 class Heartbeat:
-    """Touches the launcher's heartbeat file about once a second."""
+    """Shows the launcher progress about once a second.
 
-    def __init__(self):
+    Args:
+        send: callable or None. Writes the heartbeat (the worker's goodput
+            facts into `KERASDIST_HEARTBEAT_FILE`); None only touches it.
+    """
+
+    def __init__(self, send: Callable[[], None] | None = None):
+        self._send = send or protocol.touch_heartbeat
         self._last = 0.0
 
     def start(self) -> None:
-        protocol.touch_heartbeat()
-        self._last = time.monotonic()
+        self.beat(now=True)
 
-    def beat(self) -> None:
-        now = time.monotonic()
-        if now - self._last >= HEARTBEAT_SECONDS:
-            protocol.touch_heartbeat()
-            self._last = now
+    def beat(self, now: bool = False) -> None:
+        """Sends a heartbeat if one second passed since the last (or
+        `now`)."""
+        clock = time.monotonic()
+        if now or clock - self._last >= HEARTBEAT_SECONDS:
+            self._send()
+            self._last = clock
 
 
 class _Recorder:

@@ -104,21 +104,12 @@ def read_newest(
     return meta, values
 
 
-def agree_on_backup(model: Any, num_workers: int, backup_dir: str,
-                    meta: dict | None) -> None:
-    """With several workers, all must restore the same backup.
-
-    Raises:
-        RuntimeError: if they found different ones (`backup_dir` is not
-            shared).
-    """
-    strategy = model.distribute_strategy
-    if num_workers == 1 or not _internals.in_multi_worker_mode(strategy):
-        return
+def _all_reduce_sum(model: Any, values: list, dtype: str) -> np.ndarray:
+    """`values` summed over all replicas (every worker must call it)."""
     import tensorflow as tf
 
-    step = -1 if meta is None else meta["global_step"]
-    mine = tf.constant([step, step * step], tf.int64)
+    strategy = model.distribute_strategy
+    mine = tf.constant(values, dtype)
 
     @tf.function
     def total():
@@ -128,8 +119,40 @@ def agree_on_backup(model: Any, num_workers: int, backup_dir: str,
 
         return strategy.run(replica_fn)
 
-    sums = strategy.experimental_local_results(total())[0].numpy()
-    n = strategy.num_replicas_in_sync
+    return strategy.experimental_local_results(total())[0].numpy()
+
+
+def _multi_worker(model: Any, num_workers: int) -> bool:
+    return num_workers > 1 and _internals.in_multi_worker_mode(
+        model.distribute_strategy)
+
+
+def all_reduce_mean(model: Any, num_workers: int,
+                    values: list[float]) -> list[float]:
+    """`values` averaged over the workers; as given with one worker.
+
+    Every worker must call it at the same point (it is a collective).
+    """
+    if not _multi_worker(model, num_workers):
+        return [float(v) for v in values]
+    sums = _all_reduce_sum(model, [float(v) for v in values], "float64")
+    n = model.distribute_strategy.num_replicas_in_sync
+    return [float(v) / n for v in sums]
+
+
+def agree_on_backup(model: Any, num_workers: int, backup_dir: str,
+                    meta: dict | None) -> None:
+    """With several workers, all must restore the same backup.
+
+    Raises:
+        RuntimeError: if they found different ones (`backup_dir` is not
+            shared).
+    """
+    if not _multi_worker(model, num_workers):
+        return
+    step = -1 if meta is None else meta["global_step"]
+    sums = _all_reduce_sum(model, [step, step * step], "int64")
+    n = model.distribute_strategy.num_replicas_in_sync
     # Sum and sum of squares equal n*s and n*s^2 only if all are s.
     if int(sums[0]) != n * step or int(sums[1]) != n * step * step:
         found = store.ckpt_name(step) if step >= 0 else "none"

@@ -304,7 +304,7 @@ class EpochLogs(keras.callbacks.Callback):
 
     Args:
         owner: the `BackupAndRestore` that knows whether the epoch was
-            resumed (`_resumed_epoch`) and trained (`_steps_this_epoch`).
+            resumed and trained (its `_run` state).
     """
 
     def __init__(self, owner: Any):
@@ -313,8 +313,9 @@ class EpochLogs(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         owner = self.owner
-        if logs is not None and owner._steps_this_epoch == 0 and (  # noqa: SLF001
-            owner._resumed_epoch == epoch  # noqa: SLF001
+        run = owner._run  # noqa: SLF001
+        if logs is not None and run.steps_this_epoch == 0 and (
+            run.resumed_epoch == epoch
         ):
             results = self.model.get_metrics_result()
             logs.update({k: v for k, v in results.items() if k not in logs})

@@ -26,6 +26,7 @@ SUFFIX = ".npz"
 META_KEY = "__meta__"
 TMP_PREFIX = ".tmp-"
 CORRUPT_PREFIX = "corrupt-"
+PROGRESS_FILE = "progress.json"  # the furthest step trained (goodput)
 
 
 def ckpt_name(global_step: int) -> str:
@@ -146,14 +147,16 @@ def rotate(backup_dir: str, keep: int, newest: str) -> None:
 
 
 def delete_all(backup_dir: str) -> None:
-    """Removes every backup, set-aside and temporary file, and the
-    directory itself if nothing else is left in it."""
+    """Removes every backup, set-aside and temporary file, the progress
+    file, and the directory itself if nothing else is left in it."""
     try:
         names = os.listdir(backup_dir)
     except OSError:
         return
     for name in names:
-        if name.startswith((PREFIX, CORRUPT_PREFIX, TMP_PREFIX)):
+        if name.startswith((PREFIX, CORRUPT_PREFIX, TMP_PREFIX)) or (
+            name == PROGRESS_FILE
+        ):
             try:
                 os.unlink(os.path.join(backup_dir, name))
             except OSError:

@@ -27,10 +27,12 @@ step-exact resume), `_backup_preemption` (signals, agreement, heartbeats),
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -40,6 +42,7 @@ from absl import logging
 from kerasdist import _internals, _validate, elastic
 from kerasdist import cluster as cluster_lib
 from kerasdist import data as data_lib
+from kerasdist.callbacks import _backup_interval as interval_lib
 from kerasdist.callbacks import _backup_preemption, _callback_state
 from kerasdist.callbacks import _backup_restore as restore_lib
 from kerasdist.callbacks import _backup_store as store
@@ -56,10 +59,16 @@ from kerasdist.callbacks._backup_store import (
 )
 from kerasdist.launch import protocol
 
-__all__ = ["BackupAndRestore", "BackupConfigError", "BackupMismatchError"]
+__all__ = [
+    "BackupAndRestore",
+    "BackupConfigError",
+    "BackupMismatchError",
+    "SavedBackup",
+]
+
 
 def _check_save_freq(save_freq: Any) -> str | int:
-    if isinstance(save_freq, str) and save_freq == "epoch":
+    if isinstance(save_freq, str) and save_freq in ("epoch", "auto"):
         return save_freq
     if isinstance(save_freq, bool) or not isinstance(
         save_freq, numbers.Integral
@@ -67,9 +76,87 @@ def _check_save_freq(save_freq: Any) -> str | int:
         raise BackupConfigError(
             "Invalid value for argument `save_freq`. "
             f"Received: save_freq={save_freq!r}. "
-            "Expected either 'epoch' or a positive integer (steps)."
+            "Expected either 'epoch', 'auto' or a positive integer "
+            "(steps)."
         )
     return int(save_freq)
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedBackup:
+    """One backup just committed, as `BackupAndRestore.on_backup_saved`
+    receives it.
+
+    Attributes:
+        path: str or None. The backup file (`backup_dir/ckpt-<n>.npz`) on
+            the chief; None on the other workers (they write to a
+            temporary directory that is deleted).
+        epoch: int. The epoch in progress (0-based; after an epoch end,
+            the next one).
+        step: int. Steps done in that epoch.
+        global_step: int. Steps done in the whole run (across restarts).
+        updates: int. Optimizer updates done (steps / accumulation steps);
+            backups are named by it.
+        seconds: float. How long the save took on this worker.
+        finished: bool. The last backup of a `fit` that ended.
+        preempted: bool. Taken on a preemption signal, before leaving to
+            be restarted.
+        logs: dict. The logs of the last step (or epoch) before the save.
+
+    Example:
+
+    ```python
+    def report(backup: kd.callbacks.SavedBackup) -> None:
+        if backup.path is not None:  # the chief
+            print(f"step {backup.global_step}: {backup.path}")
+
+    kd.callbacks.BackupAndRestore("/ckpt/run1", 200, on_saved=report)
+    ```
+    """
+
+    path: str | None
+    epoch: int
+    step: int
+    global_step: int
+    updates: int
+    seconds: float
+    finished: bool = False
+    preempted: bool = False
+    logs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _RunState:
+    """What the callback knows during one `fit` (reset at its start)."""
+
+    task: cluster_lib.TaskInfo = dataclasses.field(
+        default_factory=cluster_lib.TaskInfo)
+    cursor: Cursor = dataclasses.field(default_factory=Cursor)
+    saved_at: int | None = None  # global step of the newest backup
+    batch_begin: int = 0
+    # Monotonic time the step being trained began: the end of the last
+    # step's callbacks (saves excluded), or the first batch's begin.
+    step_clock: float | None = None
+    iterations: int | None = None
+    steps_this_epoch: int = 0
+    returned_at_once: bool = False
+    resumed_epoch: int | None = None
+    tracker: InputTracker | None = None
+    resume_metrics: list[np.ndarray] | None = None
+    callbacks: list = dataclasses.field(default_factory=list)
+    callback_states: tuple[dict, list] | None = None
+    preemption: _backup_preemption.Preemption | None = None
+    heartbeat: _backup_preemption.Heartbeat = dataclasses.field(
+        default_factory=_backup_preemption.Heartbeat)
+    restored: Cursor | None = None
+    save_pending: bool = False
+    stop_pending: bool = False
+    logs: dict = dataclasses.field(default_factory=dict)
+    clock: interval_lib.RunClock = dataclasses.field(
+        default_factory=interval_lib.RunClock)
+    auto: interval_lib.AutoInterval | None = None
+    facts: interval_lib.Facts = dataclasses.field(
+        default_factory=interval_lib.Facts)
 
 
 class BackupAndRestore(keras.callbacks.Callback):
@@ -121,21 +208,41 @@ class BackupAndRestore(keras.callbacks.Callback):
         backup_dir: str or path. Directory for the backups; created if
             missing. Use it for one training run only. A local or mounted
             file system path (URLs such as `gs://` are refused).
-        save_freq: `"epoch"` or int. `"epoch"` saves at the end of every
-            epoch; an integer `n` saves every `n` training steps (counted
-            over the whole run, across restarts). Defaults to `"epoch"`.
+        save_freq: `"epoch"`, `"auto"` or int. `"epoch"` saves at the end
+            of every epoch; an integer `n` saves every `n` training steps
+            (counted over the whole run, across restarts); `"auto"` saves
+            every `sqrt(2 C M)` seconds of training (Young; Daly's
+            refinement), with `C` the measured cost of a save and `M` the
+            mean time between failures (see `mtbf`), re-evaluated at every
+            save and logged when it changes: the first save comes after
+            20 steps, to measure `C`. Saves stay on optimizer-update
+            boundaries. Defaults to `"epoch"`.
         keep: int. How many of the newest backups to keep, at least 1. With
             2 or more, an unreadable newest backup falls back to the previous
             one. Defaults to 2.
         delete_on_finish: bool. Delete the backups when `fit` ends without
             an error. Defaults to False (keep them, so a rerun of a
             finished job does not train again).
+        mtbf: float, str or None. For `save_freq="auto"`: an estimate of
+            the mean time between failures of the whole job, in seconds or
+            as `"45s"`, `"30m"`, `"3h"`, `"2d"`. Combined with the
+            failures the run has seen (`M = (T + mtbf) / (failures + 1)`
+            over the run's wall time `T`). Defaults to None: the
+            `KERASDIST_MTBF` environment variable (a launcher may set it),
+            else only what the run has seen (`T / failures`; `max(T, 1h)`
+            before the first failure).
+        on_saved: callable or None. Called with a `kd.callbacks.
+            SavedBackup` on every worker right after each backup is
+            committed (as `on_backup_saved` is). Defaults to None.
 
     Raises:
         BackupConfigError: (a `ValueError` and a
             `kerasdist.errors.PermanentError`) if `backup_dir` is blank or
-            a URL, `save_freq` is neither `"epoch"` nor a positive integer
-            (booleans are rejected), or `keep` is not a positive integer;
+            a URL, `save_freq` is neither `"epoch"`, `"auto"` nor a
+            positive integer (booleans are rejected), `keep` is not a
+            positive integer, `mtbf` (or, at the start of `fit`,
+            `KERASDIST_MTBF`) is not a positive duration, or `on_saved`
+            is not callable;
             at the start of `fit`, if `backup_dir` cannot be created or
             written, the backup was made with another
             `steps_per_execution`, or `validation_data` is the training
@@ -148,6 +255,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         kerasdist.elastic.ElasticConfigError: at the start of `fit` under
             an elastic launcher, if some allowed group size cannot split
             the global batch.
+
+    Every worker writes its goodput facts (`goodput_facts`: step and save
+    times, steps retrained after a restore) into the launcher's heartbeat
+    file about once a second; see the "Running at scale" guide.
 
     Example:
 
@@ -167,6 +278,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         save_freq: str | int = "epoch",
         keep: int = 2,
         delete_on_finish: bool = False,
+        mtbf: float | str | None = None,
+        on_saved: Callable[[SavedBackup], None] | None = None,
     ):
         super().__init__()
         self.backup_dir = store.check_path(backup_dir)
@@ -176,26 +289,73 @@ class BackupAndRestore(keras.callbacks.Callback):
         except ValueError as e:
             raise BackupConfigError(str(e)) from None
         self.delete_on_finish = bool(delete_on_finish)
+        self.mtbf = interval_lib.parse_mtbf(mtbf)
+        if self.mtbf is not None and self.save_freq != "auto":
+            warnings.warn(
+                f"kd.callbacks.BackupAndRestore: mtbf={mtbf!r} is used only "
+                f"with save_freq='auto'; save_freq={self.save_freq!r} "
+                "ignores it.", stacklevel=2)
+        if on_saved is not None and not callable(on_saved):
+            raise BackupConfigError(
+                "Invalid value for argument `on_saved`. Received: "
+                f"on_saved={on_saved!r}. Expected a callable taking a "
+                "kd.callbacks.SavedBackup, or None.")
+        self.on_saved = on_saved
         self._reset_run_state()
 
+    @property
+    def auto_interval(self) -> dict | None:
+        """The interval `save_freq="auto"` chose last, or None.
+
+        A dict with `save_seconds` (C, the measured cost of a save,
+        averaged over the workers), `step_seconds` (the measured time of a
+        step), `mtbf` (M, seconds), `interval_seconds` (Daly's interval
+        for C and M) and `interval_steps` (that interval in steps, a
+        multiple of the gradient accumulation steps).
+        """
+        auto = self._run.auto
+        return dict(auto.chosen) if auto is not None and auto.chosen else (
+            None)
+
+    @property
+    def goodput_facts(self) -> dict:
+        """This worker's time facts of the current (or last) `fit`.
+
+        The fields the heartbeat file holds: `attempt`, `rank`,
+        `train_begin`, `first_step`, `restored_step`, `global_step`,
+        `steps`, `step_seconds`, `retrained_steps`, `retrained_seconds`,
+        `saves`, `save_seconds`, `saved_step`, `finished`, `updated` (see
+        the "Running at scale" guide).
+        """
+        return self._run.facts.as_dict()
+
+    def on_backup_saved(self, backup: SavedBackup) -> None:
+        """Called on every worker right after each backup is committed.
+
+        Override it (calling `super()`) or pass `on_saved=` to act on
+        exactly the saves that happened: report a checkpoint to a tracker,
+        copy it elsewhere. Every worker calls it at the same step, so it
+        may run a collective. The Ray Train subclass reports each backup
+        to Ray here.
+
+        Args:
+            backup: SavedBackup. Where and at which step it was saved.
+
+        Example:
+
+        ```python
+        class Reporting(kd.callbacks.BackupAndRestore):
+            def on_backup_saved(self, backup):
+                super().on_backup_saved(backup)
+                if backup.path:
+                    print("saved", backup.path, "at", backup.global_step)
+        ```
+        """
+        if self.on_saved is not None:
+            self.on_saved(backup)
+
     def _reset_run_state(self) -> None:
-        self._task = cluster_lib.TaskInfo()
-        self._cursor = Cursor()
-        self._saved_at: int | None = None
-        self._batch_begin = 0
-        self._iterations = None
-        self._steps_this_epoch = 0
-        self._returned_at_once = False
-        self._resumed_epoch: int | None = None
-        self._tracker: InputTracker | None = None
-        self._resume_metrics: list[np.ndarray] | None = None
-        self._callbacks: list = []
-        self._callback_states: tuple[dict, list] | None = None
-        self._preemption: _backup_preemption.Preemption | None = None
-        self._heartbeat = _backup_preemption.Heartbeat()
-        self._restored: Cursor | None = None
-        self._save_pending = False
-        self._stop_pending = False
+        self._run = _RunState()
 
     def _variables(self) -> tuple[list, list, list]:
         return restore_lib.variables(self.model)
@@ -205,17 +365,28 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._reset_run_state()
-        self._task = cluster_lib.from_env()
+        run = self._run
+        run.task = cluster_lib.from_env()
+        prior_mtbf = self._prior_mtbf()  # Raises before anything is done.
+        attempt = protocol.restart_count()
+        run.clock = interval_lib.RunClock(attempt=attempt, failures=attempt)
+        run.facts = interval_lib.Facts(
+            attempt=attempt, rank=run.task.worker_rank,
+            train_begin=time.time())
+        run.heartbeat = _backup_preemption.Heartbeat(self._send_facts)
+        if self.save_freq == "auto":
+            run.auto = interval_lib.AutoInterval(
+                prior_mtbf, 1, self._agree, log=run.task.is_chief)
         model = self.model
         # Record preemption signals before the (slow) restore.
-        self._preemption = _backup_preemption.Preemption(
-            self.backup_dir, model, self._task.worker_rank,
-            self._task.num_workers)
-        self._preemption.install()
+        self._run.preemption = _backup_preemption.Preemption(
+            self.backup_dir, model, self._run.task.worker_rank,
+            self._run.task.num_workers)
+        self._run.preemption.install()
         try:
             self._begin(model)
         except BaseException:
-            self._preemption.uninstall()  # `fit` will not call on_train_end
+            self._run.preemption.uninstall()  # `fit` will not call on_train_end
             raise
 
     def _begin(self, model) -> None:
@@ -233,21 +404,27 @@ class BackupAndRestore(keras.callbacks.Callback):
         epoch_iterator = _internals.find_epoch_iterator(model)
         shared_validation = self._check_validation_data(epoch_iterator)
         self._record_world(model, epoch_iterator)
-        self._callbacks = run_last(self, EpochLogs(self))
+        self._run.callbacks = run_last(self, EpochLogs(self))
         new_run = self._is_new_run_in_this_process()
-        if self._task.is_chief:
+        if self._run.task.is_chief:
             store.check_writable(self.backup_dir)
-            self._preemption.clear()
+            self._run.preemption.clear()
             store.remove_temporaries(self.backup_dir)
+        if self._run.auto is not None:
+            self._run.auto.set_accumulation(
+                self._run.cursor.accumulation_steps)
         meta = self._restore(epoch_iterator, check_only=new_run)
-        if new_run and self._task.is_chief:
+        if new_run and self._run.task.is_chief:
             store.delete_all(self.backup_dir)
             os.makedirs(self.backup_dir, exist_ok=True)
-        saved = self._restored if meta is not None else None
+        if not new_run:
+            self._run.facts.high_water = interval_lib.read_high_water(
+                self.backup_dir)
+        saved = self._run.restored if meta is not None else None
         if epoch_iterator is not None:
-            self._tracker = InputTracker(epoch_iterator, self._cursor,
+            self._run.tracker = InputTracker(epoch_iterator, self._run.cursor,
                                          shared_validation)
-            self._tracker.install(saved, self.backup_dir,
+            self._run.tracker.install(saved, self.backup_dir,
                                   meta.get("steps_per_execution") if meta
                                   else None)
         elif saved is not None and saved.step > 0:
@@ -260,84 +437,111 @@ class BackupAndRestore(keras.callbacks.Callback):
             )
         if meta is not None and meta.get("finished"):
             self._finish_or_extend(meta)
-        self._heartbeat.start()
+        self._run.heartbeat.start()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._cursor.epoch = epoch
-        self._steps_this_epoch = 0
-        if self._resumed_epoch != epoch:
-            self._cursor.step = 0
-        if self._resume_metrics is not None and self._resumed_epoch == epoch:
+        run = self._run
+        run.step_clock = None  # Not the time of epoch ends or validation.
+        run.cursor.epoch = epoch
+        run.steps_this_epoch = 0
+        if run.resumed_epoch != epoch:
+            run.cursor.step = 0
+        if run.resume_metrics is not None and run.resumed_epoch == epoch:
             # `fit` reset the metrics just before this hook; put back the
             # part of the epoch trained before the interruption.
             for v, value in zip(
-                self._variables()[2], self._resume_metrics, strict=True
+                self._variables()[2], self._run.resume_metrics, strict=True
             ):
                 v.assign(value)
-        self._resume_metrics = None
-        if self._callback_states is not None:
+        self._run.resume_metrics = None
+        if self._run.callback_states is not None:
             # After every callback's on_train_begin (which resets them).
-            _callback_state.restore(self._callbacks, *self._callback_states)
-            self._callback_states = None
+            _callback_state.restore(run.callbacks, *run.callback_states)
+            self._run.callback_states = None
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._batch_begin = batch
+        self._run.batch_begin = batch
+        if self._run.step_clock is None:
+            self._run.step_clock = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
-        steps, self._iterations = steps_done(
-            self._batch_begin, batch, (self.params or {}).get("steps"),
-            getattr(self.model, "optimizer", None), self._iterations)
-        self._cursor.advance(steps)
-        self._cursor.step = self._batch_begin + steps
-        self._steps_this_epoch += steps
-        self._heartbeat.beat()
-        global_step = self._cursor.global_step
-        if isinstance(self.save_freq, int) and (
+        try:
+            self._train_batch_end(batch, logs)
+        finally:
+            self._run.step_clock = time.monotonic()
+
+    def _train_batch_end(self, batch: int, logs: dict | None) -> None:
+        global_step, steps = self._count_steps(batch, logs)
+        if (isinstance(self.save_freq, int) and (
             global_step // self.save_freq
             > (global_step - steps) // self.save_freq
-        ):
-            self._save_pending = True
-        if self._preemption.should_stop(global_step, steps):
-            self._stop_pending = True
+        )) or (self._run.auto is not None and self._run.auto.due(global_step)):
+            self._run.save_pending = True
+        if self._run.preemption.should_stop(global_step, steps):
+            self._run.stop_pending = True
         # With gradient accumulation, only between optimizer updates: a
         # backup never holds half-accumulated gradients, so it can resume
         # with another accumulation (another world size).
-        if not self._cursor.at_update_boundary():
+        if not self._run.cursor.at_update_boundary():
             return
-        if self._save_pending:
+        if self._run.save_pending:
             self._save()
-        if self._stop_pending:
+        if self._run.stop_pending:
             self._stop_for_preemption()
 
+    def _count_steps(self, batch: int, logs: dict | None) -> tuple[int, int]:
+        """Advances the cursor and the clocks past the last execution;
+        returns (global step, steps it trained)."""
+        run = self._run
+        seconds = time.monotonic() - (run.step_clock or time.monotonic())
+        steps, run.iterations = steps_done(
+            run.batch_begin, batch, (self.params or {}).get("steps"),
+            getattr(self.model, "optimizer", None), run.iterations)
+        run.cursor.advance(steps)
+        run.cursor.step = run.batch_begin + steps
+        run.steps_this_epoch += steps
+        run.logs = dict(logs or {})
+        global_step = run.cursor.global_step
+        if run.auto is not None and run.facts.steps and steps:
+            # The first execution of an attempt includes tracing.
+            run.auto.record_step(steps, seconds)
+        if steps:
+            run.facts.record_step(global_step, steps, seconds)
+        run.heartbeat.beat()
+        return global_step, steps
+
     def on_test_begin(self, logs=None):
-        if self._tracker is not None:
-            self._tracker.track_evaluation(
+        if self._run.tracker is not None:
+            self._run.tracker.track_evaluation(
                 _internals.eval_epoch_iterator(self.model))
 
     def on_test_batch_end(self, batch, logs=None):
-        self._heartbeat.beat()
+        self._run.heartbeat.beat()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._cursor.end_epoch(epoch)
-        self._resumed_epoch = None
+        self._run.logs = dict(logs or {})
+        self._run.cursor.end_epoch(epoch)
+        self._run.resumed_epoch = None
         if self.save_freq == "epoch":
-            self._save_pending = True
-        if self._save_pending and self._cursor.at_update_boundary():
+            self._run.save_pending = True
+        if self._run.save_pending and self._run.cursor.at_update_boundary():
             self._save()
-        self._heartbeat.beat()
+        self._run.heartbeat.beat()
 
     def on_train_end(self, logs=None):
-        if not self._returned_at_once:
+        if not self._run.returned_at_once:
             self._save(finished=True)  # A rerun of the script trains no more.
-        self._preemption.uninstall()
-        if self._tracker is not None:
-            self._tracker.uninstall()
-            self._tracker = None
+        self._run.preemption.uninstall()
+        if self._run.tracker is not None:
+            self._run.tracker.uninstall()
+            self._run.tracker = None
         _internals.set_initial_epoch(self.model, None)
         restore_lib.record_finished(self.backup_dir)
-        if self.delete_on_finish and self._task.is_chief:
+        self._run.facts.finished = True
+        self._run.heartbeat.beat(now=True)
+        if self.delete_on_finish and self._run.task.is_chief:
             store.delete_all(self.backup_dir)
-        if self._preemption.requested:
+        if self._run.preemption.requested:
             self._exit_for_restart()
 
     # ------------------------------------------------------------------
@@ -393,18 +597,18 @@ class BackupAndRestore(keras.callbacks.Callback):
         if step_batch:
             global_batch = step_batch * accumulation
             elastic.check_global_batch(global_batch, strategy)
-        cursor = self._cursor
+        cursor = self._run.cursor
         cursor.global_batch_size = int(global_batch or 0)
         cursor.step_batch_size = int(step_batch or 0)
         cursor.accumulation_steps = accumulation
         cursor.num_replicas = int(strategy.num_replicas_in_sync)
-        cursor.num_workers = int(self._task.num_workers)
+        cursor.num_workers = int(self._run.task.num_workers)
 
     def _check_same_global_batch(self, meta: dict) -> None:
         """Refuses a backup made with another global batch (resuming it
         would train other batches: not the same run at another size)."""
         saved = int(meta.get("global_batch_size") or 0)
-        current = self._cursor.global_batch_size
+        current = self._run.cursor.global_batch_size
         if not saved or not current or saved == current:
             return
         replicas = int(meta.get("num_replicas") or 0)
@@ -413,7 +617,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             f"batch of {saved} examples per optimizer update"
             + (f" ({replicas} replicas in sync)" if replicas else "")
             + f"; this run uses global_batch_size={current} "
-            f"({self._cursor.num_replicas} replicas in sync). The global "
+            f"({self._run.cursor.num_replicas} replicas in sync). The global "
             "batch must not change when the number of workers does: "
             f"resume with global_batch_size={saved} (kd.data.distribute("
             f"..., global_batch_size={saved}) or fit(..., batch_size="
@@ -430,27 +634,48 @@ class BackupAndRestore(keras.callbacks.Callback):
         if message is None:
             return  # More epochs than the finished run: train them.
         warnings.warn(message, stacklevel=3)
-        if self._task.is_chief:
+        if self._run.task.is_chief:
             logging.warning("kerasdist: %s", message)
         _internals.set_initial_epoch(self.model,
                                      max(epochs, int(meta["epoch"])))
-        self._returned_at_once = True
+        self._run.returned_at_once = True
 
     # ------------------------------------------------------------------
     # Saving.
 
-    def _save(self, finished: bool = False) -> None:
+    def _save(self, finished: bool = False, preempted: bool = False) -> None:
+        """Saves a backup, then tells `on_backup_saved`."""
+        run = self._run
+        started = time.monotonic()
+        updates = run.cursor.updates()
+        self._write_backup(finished, preempted)
+        path = (os.path.join(self.backup_dir, store.ckpt_name(updates))
+                if run.task.is_chief else None)
+        global_step = run.cursor.global_step
+        backup = SavedBackup(
+            path=path, epoch=run.cursor.epoch, step=run.cursor.step,
+            global_step=global_step, updates=updates,
+            seconds=time.monotonic() - started, finished=finished,
+            preempted=preempted, logs=dict(run.logs))
+        self.on_backup_saved(backup)
+        seconds = time.monotonic() - started
+        run.facts.record_save(global_step, seconds)
+        if run.auto is not None and not (finished or preempted):
+            run.auto.after_save(global_step, seconds, run.clock)
+        run.heartbeat.beat(now=True)
+
+    def _write_backup(self, finished: bool, preempted: bool) -> None:
         model_vars, opt_vars, metric_vars = self._variables()
         variables = model_vars + opt_vars + metric_vars
         # Every worker reads every variable, in the same order: reading a
         # sync-on-read variable under MultiWorkerMirroredStrategy is a
         # collective, which all workers must join.
         values = [np.asarray(v.numpy()) for v in variables]
-        states, arrays = _callback_state.collect(self._callbacks)
+        states, arrays = _callback_state.collect(self._run.callbacks)
         epochs = int((self.params or {}).get("epochs") or 0)
         meta = {
             "format": store.FORMAT_VERSION,
-            **self._cursor.to_meta(),
+            **self._run.cursor.to_meta(),
             "num_model": len(model_vars),
             "num_optimizer": len(opt_vars),
             "num_metrics": len(metric_vars),
@@ -458,20 +683,24 @@ class BackupAndRestore(keras.callbacks.Callback):
             "callbacks": states,
             "steps_per_execution": self._steps_per_execution(),
             "time": time.time(),
+            "run": self._run.clock.to_meta(),
+            "preempted": preempted,
         }
+        if self._run.auto is not None:
+            meta["auto"] = self._run.auto.to_meta(self._run.clock.elapsed())
         if finished:
             meta.update(finished=True, epochs=epochs,
-                        stopped_early=self._cursor.epoch < epochs)
+                        stopped_early=self._run.cursor.epoch < epochs)
         values += arrays
         # Named by optimizer updates: the same order at every world size.
-        store.save(self.backup_dir, self._cursor.updates(), meta, values,
-                   self.keep, keep_it=self._task.is_chief)
-        self._saved_at = self._cursor.global_step
-        self._save_pending = False
+        store.save(self.backup_dir, self._run.cursor.updates(), meta, values,
+                   self.keep, keep_it=self._run.task.is_chief)
+        self._run.saved_at = self._run.cursor.global_step
+        self._run.save_pending = False
 
     def _steps_per_execution(self) -> int:
-        if self._tracker is not None:
-            return self._tracker.steps_per_execution
+        if self._run.tracker is not None:
+            return self._run.tracker.steps_per_execution
         return int(getattr(self.model, "steps_per_execution", 1) or 1)
 
     # ------------------------------------------------------------------
@@ -484,9 +713,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         With `check_only`, only checks that it fits the model.
         """
         meta, values = restore_lib.read_newest(
-            self.backup_dir, set_aside=self._task.is_chief,
+            self.backup_dir, set_aside=self._run.task.is_chief,
             agree=lambda m: restore_lib.agree_on_backup(
-                self.model, self._task.num_workers, self.backup_dir, m))
+                self.model, self._run.task.num_workers, self.backup_dir, m))
         if meta is None:
             return None
         cursor = None
@@ -494,28 +723,28 @@ class BackupAndRestore(keras.callbacks.Callback):
             # Both checks raise before anything is assigned.
             self._check_same_global_batch(meta)
             cursor = Cursor.from_meta(meta).converted(
-                self._cursor.step_batch_size,
-                self._cursor.accumulation_steps, self.backup_dir)
+                self._run.cursor.step_batch_size,
+                self._run.cursor.accumulation_steps, self.backup_dir)
         metrics = restore_lib.load(self.model, self.backup_dir, meta, values,
                                    epoch_iterator, check_only)
         if cursor is None:
             return None
-        self._restored = cursor
+        self._run.restored = cursor
         restore_lib.set_optimizer_updates(
-            self.model, cursor.updates(), self._cursor.accumulation_steps,
+            self.model, cursor.updates(), self._run.cursor.accumulation_steps,
             int(meta.get("accumulation_steps") or 1))
-        self._cursor.epoch = cursor.epoch
-        self._cursor.step = cursor.step
-        self._cursor.global_step = cursor.global_step
-        self._preemption.set_restored_step(cursor.global_step)
-        self._saved_at = cursor.global_step
-        self._callback_states = (meta.get("callbacks", {}),
+        self._run.cursor.epoch = cursor.epoch
+        self._run.cursor.step = cursor.step
+        self._run.cursor.global_step = cursor.global_step
+        self._run.preemption.set_restored_step(cursor.global_step)
+        self._resume_clocks(meta, cursor.global_step)
+        self._run.callback_states = (meta.get("callbacks", {}),
                                  values[len(meta["names"]):])
         if cursor.step > 0:
-            self._resumed_epoch = cursor.epoch
-            self._resume_metrics = metrics
+            self._run.resumed_epoch = cursor.epoch
+            self._run.resume_metrics = metrics
         _internals.set_initial_epoch(self.model, cursor.epoch)
-        if self._task.is_chief:
+        if self._run.task.is_chief:
             logging.info(
                 "kerasdist: restored %s: resuming at epoch %d, step %d "
                 "(step %d of the run)",
@@ -523,34 +752,74 @@ class BackupAndRestore(keras.callbacks.Callback):
                 cursor.step, cursor.global_step,
             )
             if cursor.num_replicas and (
-                cursor.num_replicas != self._cursor.num_replicas
+                cursor.num_replicas != self._run.cursor.num_replicas
             ):
                 logging.info(
                     "kerasdist: the backup was made with %d worker(s), %d "
                     "replicas; resuming with %d worker(s), %d replicas and "
                     "the same global batch of %d",
                     cursor.num_workers, cursor.num_replicas,
-                    self._cursor.num_workers, self._cursor.num_replicas,
-                    self._cursor.global_batch_size,
+                    self._run.cursor.num_workers, self._run.cursor.num_replicas,
+                    self._run.cursor.global_batch_size,
                 )
         return meta
+
+    def _resume_clocks(self, meta: dict, global_step: int) -> None:
+        run = self._run
+        run.saved_at = global_step
+        run.clock = interval_lib.RunClock.resumed(meta, run.clock.attempt)
+        run.facts.restored_step = run.facts.global_step = global_step
+        run.facts.saved_step = global_step
+        if run.auto is not None:
+            run.auto.resume(meta, run.clock, global_step)
+
+    # ------------------------------------------------------------------
+    # Save cost, failure rate and goodput facts.
+
+    def _prior_mtbf(self) -> float | None:
+        """`mtbf=`, else `KERASDIST_MTBF`, else None (checked at once)."""
+        if self.save_freq != "auto" or self.mtbf is not None:
+            return self.mtbf
+        return interval_lib.parse_mtbf(
+            os.environ.get(interval_lib.ENV_MTBF), interval_lib.ENV_MTBF)
+
+    def _agree(self, values: list[float]) -> list[float]:
+        """`values` averaged over the workers (a collective)."""
+        return restore_lib.all_reduce_mean(
+            self.model, self._run.task.num_workers, values)
+
+    def _send_facts(self) -> None:
+        """Writes the goodput facts into the launcher's heartbeat file,
+        and (the chief) the run's progress into `backup_dir`."""
+        run = self._run
+        text = run.facts.to_json()
+        heartbeat = os.environ.get(protocol.ENV_HEARTBEAT_FILE)
+        try:
+            if heartbeat:
+                store.write_text_atomic(heartbeat, text + "\n")
+            if run.task.is_chief and os.path.isdir(self.backup_dir):
+                store.write_text_atomic(
+                    interval_lib.progress_path(self.backup_dir),
+                    run.facts.progress_json())
+        except OSError:
+            pass  # A full disk must not stop training; the save will say.
 
     # ------------------------------------------------------------------
     # Preemption.
 
     def _stop_for_preemption(self) -> None:
-        if self._saved_at != self._cursor.global_step:
-            self._save()
-        if self._task.is_chief:
+        if self._run.saved_at != self._run.cursor.global_step:
+            self._save(preempted=True)
+        if self._run.task.is_chief:
             logging.warning(
                 "kerasdist: preempted (%s); saved at epoch %d, step %d; "
                 "leaving to be restarted",
-                self._preemption.signal_name or "signal",
-                self._cursor.epoch + 1,
-                self._cursor.step,
+                self._run.preemption.signal_name or "signal",
+                self._run.cursor.epoch + 1,
+                self._run.cursor.step,
             )
         self._exit_for_restart()
 
     def _exit_for_restart(self) -> None:
-        self._preemption.uninstall()
+        self._run.preemption.uninstall()
         protocol.exit_for_restart()

@@ -56,6 +56,7 @@ from typing import Any
 from kerasdist import elastic
 from kerasdist._validate import check_int
 from kerasdist.callbacks import BackupAndRestore as _BackupAndRestore
+from kerasdist.callbacks import _backup_store as store
 from kerasdist.errors import PermanentError
 from kerasdist.launch import protocol
 
@@ -382,9 +383,12 @@ def _backup_files(directory: str) -> list[str]:
 class BackupAndRestore(_BackupAndRestore):
     """`kd.callbacks.BackupAndRestore` that reports backups to Ray Train.
 
-    Every backup is also reported with `ray.train.report`: all workers call
-    it at the same step (after the same save), the chief with the backup
-    files as a `ray.train.Checkpoint`, the others without. When Ray
+    Every backup is also reported with `ray.train.report`, from the
+    `on_backup_saved` hook: exactly the saves that happened, at their
+    step (`global_step` in the metrics), including the save on a
+    preemption signal and the final one. All workers call it at the same
+    save, the chief with the backup files as a `ray.train.Checkpoint`, the
+    others without. When Ray
     restarts the group, each worker makes its `backup_dir` match
     `ray.train.get_checkpoint()` (copying what a fresh node lacks, dropping
     backups Ray never registered), and training resumes at the exact step
@@ -393,7 +397,7 @@ class BackupAndRestore(_BackupAndRestore):
     Args:
         backup_dir: str. As for `kd.callbacks.BackupAndRestore`; need not be
             shared between nodes (Ray's checkpoint carries the files).
-        save_freq: `"epoch"` or int. Defaults to `"epoch"`.
+        save_freq: `"epoch"`, `"auto"` or int. Defaults to `"epoch"`.
         **kwargs: the other arguments of `kd.callbacks.BackupAndRestore`.
 
     Example:
@@ -404,35 +408,15 @@ class BackupAndRestore(_BackupAndRestore):
     ```
     """
 
-    def __init__(self, backup_dir, save_freq="epoch", **kwargs):
-        super().__init__(backup_dir, save_freq, **kwargs)
-        self._reported_step = None
-
     def on_train_begin(self, logs=None):
         self._restore_from_ray()
         super().on_train_begin(logs)
-        self._reported_step = self._global_step_now()
 
-    def on_train_batch_end(self, batch, logs=None):
-        super().on_train_batch_end(batch, logs)
-        if isinstance(self.save_freq, int):
-            step = self._global_step_now()
-            if step // self.save_freq > self._reported_step // self.save_freq:
-                self._report(step, logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        if self.save_freq == "epoch":
-            self._report(self._global_step_now(), logs)
-
-    def on_train_end(self, logs=None):
-        super().on_train_end(logs)
-        step = self._global_step_now()
-        if step != self._reported_step:
-            self._report(step, logs)
-
-    def _global_step_now(self) -> int:
-        return int(self.model.optimizer.iterations.numpy())
+    def on_backup_saved(self, backup) -> None:
+        """Reports the backup just committed to Ray (every worker, at the
+        same save), then calls the base class's hook."""
+        self._report(backup)
+        super().on_backup_saved(backup)
 
     def _restore_from_ray(self) -> None:
         """Makes `backup_dir` hold exactly Ray's newest checkpoint's backups.
@@ -462,16 +446,15 @@ class BackupAndRestore(_BackupAndRestore):
                 os.replace(tmp, os.path.join(self.backup_dir, name))
         newest = max(wanted, default="")
         for name in have - set(wanted):
-            if name > newest:
+            if name.startswith(store.PREFIX) and name > newest:
                 try:
                     os.unlink(os.path.join(self.backup_dir, name))
                 except FileNotFoundError:  # a peer on this node did it
                     pass
 
-    def _report(self, step: int, logs) -> None:
-        self._reported_step = step
-        metrics = {"global_step": step}
-        for key, value in (logs or {}).items():
+    def _report(self, backup) -> None:
+        metrics = {"global_step": backup.global_step}
+        for key, value in backup.logs.items():
             try:
                 metrics[key] = float(value)
             except (TypeError, ValueError):
@@ -481,6 +464,8 @@ class BackupAndRestore(_BackupAndRestore):
             return
         with tempfile.TemporaryDirectory() as staging:
             for name in _backup_files(self.backup_dir):
+                if name == store.PROGRESS_FILE:  # this run's, not a backup
+                    continue
                 shutil.copyfile(
                     os.path.join(self.backup_dir, name),
                     os.path.join(staging, name),
