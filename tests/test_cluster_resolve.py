@@ -276,3 +276,38 @@ def test_exit_codes_per_engine_in_real_processes():
     res = _exit_code_in({**slurm_env(0, 0, "node9"),
                          "KERASDIST_SLURM_REQUEUE": "0"})
     assert res.returncode == 75
+
+
+# ------------------------------------------------------------- SLURM ports
+
+
+def test_slurm_ports_from_the_step_reservation():
+    # srun --resv-ports=4: the same reserved ports on both nodes; one per
+    # rank, so tasks of emulated nodes on one machine differ too.
+    extra = {"KERASDIST_PORT_BASE": "", "SLURM_STEP_RESV_PORTS": "28100-28103"}
+    info = cluster.resolve(slurm_env(2, 0, "node10", **extra))
+    assert info.cluster["worker"] == [
+        "node9:28100", "node9:28101", "node10:28102", "node10:28103"]
+    # Fewer ports than tasks: the task's slot on its node.
+    extra["SLURM_STEP_RESV_PORTS"] = "28100,28105"
+    info = cluster.resolve(slurm_env(2, 0, "node10", **extra))
+    assert info.cluster["worker"] == [
+        "node9:28100", "node9:28105", "node10:28100", "node10:28105"]
+    extra["SLURM_STEP_RESV_PORTS"] = "28100"
+    with pytest.raises(cluster.ClusterConfigError,
+                       match="reserves 1 port.*srun --resv-ports=4"):
+        cluster.resolve(slurm_env(2, 0, "node10", **extra))
+
+
+def test_slurm_default_ports_differ_for_jobs_25_ids_apart():
+    # The old default (15000 + (id % 25) * 2000 + rank) gave jobs 41 and 66
+    # the same ports.
+    def ports(job_id):
+        env = slurm_env(0, 0, "node9", KERASDIST_PORT_BASE="",
+                        SLURM_JOB_ID=str(job_id))
+        return {w.split(":")[1] for w in cluster.resolve(env).cluster[
+            "worker"]}
+
+    assert ports(41).isdisjoint(ports(66))
+    assert len(ports(41)) == 4
+    assert all(20000 <= int(p) < 60000 for p in ports(10**9 + 7))
