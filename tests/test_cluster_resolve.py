@@ -186,6 +186,28 @@ def test_resolve_exports_tf_config_for_tensorflow(monkeypatch):
     assert cluster.from_env() == info
 
 
+def test_chief_logs_the_source_once_after_exporting(monkeypatch):
+    # The chief under SLURM: resolve() exports TF_CONFIG; later resolves
+    # (the strategy's, the callbacks') read it back and still say "slurm",
+    # without a second "cluster from tf_config" line. Run in a fresh
+    # process: the chief logs once per process.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM", "TF_CONFIG", "KERASDIST"))}
+    env.update(slurm_env(0, 0, "node9"), PYTHONPATH=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c",
+         "from absl import logging; logging.set_verbosity('info')\n"
+         "from kerasdist import cluster\n"
+         "print([cluster.resolve().source for _ in range(3)])"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "['slurm', 'slurm', 'slurm']"
+    lines = [line for line in res.stderr.splitlines()
+             if "kerasdist: cluster from" in line]
+    assert len(lines) == 1 and "cluster from slurm: 4 worker(s)" in lines[0], (
+        res.stderr)
+
+
 # ------------------------------------------------------------ Kubernetes
 
 
