@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
+from mnist_data import quiet_tensorflow_startup
 
 import kerasdist as kd
 
@@ -219,4 +220,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    quiet_tensorflow_startup()
     app.run(main)

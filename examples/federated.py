@@ -18,6 +18,7 @@ import functools
 import os
 
 from absl import app, flags
+from mnist_data import quiet_tensorflow_startup
 
 flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "mnist"], "Data.")
 flags.DEFINE_string("data_dir", None, "tensorflow_datasets directory.")
@@ -126,4 +127,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    quiet_tensorflow_startup()
     app.run(main)

@@ -23,7 +23,12 @@ import os
 import time
 
 from absl import app, flags
-from mnist_data import IMAGE_SHAPE, NUM_CLASSES, load_datasets
+from mnist_data import (
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    load_datasets,
+    quiet_tensorflow_startup,
+)
 
 import kerasdist as kd
 
@@ -119,4 +124,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    quiet_tensorflow_startup()
     app.run(main)

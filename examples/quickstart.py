@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 from absl import app, flags
+from mnist_data import quiet_tensorflow_startup
 
 import kerasdist as kd
 
@@ -90,4 +91,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    quiet_tensorflow_startup()
     app.run(main)

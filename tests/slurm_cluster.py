@@ -28,6 +28,9 @@ import time
 NODES = (("node9", "127.0.0.9"), ("node10", "127.0.0.10"))
 CPUS_PER_NODE = 2
 MUNGE_KEY = "/etc/munge/munge.key"
+# Ports SLURM reserves for steps run with `srun --resv-ports` (below the
+# Linux ephemeral range, so the kernel does not hand them out).
+RESV_PORTS = "28100-28163"
 REQUIRED = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol")
 
 
@@ -155,6 +158,7 @@ ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SwitchType=switch/none
 MpiDefault=none
+MpiParams=ports={RESV_PORTS}
 LaunchParameters=use_interactive_step
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n

@@ -186,6 +186,28 @@ def test_resolve_exports_tf_config_for_tensorflow(monkeypatch):
     assert cluster.from_env() == info
 
 
+def test_chief_logs_the_source_once_after_exporting(monkeypatch):
+    # The chief under SLURM: resolve() exports TF_CONFIG; later resolves
+    # (the strategy's, the callbacks') read it back and still say "slurm",
+    # without a second "cluster from tf_config" line. Run in a fresh
+    # process: the chief logs once per process.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM", "TF_CONFIG", "KERASDIST"))}
+    env.update(slurm_env(0, 0, "node9"), PYTHONPATH=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c",
+         "from absl import logging; logging.set_verbosity('info')\n"
+         "from kerasdist import cluster\n"
+         "print([cluster.resolve().source for _ in range(3)])"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "['slurm', 'slurm', 'slurm']"
+    lines = [line for line in res.stderr.splitlines()
+             if "kerasdist: cluster from" in line]
+    assert len(lines) == 1 and "cluster from slurm: 4 worker(s)" in lines[0], (
+        res.stderr)
+
+
 # ------------------------------------------------------------ Kubernetes
 
 
@@ -276,3 +298,38 @@ def test_exit_codes_per_engine_in_real_processes():
     res = _exit_code_in({**slurm_env(0, 0, "node9"),
                          "KERASDIST_SLURM_REQUEUE": "0"})
     assert res.returncode == 75
+
+
+# ------------------------------------------------------------- SLURM ports
+
+
+def test_slurm_ports_from_the_step_reservation():
+    # srun --resv-ports=4: the same reserved ports on both nodes; one per
+    # rank, so tasks of emulated nodes on one machine differ too.
+    extra = {"KERASDIST_PORT_BASE": "", "SLURM_STEP_RESV_PORTS": "28100-28103"}
+    info = cluster.resolve(slurm_env(2, 0, "node10", **extra))
+    assert info.cluster["worker"] == [
+        "node9:28100", "node9:28101", "node10:28102", "node10:28103"]
+    # Fewer ports than tasks: the task's slot on its node.
+    extra["SLURM_STEP_RESV_PORTS"] = "28100,28105"
+    info = cluster.resolve(slurm_env(2, 0, "node10", **extra))
+    assert info.cluster["worker"] == [
+        "node9:28100", "node9:28105", "node10:28100", "node10:28105"]
+    extra["SLURM_STEP_RESV_PORTS"] = "28100"
+    with pytest.raises(cluster.ClusterConfigError,
+                       match="reserves 1 port.*srun --resv-ports=4"):
+        cluster.resolve(slurm_env(2, 0, "node10", **extra))
+
+
+def test_slurm_default_ports_differ_for_jobs_25_ids_apart():
+    # The old default (15000 + (id % 25) * 2000 + rank) gave jobs 41 and 66
+    # the same ports.
+    def ports(job_id):
+        env = slurm_env(0, 0, "node9", KERASDIST_PORT_BASE="",
+                        SLURM_JOB_ID=str(job_id))
+        return {w.split(":")[1] for w in cluster.resolve(env).cluster[
+            "worker"]}
+
+    assert ports(41).isdisjoint(ports(66))
+    assert len(ports(41)) == 4
+    assert all(20000 <= int(p) < 60000 for p in ports(10**9 + 7))

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 flwr = pytest.importorskip("flwr")
+# Ray nodes on loopback (see tests/test_ray_train.py); read at Ray's import.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from flwr.serverapp.strategy import FedAvg, FedProx  # noqa: E402
 
@@ -83,11 +85,35 @@ def test_rejects_non_flower_strategy():
         kdf.server_app(flower_app.model_fn, "fedavg", num_rounds=1)
 
 
+@pytest.fixture
+def ray_cluster_address():
+    """A real Ray cluster (head with 2 CPUs on 127.0.0.1) of this test's
+    own, stopped after it (never `ray stop`, which stops every Ray cluster
+    on the machine)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False,
+        "node_ip_address": "127.0.0.1"})
+    try:
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "diloco"])
 def test_simulation_with_4_clients_improves_round_over_round(
-        name, worker_path):
+        name, worker_path, request, capfd):
     strategy = {
         "fedavg": lambda: FedAvg(min_available_nodes=4),
         "fedprox": lambda: FedProx(min_available_nodes=4,
@@ -101,9 +127,22 @@ def test_simulation_with_4_clients_improves_round_over_round(
         train_config={"epochs": 2}, on_result=results.append)
     client = kdf.client_app(flower_app.model_fn, flower_app.data_fn,
                             batch_size=32)
+    # fedprox: on a Ray cluster given by address; diloco: on a chosen port.
+    where = {"num_cpus": 2, "cpus_per_client": 0.5}
+    if name == "fedprox":
+        where = {"ray_address": request.getfixturevalue(
+            "ray_cluster_address"), "cpus_per_client": 1}
+    elif name == "diloco":
+        where["port"] = _free_port()
     kdf.simulate(server, client, num_clients=4, strategy=strategy,
-                 data_fn=flower_app.data_fn, num_cpus=2,
-                 cpus_per_client=0.5)
+                 data_fn=flower_app.data_fn, timeout=800, **where)
+    out = capfd.readouterr()
+    shown = out.out + out.err
+    if "port" in where:
+        assert f"Using SuperLink: kerasdist (127.0.0.1:{where['port']})" in (
+            shown), shown[-3000:]
+    # Flower's log reaches the user, each line once.
+    assert shown.count("[ROUND 2/3]") == 1, shown[-3000:]
     assert len(results) == 1
     losses = _losses(results[0])
     assert len(losses) == 4  # before round 1, after rounds 1..3

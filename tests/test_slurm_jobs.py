@@ -147,6 +147,9 @@ def test_preemption_saves_requeues_and_resumes_losing_nothing(
     log = job_log(tmp_path, job_id)
     assert state["JobState"] == "COMPLETED", log
     assert int(state.get("Restarts", "0")) == 1, state  # requeued once
+    # The chief's line, written just before its `scontrol requeue` killed
+    # srun, is in the job's output (the tasks write it through slurmstepd).
+    assert "kerasdist: preempted (SIGTERM); saved at epoch" in log, log
     records = read_steps(steps)
     requeued = [r for r in records if r["attempt"] >= 1000]
     assert requeued, "no step ran after the requeue"
@@ -202,6 +205,48 @@ def test_killed_task_is_rerun_by_the_job_loop_from_the_backup(
     assert every_step_once(records)
     assert_same_weights(final_weights(out), reference)
     print(f"\nSLURM killed task: {retrained(records)} step(s) retrained")
+
+
+def test_two_concurrent_jobs_on_the_same_nodes_both_finish(
+    slurm, reference, tmp_path
+):
+    # Job ids 25 apart: the old default port base, 15000 + (id % 25) * 2000,
+    # gave both jobs the same ports on node9 and node10 (one machine here,
+    # so the second job's gRPC servers could not bind). The job file runs
+    # srun --resv-ports (the test cluster has MpiParams=ports=...), so SLURM
+    # reserves distinct ports for the two steps.
+    ids = []
+    for n in range(2):
+        run = tmp_path / f"job{n}"
+        run.mkdir()
+        got, out = submit(slurm, run)
+        ids.append((got, run, out))
+        while n == 0 and int(slurm.run(
+                "sbatch", "--parsable", "--hold", "--wrap", "true"
+        ).stdout.split(";")[0]) < int(got) + 24:
+            pass  # held fillers take the ids in between; cancelled below
+    slurm.run("scancel", "--state=PENDING", "--name=wrap", check=False)
+    assert int(ids[1][0]) - int(ids[0][0]) == 25, ids
+    running = set()
+    deadline = time.monotonic() + 600
+    while len(running) < 2 and time.monotonic() < deadline:
+        for got, _, _ in ids:
+            if slurm.job_state(got)["JobState"] == "RUNNING":
+                running.add(got)
+        if all(slurm.job_state(g)["JobState"] in ("COMPLETED", "FAILED")
+               for g, _, _ in ids):
+            break
+        time.sleep(0.5)
+    assert len(running) == 2, "the two jobs never ran at the same time"
+    for got, run, out in ids:
+        state = slurm.wait_job(got, timeout=900)
+        assert state["JobState"] == "COMPLETED", job_log(run, got)
+        assert state["NodeList"] == "node[9-10]"
+        # No port clash: no step failed and was rerun by the job's loop.
+        assert "kerasdist: step exited" not in job_log(run, got), (
+            job_log(run, got))
+        assert every_step_once(read_steps(out / "steps-0.jsonl"))
+        assert_same_weights(final_weights(out), reference)
 
 
 def test_sbatch_template_is_valid_bash():

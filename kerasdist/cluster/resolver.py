@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -16,6 +17,9 @@ __all__ = ["SOURCES", "is_chief", "resolve"]
 # The order in which `resolve()` looks; the first that applies wins.
 SOURCES = ("tf_config", "slurm", "kubernetes", "ray")
 _logged: set[tuple] = set()
+# TF_CONFIG values `resolve()` exported -> the source they came from, so a
+# later `resolve()` reading them back reports (and logs) that source, once.
+_exported: dict[str, str] = {}
 
 
 def resolve(
@@ -63,10 +67,15 @@ def resolve(
     use_os = environ is None
     environ = os.environ if use_os else environ
     info = _find(environ)
+    origin = _exported.get(environ.get("TF_CONFIG", ""))
+    if info.source == "tf_config" and origin is not None:
+        info = dataclasses.replace(info, source=origin)
     if export and use_os and info.source in ("slurm", "kubernetes") and (
         info.is_multi_worker
     ):
-        os.environ["TF_CONFIG"] = json.dumps(info.to_tf_config())
+        exported = json.dumps(info.to_tf_config())
+        _exported[exported] = info.source
+        os.environ["TF_CONFIG"] = exported
     _log_once(info)
     return info
 

@@ -10,8 +10,9 @@ wrong once a step runs on fewer nodes than the allocation). Unlike
   hostlist order is numeric, `node9` before `node10`; TF sorts names as
   strings) and ranks placed by `SLURM_DISTRIBUTION` (block or cyclic);
 - needs no GPU and no `nvidia-smi` (tensorflow/tensorflow#56894);
-- gives every task its own port, base + rank, so several tasks on one node
-  (and several emulated nodes on one machine) never share a port.
+- gives every task its own port (`rank_ports`): the ports SLURM reserved
+  for the step when `srun --resv-ports` is used (concurrent jobs on a node
+  then cannot collide), distinct per task on a node.
 
 Addresses are each node's `NodeAddr` (what SLURM itself uses to reach the
 node; it defaults to the node name) from `scontrol show node`, or the node
@@ -32,16 +33,21 @@ from kerasdist.cluster.tf_config import ClusterConfigError, TaskInfo
 
 __all__ = [
     "ENV_PORT_BASE",
+    "ENV_RESV_PORTS",
     "expand_hostlist",
     "expand_tasks_per_node",
     "from_slurm",
     "rank_hosts",
+    "rank_ports",
 ]
 
-# The port of rank 0; rank r listens on base + r. Default: derived from
-# SLURM_JOB_ID (see `_port_base`), so two jobs sharing a node differ.
+# Ports (see `rank_ports`): an explicit base (rank r on base + r), else
+# the ports SLURM reserved for the step (`srun --resv-ports`), else a
+# default from SLURM_JOB_ID in [_DEFAULT_LOW, _DEFAULT_LOW + _DEFAULT_SPAN).
 ENV_PORT_BASE = "KERASDIST_PORT_BASE"
-_PORTS_PER_JOB = 2000
+ENV_RESV_PORTS = "SLURM_STEP_RESV_PORTS"
+_DEFAULT_LOW = 20000
+_DEFAULT_SPAN = 40000
 
 
 def expand_hostlist(hostlist: str, *, use_scontrol: bool = True) -> list[str]:
@@ -246,26 +252,100 @@ def _get_int(environ: Mapping[str, str], name: str, minimum: int = 0) -> int:
     return int(raw)
 
 
-def _port_base(environ: Mapping[str, str], num_tasks: int) -> int:
-    raw = environ.get(ENV_PORT_BASE, "").strip()
-    if raw:
-        if not raw.isdigit() or not 1024 <= int(raw) <= 65536 - num_tasks:
+def _port_range(raw: str) -> list[int]:
+    """SLURM's port list, e.g. '12000-12001,12005' -> [12000, 12001, 12005]."""
+    ports: list[int] = []
+    for item in raw.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", item)
+        if not match:
             raise ClusterConfigError(
-                f"{ENV_PORT_BASE} must be a port number in [1024, "
-                f"{65536 - num_tasks}] (rank r uses {ENV_PORT_BASE} + r, "
-                f"{num_tasks} tasks). Received: {ENV_PORT_BASE}={raw!r}."
+                f"{ENV_RESV_PORTS} is malformed. Received: "
+                f"{ENV_RESV_PORTS}={raw!r}. Expected ports like "
+                "'12000-12003'."
             )
-        return int(raw)
-    if num_tasks > _PORTS_PER_JOB:
+        lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+        ports.extend(range(lo, hi + 1))
+    return ports
+
+
+def _explicit_base(raw: str, num_tasks: int) -> int:
+    if not raw.isdigit() or not 1024 <= int(raw) <= 65536 - num_tasks:
         raise ClusterConfigError(
-            f"SLURM_STEP_NUM_TASKS={num_tasks} is more than the "
-            f"{_PORTS_PER_JOB} ports kerasdist reserves per job by default. "
-            f"Set {ENV_PORT_BASE} to a port with {num_tasks} free ports "
-            "above it."
+            f"{ENV_PORT_BASE} must be a port number in [1024, "
+            f"{65536 - num_tasks}] (rank r uses {ENV_PORT_BASE} + r, "
+            f"{num_tasks} tasks). Received: {ENV_PORT_BASE}={raw!r}."
         )
+    return int(raw)
+
+
+def rank_ports(
+    environ: Mapping[str, str], placed: list[tuple[str, int]]
+) -> list[int]:
+    """The port of every rank of the step, in rank order.
+
+    In order of precedence:
+
+    1. `KERASDIST_PORT_BASE`: rank r listens on base + r (one value per
+       job: the same base in two jobs sharing a node collides);
+    2. `SLURM_STEP_RESV_PORTS` (`srun --resv-ports=N`, with
+       `MpiParams=ports=LOW-HIGH` in slurm.conf): SLURM reserves the same
+       ports on every node of the step and gives none of them to another
+       step on those nodes while it runs, so concurrent jobs cannot
+       collide. With at least one port per task rank r takes the r-th
+       (distinct even for emulated nodes sharing one machine), else the
+       task with local index i on a node takes the i-th;
+    3. otherwise a default from `SLURM_JOB_ID`: rank r of an N-task step
+       listens on `20000 + (job_id * N + r) mod 40000`. Jobs of N tasks
+       collide only when their ids differ by a multiple of 40000 / N
+       (the old default, `15000 + (job_id mod 25) * 2000 + r`, collided
+       every 25 ids); use 2. where the site allows.
+
+    Args:
+        environ: mapping. The task's environment.
+        placed: list of (host, local index), indexed by rank
+            (`rank_hosts`).
+
+    Returns:
+        list of int.
+
+    Raises:
+        ClusterConfigError: on a malformed variable, or fewer reserved
+            ports than tasks on a node.
+
+    Example:
+
+    >>> rank_ports({"SLURM_STEP_RESV_PORTS": "12000-12002"},
+    ...            [("node9", 0), ("node9", 1), ("node10", 0)])
+    [12000, 12001, 12002]
+    >>> rank_ports({"SLURM_STEP_RESV_PORTS": "12000-12001"},
+    ...            [("node9", 0), ("node9", 1), ("node10", 0)])
+    [12000, 12001, 12000]
+    """
+    raw = environ.get(ENV_PORT_BASE, "").strip()
+    num_tasks = len(placed)
+    if raw:
+        base = _explicit_base(raw, num_tasks)
+        return [base + r for r in range(num_tasks)]
+    reserved = environ.get(ENV_RESV_PORTS, "").strip()
+    if reserved:
+        ports = _port_range(reserved)
+        if len(ports) >= num_tasks:
+            return ports[:num_tasks]
+        per_node = 1 + max(local for _, local in placed)
+        if len(ports) < per_node:
+            raise ClusterConfigError(
+                f"{ENV_RESV_PORTS}={reserved!r} reserves {len(ports)} "
+                f"port(s), but {per_node} tasks run on one node. Run "
+                f"`srun --resv-ports={num_tasks}` (or at least "
+                f"{per_node})."
+            )
+        return [ports[local] for _, local in placed]
     job = environ.get("SLURM_JOB_ID", "0").strip()
     job_id = int(job) if job.isdigit() else 0
-    return 15000 + (job_id % 25) * _PORTS_PER_JOB
+    return [
+        _DEFAULT_LOW + (job_id * num_tasks + r) % _DEFAULT_SPAN
+        for r in range(num_tasks)
+    ]
 
 
 @functools.lru_cache(maxsize=32)
@@ -330,11 +410,11 @@ def from_slurm(environ: Mapping[str, str] | None = None) -> TaskInfo | None:
     distribution = environ.get("SLURM_DISTRIBUTION", "block").split(":")[0]
     placed = rank_hosts(hosts, counts, distribution or "block")
     _check_local_id(environ, placed[rank], rank)
-    base = _port_base(environ, num_tasks)
+    ports = rank_ports(environ, placed)
     addresses = _node_addresses(nodelist) if num_tasks > 1 else {}
     workers = [
-        f"{addresses.get(host, host)}:{base + r}"
-        for r, (host, _) in enumerate(placed)
+        f"{addresses.get(host, host)}:{port}"
+        for (host, _), port in zip(placed, ports, strict=True)
     ]
     return TaskInfo("worker", rank, {"worker": workers}, source="slurm")
 

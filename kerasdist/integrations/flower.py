@@ -16,9 +16,10 @@ apps from Keras pieces, with Flower's Message API:
   pseudo-gradient with Nesterov momentum (DiLoCo's outer optimizer) to the
   trainable weights; Flower's `FedAvgM` uses heavy-ball momentum on every
   array, non-trainable statistics included.
-- `simulate(...)`: Flower's `run_simulation`, after checking that the
-  clients' data has the right structure and that there are enough clients
-  for the strategy (Flower itself would wait forever).
+- `simulate(...)`: `flwr run` on a simulation SuperLink (Flower's entry
+  point for simulations), after checking that the clients' data has the
+  right structure and that there are enough clients for the strategy
+  (Flower itself would wait forever).
 
 Arrays travel in an `ArrayRecord` keyed `"trainable/<i>"` and
 `"non_trainable/<i>"` in `model.weights` order.
@@ -26,7 +27,10 @@ Arrays travel in an `ArrayRecord` keyed `"trainable/<i>"` and
 
 from __future__ import annotations
 
+import logging as std_logging
 import numbers
+import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +67,14 @@ __all__ = [
 ]
 
 _NUM_EXAMPLES = "num-examples"
+# Where a ServerApp run by `simulate` leaves its `Result` for the caller.
+_ENV_RESULT = "KERASDIST_FLOWER_RESULT"
+# ServerApp -> its `on_result`, for `simulate` to call in the caller.
+_ON_RESULT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# Flower's logger has its own console handler and also propagates to the
+# root logger, where absl's handler prints every record a second time.
+std_logging.getLogger("flwr").propagate = False
 
 
 def get_arrays(model: Any) -> ArrayRecord:
@@ -360,10 +372,25 @@ def server_app(
             train_config=ConfigRecord(dict(train_config or {})),
             evaluate_fn=evaluate_fn,
         )
-        if on_result is not None:
-            on_result(result)
+        _finish(result, on_result)
 
+    if on_result is not None:
+        _ON_RESULT[app] = on_result
     return app
+
+
+def _finish(result: Any, on_result: Callable[[Any], None] | None) -> None:
+    """Hands the run's `Result` to `simulate`'s caller, or to `on_result`."""
+    import os
+    import pickle
+
+    path = os.environ.get(_ENV_RESULT)
+    if path:  # Under `simulate`: its caller calls on_result.
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(result, f)
+        os.replace(path + ".tmp", path)
+    elif on_result is not None:
+        on_result(result)
 
 
 class DiLoCo(FedAvg):
@@ -468,43 +495,120 @@ def _minimum_clients(strategy: Any) -> int:
     )
 
 
-def simulate(
-    server: ServerApp,
-    client: ClientApp,
-    *,
-    num_clients: int,
-    strategy: Any,
-    data_fn: Callable[[int, int], tuple] | None = None,
-    num_cpus: int | None = None,
-    cpus_per_client: float = 1.0,
-) -> None:
-    """Runs Flower's simulation engine after checking the set-up.
+_SIM_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
 
-    Args:
-        server: from `server_app`.
-        client: from `client_app`.
-        num_clients: int. Simulated SuperNodes.
-        strategy: the strategy passed to `server_app` (to check its
-            minimum number of clients).
-        data_fn: the client data function, or None. When given, its
-            result for partition 0 is checked before anything starts.
-        num_cpus: int or None. CPUs for Flower's Ray backend. Defaults to
-            None (Ray's choice).
-        cpus_per_client: float. CPUs each simulated client reserves.
-            Defaults to 1.0.
+[project]
+name = "kerasdist-simulation"
+version = "1.0.0"
+description = "The apps given to kerasdist.integrations.flower.simulate"
+license = "Apache-2.0"
+dependencies = []
 
-    Raises:
-        ValueError: with fewer clients than the strategy's minimum, or a
-            data function returning the wrong structure.
+[tool.hatch.build.targets.wheel]
+packages = ["."]
 
-    Example:
+[tool.flwr.app]
+publisher = "kerasdist"
 
-    ```python
-    simulate(server, client, num_clients=4, strategy=strategy)
-    ```
+[tool.flwr.app.components]
+serverapp = "kd_simulation_app:server"
+clientapp = "kd_simulation_app:client"
+"""
+
+_SIM_MODULE = """\
+\"\"\"The ServerApp and ClientApp given to kdf.simulate, unpickled.\"\"\"
+import pickle
+
+with open({path!r}, "rb") as f:
+    apps = pickle.load(f)
+server = apps[0]
+client = apps[1]
+"""
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _sim_connection(host: str, port: int) -> str:
+    """`$FLWR_HOME/config.toml` naming the simulation SuperLink."""
+    return (
+        '[superlink]\ndefault = "kerasdist"\n\n[superlink.kerasdist]\n'
+        f'address = "{host}:{port}"\ninsecure = true\n'
+    )
+
+
+def _federation_config(num_clients: int, cpus_per_client: float,
+                       num_cpus: int | None, ray_address: str) -> list[str]:
+    """`flwr run --federation-config` items for the simulation.
+
+    Flower takes whole CPUs per client; Ray's CPUs are logical, so a
+    fraction f of a CPU per client on C CPUs is 1 CPU per client on C / f
+    logical CPUs (the same number of clients at once).
     """
-    from flwr.simulation import run_simulation
+    import math
+    import os
 
+    items = [f"num-supernodes={num_clients}", "client-resources-num-gpus=0"]
+    if ray_address != "local":  # The cluster's own resources count.
+        items.append(f"client-resources-num-cpus={math.ceil(cpus_per_client)}")
+        return items
+    cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
+    items += ["client-resources-num-cpus=1",
+              f"init-args-num-cpus={max(1, round(cpus / cpus_per_client))}"]
+    return items
+
+
+def _wait_listening(host: str, port: int, proc: Any, log: str,
+                    timeout: float) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"flower-superlink exited with {proc.returncode} before "
+                f"listening on {host}:{port}:\n{_tail(log)}")
+        with socket.socket() as sock:
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"flower-superlink did not listen on {host}:{port} within "
+        f"{timeout:.0f}s:\n{_tail(log)}")
+
+
+def _tail(path: str, n: int = 3000) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-n:]
+    except OSError:
+        return "(no log)"
+
+
+def _flower_bin(name: str) -> str:
+    import os
+    import shutil
+    import sys
+
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    found = here if os.access(here, os.X_OK) else shutil.which(name)
+    if found is None:
+        raise RuntimeError(
+            f"`{name}` is not installed: pip install 'kerasdist[federated]'.")
+    return found
+
+
+def _check_simulation(num_clients: int, strategy: Any, data_fn: Any,
+                      ray_address: str, host: str) -> int:
     from kerasdist._validate import check_int
 
     num_clients = check_int("num_clients", num_clients)
@@ -518,23 +622,226 @@ def simulate(
             "would wait forever. Use more clients or lower the strategy's "
             "minimum."
         )
+    if not isinstance(ray_address, str) or not ray_address.strip():
+        raise ValueError(
+            "Invalid value for argument `ray_address`. Received: "
+            f"ray_address={ray_address!r}. Expected 'local' (a Ray instance "
+            "of the simulation's own) or a cluster's 'HOST:PORT'.")
+    if not isinstance(host, str) or not host.strip():
+        raise ValueError(
+            f"Invalid value for argument `host`. Received: host={host!r}. "
+            "Expected an address such as '127.0.0.1'.")
     if data_fn is not None:
         check_client_data(data_fn(0, num_clients), "data_fn")
-    # A Ray instance of its own (address="local": never join a cluster
-    # another program started on this machine), talking over loopback.
-    init_args: dict = {"address": "local", "include_dashboard": False,
-                       "log_to_driver": False,
-                       "_node_ip_address": "127.0.0.1"}
-    if num_cpus is not None:
-        init_args["num_cpus"] = num_cpus
-    logging.info("kerasdist: Flower simulation with %d clients", num_clients)
-    run_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": cpus_per_client,
-                                 "num_gpus": 0.0},
-            "init_args": init_args,
-        },
-    )
+    return num_clients
+
+
+def simulate(
+    server: ServerApp,
+    client: ClientApp,
+    *,
+    num_clients: int,
+    strategy: Any,
+    data_fn: Callable[[int, int], tuple] | None = None,
+    num_cpus: int | None = None,
+    cpus_per_client: float = 1.0,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    ray_address: str = "local",
+    timeout: float | None = None,
+) -> None:
+    """Runs the apps on Flower's simulation runtime, after checking them.
+
+    Uses Flower's own entry point for simulations (`flwr run` against a
+    `flower-superlink --simulation`; `flwr.simulation.run_simulation` is
+    deprecated since flwr 1.42): the two apps are pickled into a Flower App
+    of their own, a SuperLink in simulation mode listens on `host:port`,
+    and `flwr run ... --stream` runs the federation, printing Flower's log.
+    The ServerApp runs in Flower's `flwr-serverapp` process and the clients
+    in Flower's Ray backend, so `model_fn`/`data_fn` must be importable
+    there (a module on `PYTHONPATH`, or defined in the main script).
+    `server_app`'s `on_result` is called here, in this process, when the
+    run ends.
+
+    Args:
+        server: from `server_app`.
+        client: from `client_app`.
+        num_clients: int. Simulated SuperNodes.
+        strategy: the strategy passed to `server_app` (to check its
+            minimum number of clients).
+        data_fn: the client data function, or None. When given, its
+            result for partition 0 is checked before anything starts.
+        num_cpus: int or None. CPUs of the simulation's own Ray instance.
+            Defaults to None (Ray's choice).
+        cpus_per_client: float. CPUs each simulated client reserves.
+            Defaults to 1.0.
+        host: str. Address the simulation SuperLink listens on. Defaults
+            to `"127.0.0.1"`.
+        port: int or None. Its port (Flower's HTTP API). Defaults to None
+            (a free port).
+        ray_address: str. `"local"` starts a Ray instance of the
+            simulation's own, even when `ray start` runs a cluster on this
+            machine; `"HOST:PORT"` runs the clients on that Ray cluster
+            (its GCS address, as `ray start --head --port` printed).
+            Defaults to `"local"`.
+        timeout: float or None. Seconds before the run is stopped.
+            Defaults to None (no limit).
+
+    Raises:
+        ValueError: with fewer clients than the strategy's minimum, a data
+            function returning the wrong structure, or a bad `host` or
+            `ray_address`.
+        RuntimeError: if the SuperLink or the run fails (with their log).
+
+    Example:
+
+    ```python
+    simulate(server, client, num_clients=4, strategy=strategy)
+    ```
+    """
+    import os
+    import tempfile
+
+    num_clients = _check_simulation(num_clients, strategy, data_fn,
+                                    ray_address, host)
+    port = _free_port(host) if port is None else _check_port(port)
+    logging.info("kerasdist: Flower simulation with %d clients on %s:%d",
+                 num_clients, host, port)
+    with tempfile.TemporaryDirectory(prefix="kerasdist-flower-") as tmp:
+        app_dir, home = os.path.join(tmp, "app"), os.path.join(tmp, "home")
+        os.makedirs(app_dir)
+        os.makedirs(home)
+        _write_simulation_app(tmp, app_dir, server, client)
+        with open(os.path.join(home, "config.toml"), "w") as f:
+            f.write(_sim_connection(host, port))
+        federation = _federation_config(
+            num_clients, float(cpus_per_client), num_cpus, ray_address)
+        result_path = os.path.join(tmp, "result.pkl")
+        # The SuperLink starts Flower's other programs from PATH.
+        path = os.pathsep.join([os.path.dirname(_flower_bin("flwr")),
+                                os.environ.get("PATH", "")])
+        env = dict(os.environ, FLWR_HOME=home, RAY_ADDRESS=ray_address,
+                   PATH=path)
+        if ray_address == "local":
+            # Ray on Linux takes the host's outward address for a new node;
+            # this keeps the simulation's own instance on loopback
+            # (get_node_ip_address in ray/_private/services.py).
+            env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        env[_ENV_RESULT] = result_path
+        env.pop("TF_CONFIG", None)
+        log = os.path.join(tmp, "superlink.log")
+        _run_with_superlink(env, host, port, app_dir, federation, log,
+                            timeout)
+        _deliver_result(server, result_path, log)
+
+
+def _check_port(port: Any) -> int:
+    """`port` as an int in [1, 65535], or a ValueError naming it."""
+    from kerasdist._validate import check_int
+
+    port = check_int("port", port)
+    if port > 65535:
+        raise ValueError(
+            f"Invalid value for argument `port`. Received: port={port}. "
+            "Expected a port number in [1, 65535].")
+    return port
+
+
+def _write_simulation_app(tmp: str, app_dir: str, server: ServerApp,
+                          client: ClientApp) -> None:
+    import os
+
+    # Ray's cloudpickle (flwr[simulation] needs Ray) pickles the apps'
+    # closures and functions defined in the main script by value.
+    from ray import cloudpickle
+
+    apps = os.path.join(tmp, "apps.pkl")
+    with open(apps, "wb") as f:
+        cloudpickle.dump((server, client), f)
+    with open(os.path.join(app_dir, "pyproject.toml"), "w") as f:
+        f.write(_SIM_PYPROJECT)
+    with open(os.path.join(app_dir, "kd_simulation_app.py"), "w") as f:
+        f.write(_SIM_MODULE.format(path=apps))
+
+
+def _run_with_superlink(env: dict, host: str, port: int, app_dir: str,
+                        federation: list[str], log: str,
+                        timeout: float | None) -> None:
+    import subprocess
+    import time
+
+    from kerasdist.launch import supervisor
+
+    with open(log, "w") as out:
+        link = subprocess.Popen(
+            [_flower_bin("flower-superlink"), "--insecure", "--simulation",
+             "--host", host, "--port", str(port),
+             "--disable-runtime-dependency-installation"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    leaders = [supervisor.Leader(link)]
+    try:
+        _wait_listening(host, port, link, log, timeout=120)
+        run = supervisor.Leader(subprocess.Popen(
+            [_flower_bin("flwr"), "run", app_dir, "kerasdist", "--stream",
+             *(a for item in federation
+               for a in ("--federation-config", item))],
+            env=env, start_new_session=True))
+        leaders.append(run)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while run.running():
+            if deadline is not None and time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"The Flower simulation did not end within {timeout}s.")
+            time.sleep(0.2)
+        if run.returncode != 0:
+            raise RuntimeError(
+                f"`flwr run` exited with {run.returncode}. SuperLink log:\n"
+                f"{_tail(log)}")
+    finally:
+        # The SuperLink starts flower-superexec in a session of its own
+        # (and it the ServerApp, the simulation and Ray): stop those too.
+        groups = _descendant_groups(link.pid)
+        supervisor.stop_all(leaders, grace=10.0)
+        _kill_groups(groups)
+
+
+def _descendant_groups(pid: int) -> set[int]:
+    """Process groups of `pid`'s descendants (not this process's)."""
+    from kerasdist.launch import supervisor
+
+    infos = supervisor.processes()
+    children: dict[int, list] = {}
+    for info in infos:
+        children.setdefault(info.ppid, []).append(info)
+    groups, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            groups.add(child.pgid)
+            todo.append(child.pid)
+    return groups - {os.getpgrp(), pid}
+
+
+def _kill_groups(groups: set[int]) -> None:
+    import signal
+
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _deliver_result(server: ServerApp, path: str, log: str) -> None:
+    import os
+    import pickle
+
+    if not os.path.exists(path):
+        raise RuntimeError(
+            "The Flower simulation ended without a result from the "
+            f"ServerApp. SuperLink log:\n{_tail(log)}")
+    with open(path, "rb") as f:
+        result = pickle.load(f)
+    on_result = _ON_RESULT.get(server)
+    if on_result is not None:
+        on_result(result)
