@@ -25,10 +25,10 @@ import tensorflow as tf
 from absl import logging
 
 from kerasdist import _internals, cluster
-from kerasdist import devices as devices_lib
 from kerasdist._validate import check_int
 from kerasdist.placement import graph as graph_lib
 from kerasdist.placement import planning as plan_lib
+from kerasdist.placement import stage_devices
 
 __all__ = ["PipelineModel"]
 
@@ -139,6 +139,7 @@ class PipelineModel(keras.Model):
         """
         super().compile(*args, **kwargs)
         _build_optimizer_on_devices(self.optimizer, self.trainable_variables)
+        _move_optimizer_scalars(self.optimizer, self._pipe.devices)
 
     def compute_output_spec(self, inputs, training=None, mask=None):
         return self.inner_model.compute_output_spec(inputs)
@@ -425,7 +426,7 @@ def _resolve_plan(model, graph, devices, plan):
             f"for a plan with {plan.num_stages} stages. Expected at "
             "least one device per stage."
         )
-    return plan, devices_lib.check_devices(devices[: plan.num_stages])
+    return plan, stage_devices.check_devices(devices[: plan.num_stages])
 
 
 def _checked_device_list(devices) -> list[str]:
@@ -442,7 +443,7 @@ def _checked_device_list(devices) -> list[str]:
             "Invalid value for argument `devices`. Received: "
             "devices=[]. Expected at least one device name."
         )
-    devices_lib.check_devices(devices)
+    stage_devices.check_devices(devices)
     return devices
 
 
@@ -470,7 +471,8 @@ class _Stages:
         for s in stages:
             variables = []
             for op in s.operations:
-                for v in getattr(op, "weights", []):
+                # `variables`, not `weights`: also Dropout's seed state.
+                for v in getattr(op, "variables", []):
                     if id(v) not in self.device_of_variable:
                         self.device_of_variable[id(v)] = devices[s.index]
                         variables.append(v)
@@ -530,6 +532,31 @@ def _build_optimizer_on_devices(optimizer, variables) -> None:
     finally:
         for opt in targets:
             del opt.add_variable_from_reference
+
+
+def _move_optimizer_scalars(optimizer, devices: list[str]) -> None:
+    """Puts the step counter and learning rate on the first stage's device.
+
+    Only when no stage runs on this process (stages on other tasks after
+    `kd.placement.join_cluster()`): then nothing of the model or of its
+    optimizer stays on the chief.
+    """
+    if optimizer is None or any(_is_local(d) for d in devices):
+        return
+    device = devices[0]
+    scalars = [_internals.iterations_variable(optimizer)]
+    rate = _internals.learning_rate_attribute(optimizer)
+    if isinstance(rate, keras.Variable):
+        scalars.append(rate)
+    for v in scalars:
+        with tf.init_scope(), tf.device(device):
+            _internals.reinitialize_variable(v, tf.identity(v.value))
+
+
+def _is_local(device: str) -> bool:
+    here = tf.DeviceSpec.from_string(_internals.host_address_space())
+    spec = tf.DeviceSpec.from_string(device)
+    return (spec.job, spec.task or 0) == (here.job, here.task or 0)
 
 
 def _is_float(t) -> bool:

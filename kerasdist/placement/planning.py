@@ -23,6 +23,7 @@ import tensorflow as tf
 from kerasdist import devices as devices_lib
 from kerasdist._validate import check_int
 from kerasdist.placement import graph as graph_lib
+from kerasdist.placement import stage_devices
 
 __all__ = ["Plan", "Stage", "plan"]
 
@@ -169,7 +170,11 @@ def _short_device(device):
     spec = tf.DeviceSpec.from_string(device)
     if spec.device_type is None:
         return device
-    return f"{spec.device_type}:{spec.device_index or 0}"
+    short = f"{spec.device_type}:{spec.device_index or 0}"
+    if spec.job not in (None, "localhost"):
+        # A cluster task's device (kd.placement.join_cluster()).
+        return f"{spec.job}:{spec.task or 0}/{short}"
+    return short
 
 
 def _layer_summary(names, limit=4):
@@ -487,7 +492,7 @@ def _default_devices(devices, num_stages):
     if devices is None:
         local = devices_lib.local_devices()
         if len(local) >= num_stages:
-            return devices_lib.check_devices(list(local[:num_stages]))
+            return stage_devices.check_devices(list(local[:num_stages]))
         return [None] * num_stages
     devices = list(devices)
     if len(devices) < num_stages:
@@ -497,7 +502,7 @@ def _default_devices(devices, num_stages):
             f"num_stages={num_stages}. Expected at least one device per "
             "stage."
         )
-    return devices_lib.check_devices(devices[:num_stages])
+    return stage_devices.check_devices(devices[:num_stages])
 
 
 def _costs(graph, cost, batch_size, sample_inputs):
