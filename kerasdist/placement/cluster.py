@@ -241,9 +241,19 @@ def _serve(spec, me: _Task, chief: _Task, timeout: float,
             f"cannot open the control channel on UDP {host}:{port} ({e}); "
             "another process holds that UDP port.",
         )
+    # The server runs the chief's operations with this process's thread
+    # settings (tf.config.threading, set before join_cluster()).
+    config = tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=(
+            tf.config.threading.get_intra_op_parallelism_threads()
+        ),
+        inter_op_parallelism_threads=(
+            tf.config.threading.get_inter_op_parallelism_threads()
+        ),
+    )
     server = tf.distribute.Server(
         spec, job_name=me.job, task_index=me.index, protocol="grpc",
-        start=True,
+        config=config, start=True,
     )
     logging.info(
         "kerasdist: %s %d serves model parallelism at %s",

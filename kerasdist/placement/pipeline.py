@@ -16,6 +16,7 @@ starts that micro-batch's backward pass.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 
@@ -310,7 +311,11 @@ class PipelineModel(keras.Model):
             with tf.device(pipe.device_of_variable.get(id(v))):
                 summed.append(_sum_grads(var_grads.get(id(v)), v))
         if trainable:
-            self.optimizer.apply_gradients(zip(summed, trainable, strict=False))
+            with _updates_on_variable_devices(self.optimizer):
+                summed = _clip_on_devices(self.optimizer, summed, trainable)
+                self.optimizer.apply_gradients(
+                    zip(summed, trainable, strict=False)
+                )
 
     def _recompute(self, stage, vals, out_grads):
         """Re-runs a stage's forward pass once its output gradients exist."""
@@ -532,6 +537,58 @@ def _build_optimizer_on_devices(optimizer, variables) -> None:
     finally:
         for opt in targets:
             del opt.add_variable_from_reference
+
+
+@contextlib.contextmanager
+def _updates_on_variable_devices(optimizer):
+    """Runs the optimizer's per-variable math on each variable's device.
+
+    Keras's TF optimizer updates each variable through the default
+    strategy's `extended.update`, which sets no device
+    (keras/src/backend/tensorflow/optimizer.py), so the update's math
+    would run on the calling task and every stage's gradients and slots
+    would cross the network. `update_step` (the documented per-variable
+    override point) is wrapped with the variable's device for the call.
+    `clipnorm`/`clipvalue` are applied beforehand on each variable's
+    device (`_clip_on_devices`) and switched off meanwhile.
+    """
+    original = optimizer.update_step
+    clipnorm, clipvalue = optimizer.clipnorm, optimizer.clipvalue
+
+    def update_step(gradient, variable, learning_rate):
+        with tf.device(_device_of(variable)):
+            return original(gradient, variable, learning_rate)
+
+    optimizer.update_step = update_step
+    try:
+        yield
+    finally:
+        del optimizer.update_step
+        optimizer.clipnorm, optimizer.clipvalue = clipnorm, clipvalue
+
+
+def _clip_on_devices(optimizer, grads, variables):
+    """Per-variable clipping (clipnorm, clipvalue) on each variable's device.
+
+    Returns the clipped gradients and switches the optimizer's own
+    per-variable clipping off (restored by `_updates_on_variable_devices`).
+    `global_clipnorm` needs every gradient at once: left to the optimizer.
+    """
+    if not (optimizer.clipnorm or optimizer.clipvalue):
+        return grads
+    out = []
+    for g, v in zip(grads, variables, strict=True):
+        with tf.device(_device_of(v)):
+            out.append(_internals.clip_gradients(optimizer, [g])[0])
+    optimizer.clipnorm = optimizer.clipvalue = None
+    return out
+
+
+def _device_of(variable) -> str:
+    """Device of a `keras.Variable` or of the `tf.Variable` behind it."""
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    return variable.device
 
 
 def _move_optimizer_scalars(optimizer, devices: list[str]) -> None:
