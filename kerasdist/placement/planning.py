@@ -48,6 +48,10 @@ class Stage:
             pass of one micro-batch: Σ over the stage's layer outputs of
             micro-batch size × elements per example × dtype size (unknown
             dimensions count as 1).
+        cut_bytes: int. Bytes the stage sends to later stages per
+            micro-batch (its outputs they read; the same again comes back
+            as gradients). With stages on other workers
+            (`kd.placement.join_cluster()`) this crosses the network.
 
     Example:
 
@@ -66,6 +70,7 @@ class Stage:
     param_bytes: int
     slot_bytes: int
     activation_bytes: int
+    cut_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +127,7 @@ class Plan:
             "param mem",
             "optimizer mem",
             "activations/micro-batch",
+            "to next stages/micro-batch",
         )
         rows = []
         for s in self.stages:
@@ -134,6 +140,7 @@ class Plan:
                     format_bytes(s.param_bytes),
                     format_bytes(s.slot_bytes),
                     format_bytes(s.activation_bytes),
+                    format_bytes(s.cut_bytes),
                 )
             )
         widths = [
@@ -265,11 +272,24 @@ def plan(
         assignment = _balanced_assignment(graph, costs, num_stages)
         stage_devices = _default_devices(devices, num_stages)
     micro = batch_size // num_microbatches
+    stage_graphs = graph.stages(assignment)
     stages = [
-        _stage_of(sg, stage_devices[sg.index], costs, micro, slots)
-        for sg in graph.stages(assignment)
+        dataclasses.replace(
+            _stage_of(sg, stage_devices[sg.index], costs, micro, slots),
+            cut_bytes=_cut_bytes(graph, stage_graphs, sg, micro),
+        )
+        for sg in stage_graphs
     ]
     return Plan(model.name, tuple(stages), micro, slots)
+
+
+def _cut_bytes(graph, stage_graphs, sg, micro) -> int:
+    """Bytes of `sg`'s outputs that later stages read, per micro-batch."""
+    later = {t for other in stage_graphs[sg.index + 1:] for t in other.inputs}
+    return sum(
+        micro * _example_bytes(graph.tensors[t])
+        for t in sg.outputs if t in later
+    )
 
 
 def _check_batching(batch_size, num_microbatches) -> tuple[int, int]:
