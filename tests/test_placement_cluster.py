@@ -135,7 +135,7 @@ def test_call_after_tensorflow_started_is_refused(monkeypatch):
 
 
 def _alone(task_index, timeout):
-    """Runs join_cluster() as one task of a 2-worker cluster, alone."""
+    """Starts join_cluster() as one task of a 2-worker cluster, alone."""
     config = kd.cluster.make_tf_config(2, task_index)
     code = (
         "import kerasdist as kd\n"
@@ -143,24 +143,43 @@ def _alone(task_index, timeout):
     )
     env = dict(os.environ, TF_CONFIG=json.dumps(config),
                TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True,
-        text=True, timeout=120,
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )
 
 
-def test_worker_that_never_answers_is_named():
-    proc = _alone(0, timeout=2)
-    assert proc.returncode == 1
-    assert "TimeoutError" in proc.stderr
-    assert "worker 1 at 127.0.0.1:" in proc.stderr
-    assert "did not answer within timeout=2 s" in proc.stderr
+@pytest.fixture(scope="module")
+def alone():
+    """(exit status, stderr) of a chief and of a server, each alone.
+
+    Started together (each imports TensorFlow, then waits 2 s).
+    """
+    procs = {"chief": _alone(0, timeout=2), "server": _alone(1, timeout=2)}
+    results = {}
+    for name, proc in procs.items():
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        results[name] = (proc.returncode, err)
+    return results
 
 
-def test_server_without_chief_exits_non_zero():
-    proc = _alone(1, timeout=2)
-    assert proc.returncode == 1
-    assert "the chief did not connect within 2 s" in proc.stderr
+def test_worker_that_never_answers_is_named(alone):
+    code, err = alone["chief"]
+    assert code == 1, err
+    assert "TimeoutError" in err
+    assert "worker 1 at 127.0.0.1:" in err
+    assert "did not answer within timeout=2 s" in err
+
+
+def test_server_without_chief_exits_non_zero(alone):
+    code, err = alone["server"]
+    assert code == 1, err
+    assert "the chief did not connect within 2 s" in err
 
 
 @pytest.mark.parametrize("victim", ["stage", "chief"])
