@@ -53,6 +53,43 @@ def bound(m: int, k: int = K) -> float:
 # ---------------------------------------------------------------- worker
 
 
+def build_model(m, devices, dataset, width=WIDTH, depth=DEPTH):
+    """(compiled model, iterator), warmed up; a pipeline if `m` > 0.
+
+    `depth` x Dense(`width`, relu), SGD, mse; with `m` micro-batches over
+    `devices` when `m` > 0, else the unsplit model. Also used by
+    pipeline_processes.
+    """
+    import keras
+
+    import kerasdist as kd
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((width,))]
+        + [keras.layers.Dense(width, activation="relu")
+           for _ in range(depth)],
+        name="mlp",
+    )
+    if m:
+        model = kd.placement.PipelineModel(model, devices, num_microbatches=m)
+    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+    model.make_train_function()
+    iterator = iter(dataset)
+    for _ in range(2):  # warm-up: tracing and first runs
+        float(model.train_function(iterator)["loss"])
+    return model, iterator
+
+
+def time_steps(model, iterator, steps) -> float:
+    """Seconds per training step, over `steps` steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        logs = model.train_function(iterator)
+    float(logs["loss"])  # wait for the last step
+    return (time.perf_counter() - start) / steps
+
+
 def _worker(role: str) -> None:
     """Serves timing requests on stdin: one JSON line in, one line out."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -63,7 +100,6 @@ def _worker(role: str) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(
         1 if role == "reference" else K
     )
-    import keras
     import numpy as np
 
     import kerasdist as kd
@@ -76,38 +112,15 @@ def _worker(role: str) -> None:
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
     models = {}
 
-    def build(m):
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential(
-            [keras.Input((WIDTH,))]
-            + [
-                keras.layers.Dense(WIDTH, activation="relu")
-                for _ in range(DEPTH)
-            ],
-            name="mlp",
-        )
-        if m:
-            model = kd.placement.PipelineModel(
-                model, [f"/cpu:{i}" for i in range(K)], num_microbatches=m
-            )
-        model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
-        model.make_train_function()
-        iterator = iter(dataset)
-        for _ in range(2):  # warm-up: tracing and first runs
-            float(model.train_function(iterator)["loss"])
-        return model, iterator
-
     for line in sys.stdin:
         request = json.loads(line)
         m, steps = request["m"], request["steps"]
         if m not in models:
-            models[m] = build(m)
-        model, iterator = models[m]
-        start, cpu = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            logs = model.train_function(iterator)
-        float(logs["loss"])  # wait for the last step
-        seconds = (time.perf_counter() - start) / steps
+            models[m] = build_model(
+                m, [f"/cpu:{i}" for i in range(K)], dataset
+            )
+        cpu = time.process_time()
+        seconds = time_steps(*models[m], steps)
         cpu_seconds = (time.process_time() - cpu) / steps
         print(
             _PREFIX + json.dumps({"seconds": seconds, "cpu": cpu_seconds}),
@@ -203,35 +216,49 @@ CPU_NOTE = (
 )
 
 
-def plot(per_m: dict, path, note: str = "") -> None:
+def two_axes():
+    """(pyplot, figure, (left, right) axes) of a two-panel figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    return plt, fig, axes
+
+
+def band(per_m: dict, key: str):
+    """(medians, [below, above]) of `per_m[m][key]` for errorbar()."""
     ms = list(MICROBATCHES)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
+    med = [per_m[m][key]["median"] for m in ms]
+    lo = [per_m[m][key]["median"] - per_m[m][key]["min"] for m in ms]
+    hi = [per_m[m][key]["max"] - per_m[m][key]["median"] for m in ms]
+    return med, [lo, hi]
 
-    def band(key):
-        med = [per_m[m][key]["median"] for m in ms]
-        lo = [per_m[m][key]["median"] - per_m[m][key]["min"] for m in ms]
-        hi = [per_m[m][key]["max"] - per_m[m][key]["median"] for m in ms]
-        return med, [lo, hi]
 
-    med, err = band("speedup_vs_same_threads")
+def finish_speedup_axes(ax, title: str) -> None:
+    """The GPipe bound, the 1.0 line, log-M axis and legend of a plot."""
+    ms = list(MICROBATCHES)
+    ax.plot(ms, [bound(m) for m in ms], "k--", label="GPipe bound 2M/(M+1)")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set(xscale="log", xticks=ms, xticklabels=ms,
+           xlabel="micro-batches M", ylabel="speed-up", title=title)
+    ax.set_ylim(0, K + 0.2)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def plot(per_m: dict, path, note: str = "") -> None:
+    plt, fig, (ax1, ax2) = two_axes()
+    ms = list(MICROBATCHES)
+
+    med, err = band(per_m, "speedup_vs_same_threads")
     ax1.errorbar(ms, med, yerr=err, marker="o", capsize=3,
                  label="vs unpipelined, same 2 threads (median, min–max)")
-    med1, err1 = band("speedup_vs_one_thread")
+    med1, err1 = band(per_m, "speedup_vs_one_thread")
     ax1.errorbar(ms, med1, yerr=err1, marker="s", ls=":", capsize=3,
                  color="gray", alpha=0.7,
                  label="secondary: vs unpipelined, 1 thread")
-    ax1.plot(ms, [bound(m) for m in ms], "k--", label="GPipe bound 2M/(M+1)")
-    ax1.axhline(1.0, color="gray", lw=0.8)
-    ax1.set(xscale="log", xticks=ms, xticklabels=ms,
-            xlabel="micro-batches M", ylabel="speed-up",
-            title="Speed-up, K=2 stages")
-    ax1.set_ylim(0, K + 0.2)
-    ax1.legend(fontsize=8, loc="lower right")
+    finish_speedup_axes(ax1, "Speed-up, K=2 stages")
     eff = [per_m[m]["efficiency"]["median"] for m in ms]
     ax2.plot(ms, eff, marker="o",
              label="headline: speed-up vs same threads ÷ bound")
@@ -276,19 +303,11 @@ def main(full: bool = False) -> dict:
                 [v / bound(m) for v in one]
             ),
         }
-    load = (
-        f"load average (1/5/15 min) {_fmt(load_before)} → "
-        f"{_fmt(load_after)} on {os.cpu_count()} cores"
+    plot_path = save_plot(
+        plot, per_m, "pipeline_efficiency",
+        f"{DEPTH} x Dense({WIDTH}), batch {BATCH}, {rounds} rounds",
+        (load_before, load_after),
     )
-    common.RESULTS.mkdir(parents=True, exist_ok=True)
-    png = common.RESULTS / "pipeline_efficiency.png"
-    try:
-        plot(per_m, png,
-             f"{DEPTH} x Dense({WIDTH}), batch {BATCH}, {rounds} rounds; "
-             + load)
-        plot_path = str(png.relative_to(common.RESULTS.parent.parent))
-    except ImportError:
-        plot_path = "not written: pip install matplotlib (setup.cfg 'bench')"
     meets = all(
         per_m[m]["efficiency"]["median"] >= TARGET
         for m in MICROBATCHES
@@ -333,7 +352,7 @@ def main(full: bool = False) -> dict:
             "its own process",
             pipeline=f"{K} virtual CPUs, intra_op=1, inter_op={K} threads",
             rounds=rounds,
-            load_average=[_round(load_before), _round(load_after)],
+            load_average=[load_rounded(load_before), load_rounded(load_after)],
             load_note="1/5/15-minute load averages before and after; the "
             "machine is shared with other jobs, ratios are interleaved",
             steps_per_measurement=steps,
@@ -345,11 +364,32 @@ def main(full: bool = False) -> dict:
     }
 
 
-def _round(load) -> list:
+def save_plot(plot_fn, per_m: dict, name: str, note: str, loads) -> str:
+    """Writes results/NAME.png with `plot_fn`; returns its path or why not.
+
+    The note gets the load averages before and after (`loads`).
+    """
+    before, after = loads
+    load = (
+        f"load average (1/5/15 min) {load_text(before)} → "
+        f"{load_text(after)} on {os.cpu_count()} cores"
+    )
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    png = common.RESULTS / f"{name}.png"
+    try:
+        plot_fn(per_m, png, f"{note}; {load}")
+    except ImportError:
+        return "not written: pip install matplotlib (setup.cfg 'bench')"
+    return str(png.relative_to(common.RESULTS.parent.parent))
+
+
+def load_rounded(load) -> list:
+    """Load averages rounded for the JSON result."""
     return [round(x, 2) for x in load]
 
 
-def _fmt(load) -> str:
+def load_text(load) -> str:
+    """Load averages as 1.0/2.0/3.0."""
     return "/".join(f"{x:.1f}" for x in load)
 
 

@@ -36,25 +36,26 @@ def make_data(n, centers, rng):
     return x.astype("float32"), y.astype("int64")
 
 
-def main(argv):
-    del argv
+def make_datasets(num_examples):
+    """(train, test) pairs of generated examples; seeds the weights too."""
     import keras
 
-    import kerasdist as kd
-
-    if FLAGS.num_virtual_cpus:
-        kd.virtual_cpus(FLAGS.num_virtual_cpus)
-    devices = kd.devices.local_devices()[: FLAGS.num_stages]
-    if len(devices) < FLAGS.num_stages:
-        raise app.UsageError(
-            f"--num_stages={FLAGS.num_stages} needs as many devices; found "
-            f"{len(devices)}. Pass --num_virtual_cpus={FLAGS.num_stages}."
-        )
     keras.utils.set_random_seed(FLAGS.seed)
     rng = np.random.RandomState(FLAGS.seed)
     centers = rng.normal(0, 0.6, (10, 32))  # overlapping clusters
-    x, y = make_data(4096, centers, rng)
-    x_test, y_test = make_data(1024, centers, rng)
+    return (
+        make_data(num_examples, centers, rng), make_data(1024, centers, rng)
+    )
+
+
+def build_pipeline(devices):
+    """The MLP, its printed plan over `devices`, and the compiled pipeline.
+
+    Also used by pipeline_across_workers.py, with other workers' devices.
+    """
+    import keras
+
+    import kerasdist as kd
 
     model = keras.Sequential(
         [keras.Input((32,))]
@@ -69,7 +70,7 @@ def main(argv):
     )
     plan = kd.placement.plan(
         model,
-        FLAGS.num_stages,
+        len(devices),
         devices=devices,
         batch_size=FLAGS.batch_size,
         num_microbatches=FLAGS.num_microbatches,
@@ -88,6 +89,23 @@ def main(argv):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
+    return model, plan, pipe
+
+
+def main(argv):
+    del argv
+    import kerasdist as kd
+
+    if FLAGS.num_virtual_cpus:
+        kd.virtual_cpus(FLAGS.num_virtual_cpus)
+    devices = kd.devices.local_devices()[: FLAGS.num_stages]
+    if len(devices) < FLAGS.num_stages:
+        raise app.UsageError(
+            f"--num_stages={FLAGS.num_stages} needs as many devices; found "
+            f"{len(devices)}. Pass --num_virtual_cpus={FLAGS.num_stages}."
+        )
+    (x, y), (x_test, y_test) = make_datasets(4096)
+    model, plan, pipe = build_pipeline(devices)
     start = time.time()
     pipe.fit(x, y, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, verbose=2)
     loss, acc = pipe.evaluate(x_test, y_test, verbose=0)

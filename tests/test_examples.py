@@ -167,13 +167,25 @@ def test_pipeline_transformer_tfds_code_path_with_mock_data():
     assert "dataset imdb_reviews" in result_line(out)
 
 
-def launcher():
+def launcher(num_workers=2):
     try:
         import kerasdist.launch  # noqa: F401
     except ImportError:
         pytest.skip("kerasdist.launch (kerasdist-run) not available")
-    return [sys.executable, "-m", "kerasdist.launch", "--num_workers", "2",
-            "--max_restarts", "0", "--"]
+    return [sys.executable, "-m", "kerasdist.launch", "--num_workers",
+            str(num_workers), "--max_restarts", "0", "--"]
+
+
+@pytest.mark.timeout(200)
+def test_pipeline_across_workers_under_launcher():
+    code, out = run([*launcher(3), *example(
+        "pipeline_across_workers.py", "--num_examples=1024", "--epochs=2",
+    )], timeout=190)
+    check_ok(code, out)
+    line = result_line(out, prefix="[worker-0] ")
+    assert "2 stage(s) on ['/job:worker/replica:0/task:1', " in line, line
+    assert accuracy(line) > 0.5, line
+    assert "model-parallel server exits 0: the chief finished." in out
 
 
 @pytest.mark.timeout(200)

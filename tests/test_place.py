@@ -118,3 +118,30 @@ def test_place_errors():
     )
     with pytest.raises(ValueError, match="plan names no device"):
         kd.placement.place(model, None, unplaced)
+
+
+@pytest.mark.parametrize("clip", [{}, {"clipnorm": 1.0}, {"clipvalue": 0.5}])
+def test_optimizer_math_runs_on_each_variables_device(clip):
+    # Keras's update step names no device: without kd's device scopes its
+    # math would run on the calling task, which for stages on other
+    # workers means every gradient and slot crossing the network.
+    model = sequential("opt_devices")
+    placed = kd.placement.place(model, CPUS[:2])
+    placed.compile(optimizer=keras.optimizers.Adam(**clip), loss="mse")
+    x, _ = data(8)
+
+    @tf.function
+    def step(x, y):
+        return placed.train_step((x, y))
+
+    graph = step.get_concrete_function(x, np.zeros((8, 3), "float32")).graph
+    # Adam's sqrt(v) + epsilon, one per variable; ClipByValue/Norm ops too.
+    math = [
+        op for op in graph.get_operations()
+        if op.type in ("Sqrt", "ClipByValue", "Maximum")
+        and "adam" in op.name
+    ]
+    assert len(math) >= len(placed.trainable_variables)
+    devices = {tf.DeviceSpec.from_string(op.device).device_index
+               for op in math}
+    assert devices == {0, 1}, sorted((op.name, op.device) for op in math)

@@ -73,6 +73,8 @@ def test_memory_estimate_matches_hand_computation():
         "KiB",
         "256",
         "B",
+        "256",  # the hidden layer's output goes on to stage 1
+        "B",
     ]
     assert rows[4].split() == [
         "1",
@@ -84,6 +86,8 @@ def test_memory_estimate_matches_hand_computation():
         "544",
         "B",
         "64",
+        "B",
+        "0",  # the last stage sends nothing on
         "B",
     ]
 
@@ -246,3 +250,20 @@ def test_bad_arguments():
         kd.placement.plan(Sub(name="sub"), 1)
     with pytest.raises(ValueError, match="Expected a keras.Model"):
         kd.placement.plan("model", 1)
+
+
+def test_plan_shows_the_bytes_crossing_each_cut():
+    inputs = keras.Input((8,))
+    a = keras.layers.Dense(16, name="a")(inputs)
+    b = keras.layers.Dense(32, name="b")(a)
+    c = keras.layers.Dense(16, name="c")(b)
+    d = keras.layers.Dense(4, name="d")(keras.layers.Add(name="skip")([a, c]))
+    model = keras.Model(inputs, d, name="cut_bytes")
+    p = kd.placement.plan(model, {"a|b": "/cpu:0", "c|skip|d": "/cpu:1"},
+                          batch_size=64, num_microbatches=4)
+    # Stage 0 sends a (16 floats, the skip) and b (32 floats) per example,
+    # 16 examples per micro-batch; the last stage sends nothing on.
+    assert [s.cut_bytes for s in p.stages] == [(16 + 32) * 4 * 16, 0]
+    table = str(p)
+    assert "to next stages/micro-batch" in table.splitlines()[1]
+    assert table.splitlines()[3].endswith("3.0 KiB")

@@ -209,11 +209,13 @@ class LayerGraph:
         return out
 
 
-def call_operation(operation, training, *args, **kwargs):
+def call_operation(operation, training, /, *args, **kwargs):
     """Calls `operation` passing `training` when it accepts it.
 
     Mirrors `keras/src/models/functional.py` `operation_fn`, which injects
-    the call-context arguments a functional model receives.
+    the call-context arguments a functional model receives. Positional-only
+    parameters: a node's own keyword arguments may hold `training` (e.g.
+    Dropout in a Sequential model); the pipeline's phase replaces it.
     """
     if training is not None and "training" in _internals.call_context_args(
         operation

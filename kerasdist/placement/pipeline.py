@@ -16,6 +16,7 @@ starts that micro-batch's backward pass.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 
@@ -25,10 +26,10 @@ import tensorflow as tf
 from absl import logging
 
 from kerasdist import _internals, cluster
-from kerasdist import devices as devices_lib
 from kerasdist._validate import check_int
 from kerasdist.placement import graph as graph_lib
 from kerasdist.placement import planning as plan_lib
+from kerasdist.placement import stage_devices
 
 __all__ = ["PipelineModel"]
 
@@ -139,6 +140,7 @@ class PipelineModel(keras.Model):
         """
         super().compile(*args, **kwargs)
         _build_optimizer_on_devices(self.optimizer, self.trainable_variables)
+        _move_optimizer_scalars(self.optimizer, self._pipe.devices)
 
     def compute_output_spec(self, inputs, training=None, mask=None):
         return self.inner_model.compute_output_spec(inputs)
@@ -309,7 +311,11 @@ class PipelineModel(keras.Model):
             with tf.device(pipe.device_of_variable.get(id(v))):
                 summed.append(_sum_grads(var_grads.get(id(v)), v))
         if trainable:
-            self.optimizer.apply_gradients(zip(summed, trainable, strict=False))
+            with _updates_on_variable_devices(self.optimizer):
+                summed = _clip_on_devices(self.optimizer, summed, trainable)
+                self.optimizer.apply_gradients(
+                    zip(summed, trainable, strict=False)
+                )
 
     def _recompute(self, stage, vals, out_grads):
         """Re-runs a stage's forward pass once its output gradients exist."""
@@ -425,7 +431,7 @@ def _resolve_plan(model, graph, devices, plan):
             f"for a plan with {plan.num_stages} stages. Expected at "
             "least one device per stage."
         )
-    return plan, devices_lib.check_devices(devices[: plan.num_stages])
+    return plan, stage_devices.check_devices(devices[: plan.num_stages])
 
 
 def _checked_device_list(devices) -> list[str]:
@@ -442,7 +448,7 @@ def _checked_device_list(devices) -> list[str]:
             "Invalid value for argument `devices`. Received: "
             "devices=[]. Expected at least one device name."
         )
-    devices_lib.check_devices(devices)
+    stage_devices.check_devices(devices)
     return devices
 
 
@@ -470,7 +476,8 @@ class _Stages:
         for s in stages:
             variables = []
             for op in s.operations:
-                for v in getattr(op, "weights", []):
+                # `variables`, not `weights`: also Dropout's seed state.
+                for v in getattr(op, "variables", []):
                     if id(v) not in self.device_of_variable:
                         self.device_of_variable[id(v)] = devices[s.index]
                         variables.append(v)
@@ -530,6 +537,83 @@ def _build_optimizer_on_devices(optimizer, variables) -> None:
     finally:
         for opt in targets:
             del opt.add_variable_from_reference
+
+
+@contextlib.contextmanager
+def _updates_on_variable_devices(optimizer):
+    """Runs the optimizer's per-variable math on each variable's device.
+
+    Keras's TF optimizer updates each variable through the default
+    strategy's `extended.update`, which sets no device
+    (keras/src/backend/tensorflow/optimizer.py), so the update's math
+    would run on the calling task and every stage's gradients and slots
+    would cross the network. `update_step` (the documented per-variable
+    override point) is wrapped with the variable's device for the call.
+    `clipnorm`/`clipvalue` are applied beforehand on each variable's
+    device (`_clip_on_devices`) and switched off meanwhile.
+    """
+    original = optimizer.update_step
+    clipnorm, clipvalue = optimizer.clipnorm, optimizer.clipvalue
+
+    def update_step(gradient, variable, learning_rate):
+        with tf.device(_device_of(variable)):
+            return original(gradient, variable, learning_rate)
+
+    optimizer.update_step = update_step
+    try:
+        yield
+    finally:
+        del optimizer.update_step
+        optimizer.clipnorm, optimizer.clipvalue = clipnorm, clipvalue
+
+
+def _clip_on_devices(optimizer, grads, variables):
+    """Per-variable clipping (clipnorm, clipvalue) on each variable's device.
+
+    Returns the clipped gradients and switches the optimizer's own
+    per-variable clipping off (restored by `_updates_on_variable_devices`).
+    `global_clipnorm` needs every gradient at once: left to the optimizer.
+    """
+    if not (optimizer.clipnorm or optimizer.clipvalue):
+        return grads
+    out = []
+    for g, v in zip(grads, variables, strict=True):
+        with tf.device(_device_of(v)):
+            out.append(_internals.clip_gradients(optimizer, [g])[0])
+    optimizer.clipnorm = optimizer.clipvalue = None
+    return out
+
+
+def _device_of(variable) -> str:
+    """Device of a `keras.Variable` or of the `tf.Variable` behind it."""
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    return variable.device
+
+
+def _move_optimizer_scalars(optimizer, devices: list[str]) -> None:
+    """Puts the step counter and learning rate on the first stage's device.
+
+    Only when no stage runs on this process (stages on other tasks after
+    `kd.placement.join_cluster()`): then nothing of the model or of its
+    optimizer stays on the chief.
+    """
+    if optimizer is None or any(_is_local(d) for d in devices):
+        return
+    device = devices[0]
+    scalars = [_internals.iterations_variable(optimizer)]
+    rate = _internals.learning_rate_attribute(optimizer)
+    if isinstance(rate, keras.Variable):
+        scalars.append(rate)
+    for v in scalars:
+        with tf.init_scope(), tf.device(device):
+            _internals.reinitialize_variable(v, tf.identity(v.value))
+
+
+def _is_local(device: str) -> bool:
+    here = tf.DeviceSpec.from_string(_internals.host_address_space())
+    spec = tf.DeviceSpec.from_string(device)
+    return (spec.job, spec.task or 0) == (here.job, here.task or 0)
 
 
 def _is_float(t) -> bool:

@@ -23,6 +23,7 @@ import tensorflow as tf
 from kerasdist import devices as devices_lib
 from kerasdist._validate import check_int
 from kerasdist.placement import graph as graph_lib
+from kerasdist.placement import stage_devices
 
 __all__ = ["Plan", "Stage", "plan"]
 
@@ -47,6 +48,10 @@ class Stage:
             pass of one micro-batch: Σ over the stage's layer outputs of
             micro-batch size × elements per example × dtype size (unknown
             dimensions count as 1).
+        cut_bytes: int. Bytes the stage sends to later stages per
+            micro-batch (its outputs they read; the same again comes back
+            as gradients). With stages on other workers
+            (`kd.placement.join_cluster()`) this crosses the network.
 
     Example:
 
@@ -65,6 +70,7 @@ class Stage:
     param_bytes: int
     slot_bytes: int
     activation_bytes: int
+    cut_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +127,7 @@ class Plan:
             "param mem",
             "optimizer mem",
             "activations/micro-batch",
+            "to next stages/micro-batch",
         )
         rows = []
         for s in self.stages:
@@ -133,6 +140,7 @@ class Plan:
                     format_bytes(s.param_bytes),
                     format_bytes(s.slot_bytes),
                     format_bytes(s.activation_bytes),
+                    format_bytes(s.cut_bytes),
                 )
             )
         widths = [
@@ -169,7 +177,11 @@ def _short_device(device):
     spec = tf.DeviceSpec.from_string(device)
     if spec.device_type is None:
         return device
-    return f"{spec.device_type}:{spec.device_index or 0}"
+    short = f"{spec.device_type}:{spec.device_index or 0}"
+    if spec.job not in (None, "localhost"):
+        # A cluster task's device (kd.placement.join_cluster()).
+        return f"{spec.job}:{spec.task or 0}/{short}"
+    return short
 
 
 def _layer_summary(names, limit=4):
@@ -260,11 +272,24 @@ def plan(
         assignment = _balanced_assignment(graph, costs, num_stages)
         stage_devices = _default_devices(devices, num_stages)
     micro = batch_size // num_microbatches
+    stage_graphs = graph.stages(assignment)
     stages = [
-        _stage_of(sg, stage_devices[sg.index], costs, micro, slots)
-        for sg in graph.stages(assignment)
+        dataclasses.replace(
+            _stage_of(sg, stage_devices[sg.index], costs, micro, slots),
+            cut_bytes=_cut_bytes(graph, stage_graphs, sg, micro),
+        )
+        for sg in stage_graphs
     ]
     return Plan(model.name, tuple(stages), micro, slots)
+
+
+def _cut_bytes(graph, stage_graphs, sg, micro) -> int:
+    """Bytes of `sg`'s outputs that later stages read, per micro-batch."""
+    later = {t for other in stage_graphs[sg.index + 1:] for t in other.inputs}
+    return sum(
+        micro * _example_bytes(graph.tensors[t])
+        for t in sg.outputs if t in later
+    )
 
 
 def _check_batching(batch_size, num_microbatches) -> tuple[int, int]:
@@ -487,7 +512,7 @@ def _default_devices(devices, num_stages):
     if devices is None:
         local = devices_lib.local_devices()
         if len(local) >= num_stages:
-            return devices_lib.check_devices(list(local[:num_stages]))
+            return stage_devices.check_devices(list(local[:num_stages]))
         return [None] * num_stages
     devices = list(devices)
     if len(devices) < num_stages:
@@ -497,7 +522,7 @@ def _default_devices(devices, num_stages):
             f"num_stages={num_stages}. Expected at least one device per "
             "stage."
         )
-    return devices_lib.check_devices(devices[:num_stages])
+    return stage_devices.check_devices(devices[:num_stages])
 
 
 def _costs(graph, cost, batch_size, sample_inputs):
