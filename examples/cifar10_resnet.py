@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
-from mnist_data import quiet_tensorflow_startup
 
 import kerasdist as kd
 
@@ -220,5 +219,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    quiet_tensorflow_startup()
     app.run(main)

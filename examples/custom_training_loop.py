@@ -24,7 +24,7 @@ over replicas are the gradient of the mean loss, as on one device.
 import time
 
 from absl import app, flags
-from mnist_data import NUM_CLASSES, load_datasets, quiet_tensorflow_startup
+from mnist_data import NUM_CLASSES, load_datasets
 
 import kerasdist as kd
 
@@ -175,5 +175,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    quiet_tensorflow_startup()
     app.run(main)

@@ -18,7 +18,6 @@ import functools
 import os
 
 from absl import app, flags
-from mnist_data import quiet_tensorflow_startup
 
 flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "mnist"], "Data.")
 flags.DEFINE_string("data_dir", None, "tensorflow_datasets directory.")
@@ -127,5 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    quiet_tensorflow_startup()
     app.run(main)

@@ -23,12 +23,7 @@ import os
 import time
 
 from absl import app, flags
-from mnist_data import (
-    IMAGE_SHAPE,
-    NUM_CLASSES,
-    load_datasets,
-    quiet_tensorflow_startup,
-)
+from mnist_data import IMAGE_SHAPE, NUM_CLASSES, load_datasets
 
 import kerasdist as kd
 
@@ -124,5 +119,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    quiet_tensorflow_startup()
     app.run(main)

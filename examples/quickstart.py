@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 from absl import app, flags
-from mnist_data import quiet_tensorflow_startup
 
 import kerasdist as kd
 
@@ -91,5 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    quiet_tensorflow_startup()
     app.run(main)
