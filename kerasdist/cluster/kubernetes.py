@@ -19,6 +19,9 @@ from collections.abc import Mapping
 
 from kerasdist.cluster.tf_config import ClusterConfigError, TaskInfo
 
+# The count is the same variable kerasdist-run sets in its workers.
+from kerasdist.launch.protocol import ENV_NUM_WORKERS
+
 __all__ = [
     "DEFAULT_PORT",
     "ENV_NUM_WORKERS",
@@ -27,8 +30,6 @@ __all__ = [
     "from_kubernetes",
 ]
 
-# The count is the same variable kerasdist-run sets in its workers.
-ENV_NUM_WORKERS = "KERASDIST_NUM_WORKERS"
 ENV_SUBDOMAIN = "KERASDIST_K8S_SUBDOMAIN"
 ENV_PORT = "KERASDIST_K8S_PORT"
 DEFAULT_PORT = 2222

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from kerasdist.launch import events, policy, protocol
+from kerasdist.launch import events, policy, protocol, quiet
 from kerasdist.launch import hosts as hostlib
 from kerasdist.launch.group import Group, StartFailed
 from kerasdist.launch.membership import Membership
@@ -131,6 +131,8 @@ class Agent:
         self.console = events.Console(
             stream if stream is not None else sys.stdout
         )
+        # Workers' lines, less TensorFlow's start-up noise (launch/quiet.py).
+        self.worker_output = quiet.console_writer(self.console.write)
         self.bus = events.EventBus()
         self.bus.subscribe(self.console)
         self.interrupted: int | None = None
@@ -373,7 +375,7 @@ class Agent:
         self.members.new_attempt()
         group = Group(
             spec, self.attempt, hosts, self._starter_for, beat_dir,
-            self.console.write,
+            self.worker_output,
             lambda i, h, n: self._environment(i, h, n, beat_dir),
         )
         self.bus.publish(events.AttemptStarted(

@@ -89,10 +89,11 @@ class Worker:
             self._read_at = mtime  # Read only when it changed.
             try:
                 with open(self.heartbeat) as f:
-                    word = f.read(64).strip()
+                    text = f.read(1 << 16)
             except OSError:
-                word = ""
-            self._finished = word == protocol.TRAINING_FINISHED
+                text = ""
+            # Once said, it stays said for this attempt.
+            self._finished = protocol.heartbeat_says_finished(text)
         return self._finished
 
     def is_stopped(self) -> bool:

@@ -27,6 +27,7 @@ Kept in one place so the launcher and `kd.callbacks.BackupAndRestore` agree:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -58,6 +59,7 @@ __all__ = [
     "restart_count",
     "slurm_requeue",
     "TRAINING_FINISHED",
+    "heartbeat_says_finished",
     "report_training_finished",
     "touch_heartbeat",
 ]
@@ -114,6 +116,30 @@ def report_training_finished() -> None:
             f.write(f"{TRAINING_FINISHED}\n")
     except OSError:
         pass
+
+
+def heartbeat_says_finished(text: str) -> bool:
+    """True when a heartbeat file's text says training is done.
+
+    The file holds either the word `TRAINING_FINISHED` (written by
+    `report_training_finished`) or one JSON object, the goodput facts of
+    `kd.callbacks.BackupAndRestore`, whose `"finished"` is true once `fit`
+    has returned.
+
+    Example:
+
+    >>> heartbeat_says_finished('{"steps": 3, "finished": true}')
+    True
+    """
+    text = text.strip()
+    if text == TRAINING_FINISHED:
+        return True
+    if not text.startswith("{"):
+        return False
+    try:
+        return json.loads(text).get("finished") is True
+    except (ValueError, AttributeError):
+        return False
 
 
 def touch_heartbeat() -> None:

@@ -71,8 +71,12 @@ main=$$
     fi
     now=$(stat -c %y "$tmp/beat" 2>/dev/null)
     if [ "$now" != "$last" ]; then
-      # The file's first word too: "finished" once training is done.
-      word=; { read -r word _ <"$tmp/beat"; } 2>/dev/null
+      # "finished" once training is done: the word itself, or the
+      # backup callback's JSON facts with "finished": true.
+      word=
+      case $(cat -- "$tmp/beat" 2>/dev/null) in
+        finished*|*'"finished": true'*) word=finished ;;
+      esac
       echo "kerasdist-ssh-beat $word" >&2; last=$now
     fi
     line=; { read -r line </proc/"$pid"/stat; } 2>/dev/null
