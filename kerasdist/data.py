@@ -29,6 +29,8 @@ __all__ = [
     "distribute",
     "batch_sizes_of",
     "per_replica_batch_size",
+    "unseeded_shuffles",
+    "warn_if_unseeded_shuffle",
 ]
 
 SHARD_POLICIES = ("auto", "file", "data", "off")
@@ -317,13 +319,99 @@ def per_replica_batch_size(
     return global_batch_size // replicas
 
 
-def _input_files(dataset: tf.data.Dataset) -> list[str] | None:
-    """Files read by `dataset` if it reads files, else None."""
+def _dataset_nodes(dataset: tf.data.Dataset) -> list:
+    """The ops of `dataset`'s graph, those of its functions included."""
     graph = tf.compat.v1.GraphDef()
     graph.ParseFromString(_internals.serialized_dataset_graph(dataset))
     nodes = list(graph.node)
     for f in graph.library.function:
         nodes.extend(f.node_def)
+    return nodes
+
+
+_SHUFFLE_OPS = ("ShuffleDataset", "ShuffleDatasetV3",
+                "ShuffleAndRepeatDataset", "ShuffleAndRepeatDatasetV2")
+
+
+def unseeded_shuffles(dataset: tf.data.Dataset) -> int:
+    """How many `shuffle`s in `dataset` have no seed (op- or global-level).
+
+    Args:
+        dataset: `tf.data.Dataset`.
+
+    Returns:
+        int. Shuffles whose seeds are both 0 in the dataset's graph: TF
+        draws a new random order for each process.
+
+    Example:
+
+    >>> unseeded_shuffles(tf.data.Dataset.range(4).shuffle(4, seed=1))
+    0
+    """
+    nodes = _dataset_nodes(dataset)
+    by_name = {n.name: n for n in nodes}
+    count = 0
+    for node in nodes:
+        if node.op not in _SHUFFLE_OPS:
+            continue
+        seeds = [by_name.get(name.split(":")[0]) for name in node.input[2:4]]
+        if all(seed is not None and seed.op == "Const"
+               and not tf.make_ndarray(seed.attr["value"].tensor).any()
+               for seed in seeds):
+            count += 1
+    return count
+
+
+def warn_if_unseeded_shuffle(
+    dataset: tf.data.Dataset, strategy: tf.distribute.Strategy
+) -> bool:
+    """Warns when workers sharding by data would shuffle differently.
+
+    Called by kerasdist's strategies before `fit`'s first step. Under
+    `DATA` sharding every worker reads all the examples and keeps its part
+    of each global batch; an unseeded `shuffle` gives each worker its own
+    order, so some examples are read by several workers and others by
+    none (TF's multi-worker tutorial: 251 of 1,024 each way per epoch),
+    and a resumed run reads other batches.
+
+    Args:
+        dataset: `tf.data.Dataset` about to be trained on.
+        strategy: `tf.distribute.Strategy`.
+
+    Returns:
+        bool: True if a warning was issued.
+
+    Example:
+
+    ```python
+    warn_if_unseeded_shuffle(dataset, strategy)
+    ```
+    """
+    workers = _internals.num_workers(strategy)
+    policy = dataset.options().experimental_distribute.auto_shard_policy
+    if workers < 2 or policy in (tf.data.experimental.AutoShardPolicy.FILE,
+                                 tf.data.experimental.AutoShardPolicy.OFF):
+        return False
+    if not unseeded_shuffles(dataset):
+        return False
+    warnings.warn(
+        "The training dataset shuffles without a seed and is sharded by "
+        f"data over {workers} workers: each worker reads every example in "
+        "its own random order and keeps its part of each global batch, so "
+        "some examples are trained on by several workers and others by "
+        "none, and kd.callbacks.BackupAndRestore cannot resume on the same "
+        "batches. Pass a seed, e.g. dataset.shuffle(buffer_size, seed=1) "
+        "(the order still changes every epoch, the same on every worker), "
+        "or call tf.random.set_seed(...) first.",
+        UserWarning,
+        stacklevel=5,
+    )
+    return True
+
+
+def _input_files(dataset: tf.data.Dataset) -> list[str] | None:
+    """Files read by `dataset` if it reads files, else None."""
+    nodes = _dataset_nodes(dataset)
     if not any(n.op in _READER_OPS for n in nodes):
         return None
     files = []

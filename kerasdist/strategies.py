@@ -52,6 +52,7 @@ from kerasdist.errors import PermanentError
 __all__ = [
     "CollectivesAfterStartupError",
     "MirroredStrategy",
+    "ModelWithoutCallError",
     "MultiWorkerMirroredStrategy",
     "MultiWorkerStrategyConflictError",
     "STRATEGY_NAMES",
@@ -265,10 +266,12 @@ def _check_keras_call(strategy, dataset, site):
             return _check_keras_input(strategy, dataset, site.adapter)
         return dataset
     multi_worker = _internals.num_workers(strategy) > 1
+    _build_call_free_model(site.model)
     if multi_worker:
         keras_files.adapt_file_callbacks(site.callbacks)
         _no_xla_collectives_on_cpu(site.model)
     if site.method == "fit":
+        data_lib.warn_if_unseeded_shuffle(dataset, strategy)
         losses_lib.warn_if_custom_train_step(site.model, strategy)
         _refuse_unbuilt_optimizers(
             _model_optimizers(site.model),
@@ -284,6 +287,49 @@ def _check_keras_call(strategy, dataset, site):
         # rows in order (issue 23.1, 23.2; tests/clients).
         return dataset
     return _check_keras_input(strategy, dataset, site.adapter)
+
+
+class ModelWithoutCallError(PermanentError, ValueError):
+    """A `keras.Model` subclass without `call()` whose parts are unbuilt.
+
+    Under a strategy Keras builds the model from the first batch before
+    the first step (`_symbolic_build`), which needs `call()`; a model that
+    only has a `train_step` (the keras.io GAN, Distiller and VAE) fails
+    there ("Unable to automatically build the model"). kerasdist marks
+    such a model built when all its layers are; otherwise it raises this,
+    before the first step, with the fix.
+
+    Example:
+
+    >>> issubclass(ModelWithoutCallError, ValueError)
+    True
+    """
+
+
+def _defines_call(model) -> bool:
+    return any("call" in vars(cls) for cls in type(model).__mro__
+               if not cls.__module__.startswith("keras."))
+
+
+def _build_call_free_model(model) -> None:
+    """Marks a model without `call()` built when its layers are."""
+    if model is None or model.built or _defines_call(model):
+        return
+    unbuilt = [layer.name for layer in model.layers if not layer.built]
+    if model.layers and not unbuilt:
+        # Nothing left to build; Keras's `_symbolic_build` would call the
+        # missing `call()` only to build it (keras/src/trainers/
+        # trainer.py), and on one device Keras never does.
+        model.built = True
+        return
+    raise ModelWithoutCallError(
+        f"{type(model).__name__} has no call() method and its layers "
+        f"{unbuilt or '(none)'} are not built, so Keras cannot build it "
+        "from the first batch under a distribution strategy (\"Unable to "
+        "automatically build the model\"). Build its layers when you "
+        "create them, e.g. keras.Sequential([keras.Input(shape), ...]) "
+        "for each sub-model, or define call()."
+    )
 
 
 class UnbuiltOptimizerError(PermanentError, ValueError):

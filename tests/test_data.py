@@ -184,3 +184,13 @@ def test_keras_numpy_batch_checks(mirrored2):
                              r"does not divide over the 2 replicas in sync"
                              r".*use e\.g\. batch_size=2 or 4\."):
         kd.data.check_keras_batches(3, None, mirrored2)
+
+
+def test_unseeded_shuffles_found_in_the_dataset_graph(mirrored2):
+    ds = tf.data.Dataset.range(8)
+    assert kd.data.unseeded_shuffles(ds.shuffle(8).batch(2)) == 1
+    assert kd.data.unseeded_shuffles(ds.shuffle(8, seed=3).batch(2)) == 0
+    assert kd.data.unseeded_shuffles(ds.batch(2)) == 0
+    # One worker: nothing to warn about (the multi-worker warning is
+    # tested on 2 workers in tests/clients).
+    assert not kd.data.warn_if_unseeded_shuffle(ds.shuffle(8), mirrored2)

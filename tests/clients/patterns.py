@@ -148,8 +148,9 @@ def vae(strategy):
     return _result(model, history)
 
 
-class GAN(keras.Model):
-    """keras.io GAN example shape: two optimizers, a `keras.losses.Loss`."""
+class CallFreeGAN(keras.Model):
+    """keras.io GAN example shape: two optimizers, a `keras.losses.Loss`,
+    and no `call()` (issue 23.5)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -157,9 +158,6 @@ class GAN(keras.Model):
             [keras.Input((4,)), keras.layers.Dense(1)])
         self.generator = keras.Sequential(
             [keras.Input((2,)), keras.layers.Dense(4)])
-
-    def call(self, images):
-        return self.discriminator(images)
 
     def compile(self, d_optimizer, g_optimizer, loss_fn, build=True):
         super().compile()
@@ -194,10 +192,38 @@ class GAN(keras.Model):
         return {"d_loss": d_loss, "g_loss": g_loss}
 
 
-def gan(strategy, build=True):
+class GAN(CallFreeGAN):
+    """The GAN with a `call()`, as the project's first test GAN had."""
+
+    def call(self, images):
+        return self.discriminator(images)
+
+
+class ReportingGAN(CallFreeGAN):
+    """The GAN returning its losses as one device reports them."""
+
+    def train_step(self, data):
+        logs = super().train_step(data)
+        return {k: kd.losses.unscale_loss(v) for k, v in logs.items()}
+
+
+def gan_history(strategy, model_class):
+    """The GAN's `fit` history (issue 23.6: its Loss values are scaled)."""
     x, _ = _xy(2)
     with kd.strategies.scope_or_null(strategy):
-        model = GAN()
+        model = model_class()
+        model.compile(keras.optimizers.Adam(0.01), keras.optimizers.SGD(0.1),
+                      keras.losses.BinaryCrossentropy(from_logits=True))
+        _init(model)
+    history = model.fit(tf.data.Dataset.from_tensor_slices(x).batch(BATCH),
+                        epochs=EPOCHS, verbose=0)
+    return _result(model, history.history)
+
+
+def gan(strategy, build=True, with_call=True):
+    x, _ = _xy(2)
+    with kd.strategies.scope_or_null(strategy):
+        model = GAN() if with_call else CallFreeGAN()
         # A keras.losses.Loss reduces per-example values itself, so Keras
         # scales it for the replicas: this step needs no change.
         model.compile(keras.optimizers.Adam(0.01), keras.optimizers.SGD(0.1),
@@ -446,6 +472,9 @@ EXACT = {
     "hand_loss": hand_loss,
     "vae": vae,
     "gan": gan,
+    "gan_without_call": lambda strategy: gan(strategy, with_call=False),
+    "gan_reported_history": lambda strategy: gan_history(strategy,
+                                                         ReportingGAN),
     "custom_loop": custom_loop,
     "multi_io": multi_io,
     "text_classifier": text_classifier,
@@ -604,3 +633,12 @@ def run_training(make_strategy, checkpoint_dir, epochs=1):
     out.update({f"start{i}": w for i, w in enumerate(start)})
     out["restored"] = np.array(bool(checkpoints))
     return out
+
+
+def shuffled_fit(strategy, seed):
+    """TF's multi-worker tutorial input: `shuffle(n)`, seeded or not."""
+    x, y = _xy(14)
+    with kd.strategies.scope_or_null(strategy):
+        model = _small_model()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(N, seed=seed)
+    model.fit(ds.batch(BATCH), epochs=1, verbose=0)

@@ -211,3 +211,14 @@ def test_strategy_after_tf_op_says_what_to_move(tmp_path):
         error["message"])
     assert ("Move `strategy = kd.get_strategy(\"multi_worker\")`" in
             error["message"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_unseeded_shuffle_warned_before_step_1(run):
+    for checks in run["checks"]:
+        assert len(checks["shuffle_warnings_seed_None"]) == 1
+        message = checks["shuffle_warnings_seed_None"][0]
+        assert "sharded by data over 2 workers" in message
+        assert "dataset.shuffle(buffer_size, seed=1)" in message
+        assert checks["shuffle_warnings_seed_1"] == []

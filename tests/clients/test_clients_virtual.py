@@ -9,6 +9,7 @@ import numpy as np
 import patterns
 import pytest
 import tensorflow as tf
+from keras import ops
 
 import kerasdist as kd
 from kerasdist import cluster
@@ -148,3 +149,44 @@ def test_multi_worker_strategy_after_tf_ops_says_what_to_move(monkeypatch):
                              r"operation in this process.*Move `strategy = "
                              r"kd\.get_strategy\(\"multi_worker\"\)`"):
         kd.get_strategy("multi_worker")
+
+
+@pytest.mark.timeout(300)
+def test_custom_step_loss_reported_scaled_is_warned(strategy):
+    # Issue 23.6: a keras.losses.Loss in a custom train_step is scaled by
+    # 1/N for the gradients; its returned value reaches the history / N.
+    class FreshGAN(patterns.CallFreeGAN):
+        def train_step(self, data):
+            # The same step: its losses come from self.loss_fn(...).
+            return super().train_step(data)
+
+    with pytest.warns(UserWarning, match=r"FreshGAN\.train_step computes "
+                      r"losses with a keras\.losses\.Loss \(self\.loss_fn"
+                      r".*2x smaller than on one device.*"
+                      r"kd\.losses\.unscale_loss\(loss\)"):
+        scaled = patterns.gan_history(strategy, FreshGAN)
+    one = patterns.gan_history(None, FreshGAN)
+    np.testing.assert_allclose(scaled["history_d_loss"] * 2,
+                               one["history_d_loss"], rtol=1e-4)
+
+
+class _Unbuilt(keras.Model):
+    """A model without call() whose sub-model has no Input."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = keras.Sequential([keras.layers.Dense(1)])
+
+    def train_step(self, data):
+        return {"loss": ops.mean(self.inner(data))}
+
+
+def test_model_without_call_and_unbuilt_layers_is_refused(strategy):
+    with strategy.scope():
+        model = _Unbuilt()
+        model.compile()
+    with pytest.raises(kd.strategies.ModelWithoutCallError,
+                       match=r"_Unbuilt has no call\(\) method.*"
+                             r"keras\.Input\(shape\)") as info:
+        model.fit(np.zeros((4, 2), "float32"), batch_size=2, verbose=0)
+    assert isinstance(info.value, kd.errors.PermanentError)
