@@ -9,13 +9,11 @@ that works at both sizes.
 """
 
 import os
-import subprocess
-import sys
 
+import processes
 import pytest
 
 from kerasdist.launch import protocol
-from kerasdist.testing import kill_group
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,23 +21,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_partial_batch_refused_at_start_for_every_elastic_size(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    root = os.path.dirname(HERE)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kerasdist.launch", "--num_workers", "3",
-         "--min_workers", "2", "--max_restarts", "2", "--log_dir",
-         str(tmp_path), "--", sys.executable,
-         os.path.join(HERE, "elastic_batch_worker.py")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env=env)
-    try:
-        log, _ = proc.communicate(timeout=360)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == protocol.PERMANENT_EXIT_CODE, log[-6000:]
+    code, log = processes.launch(
+        ["--num_workers", "3", "--min_workers", "2", "--max_restarts", "2",
+         "--log_dir", str(tmp_path)],
+        [os.path.join(HERE, "elastic_batch_worker.py")], 360)
+    assert code == protocol.PERMANENT_EXIT_CODE, log[-6000:]
     assert "trained" not in log
     assert "UnevenBatchError" in log, log[-6000:]
     assert "at 2 worker(s) = 2 replicas" in log
