@@ -757,8 +757,10 @@ def in_keras_symbolic_build(max_depth: int = 6) -> bool:
     """
     from keras.src.backend.tensorflow import trainer
 
-    build = trainer.TensorFlowTrainer._maybe_symbolic_build  # noqa: SLF001
-    return _caller_running(build.__code__, max_depth) is not None
+    build = getattr(trainer.TensorFlowTrainer, "_maybe_symbolic_build",
+                    None)  # Keras versions without it never reduce there.
+    return build is not None and (
+        _caller_running(build.__code__, max_depth) is not None)
 
 
 _BATCH_DATASET = "tensorflow.python.data.ops.batch_op:_BatchDataset"
