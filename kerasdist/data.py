@@ -4,7 +4,10 @@ Keras under `tf.distribute` treats every batch of a `tf.data.Dataset` as a
 *global* batch and splits it across replicas. `distribute` batches a dataset
 of single examples to the global batch, checks that the batch divides over
 the replicas, and sets the auto-shard policy explicitly so that each worker
-reads its part without TensorFlow's "unshardable source" warning.
+reads its part without TensorFlow's "unshardable source" warning. Before
+`fit`'s first step, kerasdist's strategies check that the training data's
+batches (the last partial one included) split evenly, reading the sizes
+from the dataset once instead of checking each batch as it is read.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import tensorflow as tf
 
 from kerasdist import _internals, elastic
 from kerasdist._validate import check_int
-from kerasdist.errors import PermanentError
+from kerasdist.errors import ConfigError, PermanentError
 from kerasdist.launch import protocol
 
 __all__ = [
@@ -26,6 +29,8 @@ __all__ = [
     "distribute",
     "batch_sizes_of",
     "per_replica_batch_size",
+    "unseeded_shuffles",
+    "warn_if_unseeded_shuffle",
 ]
 
 SHARD_POLICIES = ("auto", "file", "data", "off")
@@ -72,16 +77,74 @@ def _multiples(value: int, replicas: int) -> str:
             else f"{replicas}")
 
 
+def _group_sizes(strategy: tf.distribute.Strategy) -> tuple[int, int, int]:
+    """(fewest workers, most workers, replicas per worker) to check.
+
+    The current group, or every size an elastic launcher may restart at.
+    """
+    workers = max(_internals.num_workers(strategy), 1)
+    local = max(strategy.num_replicas_in_sync // workers, 1)
+    low, high = elastic.allowed_workers() or (workers, workers)
+    return low, high, local
+
+
+def _check_partial(
+    partial: int,
+    strategy: tf.distribute.Strategy,
+    *,
+    received: str,
+    examples: int | None,
+    data: str,
+    fix: str,
+) -> None:
+    """Refuses a last partial batch some allowed group cannot split evenly.
+
+    Keras scales each replica's mean loss by `1 / num_replicas_in_sync`,
+    exact only for equal shares; evaluation and prediction are exact for
+    any split, so only training data is checked (issues 16.1, 23.1). Under
+    an elastic launcher every allowed group size is checked, so a valid job
+    cannot fail after a resize (issue 25.1).
+    """
+    low, high, local = _group_sizes(strategy)
+    failing, lcm = elastic.unsplittable_sizes(partial, low, high, local)
+    if not partial or not failing:
+        return
+    if low == high:
+        where = f"the {_replicas_text(strategy)}"
+    else:
+        where = ("the replicas of the elastic group (from "
+                 f"{low} to {high} workers, {local} replica(s) each) at "
+                 + ", ".join(f"{w} worker(s) = {w * local} replicas"
+                             for w in failing))
+    keep = examples - partial % lcm if examples else None
+    raise UnevenBatchError(
+        f"Invalid value for argument {received} with "
+        + (f"{examples} {data} examples" if examples else f"the {data} data")
+        + f", which leaves a last batch of {partial} example(s) in every "
+        f"epoch; it does not divide over {where}, so that training step "
+        "would differ from one device. Use a number of examples whose "
+        f"remainder modulo the batch size is a multiple of {lcm}"
+        + (f" (e.g. the first {keep} examples)" if keep else "")
+        + f", or {fix}."
+    )
+
+
+_DROP_FIX = ("pass a tf.data.Dataset batched with drop_remainder=True "
+             "(kd.data.distribute(..., drop_remainder=True))")
+
+
 def check_keras_batches(
     batch_size: int | None,
     partial_batch_size: int | None,
     strategy: tf.distribute.Strategy,
     num_examples: int | None = None,
 ) -> None:
-    """Refuses batches that would not split evenly over the replicas.
+    """Refuses training batches that would not split evenly over replicas.
 
-    Called by kerasdist's strategies when Keras's `fit`, `evaluate` or
-    `predict` distributes NumPy / tensor inputs, before the first step.
+    Called by kerasdist's strategies when Keras's `fit` distributes its
+    training data, before the first step. Evaluation, validation and
+    prediction data are not checked: Keras's results for them are exact
+    for any split (its metrics weight each replica by its examples).
 
     Args:
         batch_size: int or None. The `batch_size` passed to Keras (the
@@ -94,7 +157,8 @@ def check_keras_batches(
 
     Raises:
         UnevenBatchError: if `batch_size` or the partial last batch does
-            not divide by `strategy.num_replicas_in_sync`.
+            not divide by `strategy.num_replicas_in_sync` (under an
+            elastic launcher: by the replicas of every allowed group size).
         kerasdist.elastic.ElasticConfigError: under an elastic launcher,
             if some allowed group size cannot split `batch_size`.
 
@@ -102,11 +166,10 @@ def check_keras_batches(
 
     >>> check_keras_batches(4, None, tf.distribute.get_strategy())
     """
-    replicas = strategy.num_replicas_in_sync
-    if batch_size is not None:
-        elastic.check_global_batch(batch_size, strategy)
-    if replicas == 1 or batch_size is None:
+    if batch_size is None:
         return
+    elastic.check_global_batch(batch_size, strategy)
+    replicas = strategy.num_replicas_in_sync
     if batch_size % replicas:
         raise UnevenBatchError(
             "Invalid value for argument `batch_size`. Received: "
@@ -117,43 +180,40 @@ def check_keras_batches(
             f"{replicas}: use e.g. batch_size="
             f"{_multiples(batch_size, replicas)}."
         )
-    if partial_batch_size and partial_batch_size % replicas:
-        total = f"{num_examples} examples" if num_examples else "the data"
-        keep = (num_examples - partial_batch_size if num_examples else None)
-        raise UnevenBatchError(
-            "Invalid value for argument `batch_size`. Received: "
-            f"batch_size={batch_size} with {total}, which leaves a last "
-            f"batch of {partial_batch_size} example(s) in every epoch; it "
-            f"does not divide over the {_replicas_text(strategy)}, so that "
-            "step would differ from one device. Use a number of examples "
-            f"whose remainder modulo batch_size is a multiple of {replicas}"
-            + (f" (e.g. the first {keep} examples)" if keep else "")
-            + ", or pass a tf.data.Dataset batched with drop_remainder=True "
-            "(kd.data.distribute(..., drop_remainder=True))."
-        )
+    if partial_batch_size:
+        _check_partial(
+            partial_batch_size, strategy,
+            received=f"`batch_size`. Received: batch_size={batch_size}",
+            examples=num_examples, data="training", fix=_DROP_FIX)
 
 
 def assert_even_batches(
     dataset: tf.data.Dataset, strategy: tf.distribute.Strategy
 ) -> tf.data.Dataset:
-    """`dataset` whose global batches are checked to split evenly.
+    """`dataset` of training batches, checked to split evenly.
 
-    A batch size known from the dataset's shapes is checked at once; an
-    unknown one (e.g. a last partial batch) is checked as each batch is
-    read, before the step that would train on it.
+    Checked once, before the first step, at no cost per step: the batch
+    size is read from the dataset's shapes, else from its `batch` op, and
+    the last partial batch from the number of examples batched. Only a
+    dataset whose size is unknown (e.g. after `filter`) is checked as each
+    batch is read, which costs a little per step; under an elastic
+    launcher such a dataset is refused instead, since some group size
+    could fail at the end of an epoch.
 
     Args:
         dataset: `tf.data.Dataset` of global batches.
         strategy: `tf.distribute.Strategy`.
 
     Returns:
-        `tf.data.Dataset`: `dataset`, or `dataset` with a check mapped over
-        it.
+        `tf.data.Dataset`: `dataset`, or (size unknown) `dataset` with a
+        check mapped over it.
 
     Raises:
-        UnevenBatchError: if the static batch size does not divide over
-            the replicas. A dynamic one raises `tf.errors.
-            InvalidArgumentError` with the same advice when it is read.
+        UnevenBatchError: if the batch size or the last partial batch does
+            not divide over the replicas (of every allowed elastic group
+            size), or, under an elastic launcher, if the number of
+            examples is unknown. A size only known when read raises
+            `tf.errors.InvalidArgumentError` with the same advice then.
 
     Example:
 
@@ -161,22 +221,52 @@ def assert_even_batches(
     ds = assert_even_batches(ds.batch(4, drop_remainder=True), strategy)
     ```
     """
-    replicas = strategy.num_replicas_in_sync
     leaves = [spec for spec in tf.nest.flatten(dataset.element_spec)
               if isinstance(spec, tf.TensorSpec) and spec.shape.rank]
-    if replicas == 1 or not leaves:
+    if not leaves:
         return dataset
     static = leaves[0].shape[0]
     if static is not None:
         check_keras_batches(int(static), None, strategy)
         return dataset
+    batching = _internals.dataset_batching(dataset)
+    if (batching is not None and batching.same_batches
+            and batching.examples != tf.data.UNKNOWN_CARDINALITY):
+        examples = max(batching.examples, 0)
+        partial = (0 if batching.drop_remainder
+                   else examples % batching.batch_size)
+        check_keras_batches(batching.batch_size, partial, strategy,
+                            examples or None)
+        return dataset
+    if elastic.is_elastic():
+        low, high, _ = _group_sizes(strategy)
+        raise UnevenBatchError(
+            "Invalid training dataset for an elastic run: its number of "
+            "examples is unknown (e.g. after `filter`) and it is batched "
+            "without drop_remainder=True, so its last batch may not divide "
+            f"over the replicas of some allowed group size ({low} to "
+            f"{high} workers) and training would fail at the end of an "
+            "epoch. Batch it with drop_remainder=True "
+            "(kd.data.distribute(..., drop_remainder=True)), or give it a "
+            "known size (`dataset.apply(tf.data.experimental."
+            "assert_cardinality(n))`)."
+        )
+    if strategy.num_replicas_in_sync == 1:
+        return dataset
+    return _checked_as_read(dataset, strategy)
+
+
+def _checked_as_read(dataset, strategy):
+    """`dataset` with each batch's size checked as it is read."""
+    replicas = strategy.num_replicas_in_sync
     message = (
         "Invalid value for argument `batch_size`: a global batch of the "
-        f"dataset does not divide over the {_replicas_text(strategy)} (its "
-        "size is printed below), so the replicas would train on different "
-        "numbers of examples. Batch the dataset to a multiple of "
-        f"{replicas} with drop_remainder=True, e.g. kd.data.distribute(ds, "
-        "strategy, global_batch_size=..., drop_remainder=True)."
+        f"training dataset does not divide over the "
+        f"{_replicas_text(strategy)} (its size is printed below), so the "
+        "replicas would train on different numbers of examples. Batch the "
+        f"dataset to a multiple of {replicas} with drop_remainder=True, "
+        "e.g. kd.data.distribute(ds, strategy, global_batch_size=..., "
+        "drop_remainder=True)."
     )
 
     def check(*element):
@@ -194,23 +284,6 @@ def assert_even_batches(
     return dataset.map(check)
 
 
-def _check_last_batch(dataset, strategy, global_batch_size, drop_remainder):
-    """Refuses a partial last batch that would split unevenly."""
-    examples = int(dataset.cardinality())
-    replicas = strategy.num_replicas_in_sync
-    last = examples % global_batch_size if examples > 0 else 0
-    if drop_remainder or not last % replicas:
-        return
-    raise UnevenBatchError(
-        "Invalid value for argument `drop_remainder`. Received: "
-        f"drop_remainder=False with {examples} examples and "
-        f"global_batch_size={global_batch_size}, which leaves a last batch "
-        f"of {last} example(s); it does not divide over the "
-        f"{_replicas_text(strategy)}. Pass drop_remainder=True, or use "
-        f"{examples - last % replicas} examples."
-    )
-
-
 def per_replica_batch_size(
     global_batch_size: int, strategy: tf.distribute.Strategy
 ) -> int:
@@ -225,8 +298,8 @@ def per_replica_batch_size(
         int: `global_batch_size // strategy.num_replicas_in_sync`.
 
     Raises:
-        ValueError: if `global_batch_size` is not a positive integer divisible
-            by the number of replicas.
+        kerasdist.errors.ConfigError: if `global_batch_size` is not a
+            positive integer divisible by the number of replicas.
 
     Example:
 
@@ -237,7 +310,7 @@ def per_replica_batch_size(
     global_batch_size = check_int("global_batch_size", global_batch_size)
     if global_batch_size % replicas:
         lower = global_batch_size // replicas * replicas
-        raise ValueError(
+        raise ConfigError(
             "Invalid value for argument `global_batch_size`. Received: "
             f"global_batch_size={global_batch_size}, which does not divide "
             f"over the {replicas} replicas in sync. Use a multiple of "
@@ -246,13 +319,99 @@ def per_replica_batch_size(
     return global_batch_size // replicas
 
 
-def _input_files(dataset: tf.data.Dataset) -> list[str] | None:
-    """Files read by `dataset` if it reads files, else None."""
+def _dataset_nodes(dataset: tf.data.Dataset) -> list:
+    """The ops of `dataset`'s graph, those of its functions included."""
     graph = tf.compat.v1.GraphDef()
     graph.ParseFromString(_internals.serialized_dataset_graph(dataset))
     nodes = list(graph.node)
     for f in graph.library.function:
         nodes.extend(f.node_def)
+    return nodes
+
+
+_SHUFFLE_OPS = ("ShuffleDataset", "ShuffleDatasetV3",
+                "ShuffleAndRepeatDataset", "ShuffleAndRepeatDatasetV2")
+
+
+def unseeded_shuffles(dataset: tf.data.Dataset) -> int:
+    """How many `shuffle`s in `dataset` have no seed (op- or global-level).
+
+    Args:
+        dataset: `tf.data.Dataset`.
+
+    Returns:
+        int. Shuffles whose seeds are both 0 in the dataset's graph: TF
+        draws a new random order for each process.
+
+    Example:
+
+    >>> unseeded_shuffles(tf.data.Dataset.range(4).shuffle(4, seed=1))
+    0
+    """
+    nodes = _dataset_nodes(dataset)
+    by_name = {n.name: n for n in nodes}
+    count = 0
+    for node in nodes:
+        if node.op not in _SHUFFLE_OPS:
+            continue
+        seeds = [by_name.get(name.split(":")[0]) for name in node.input[2:4]]
+        if all(seed is not None and seed.op == "Const"
+               and not tf.make_ndarray(seed.attr["value"].tensor).any()
+               for seed in seeds):
+            count += 1
+    return count
+
+
+def warn_if_unseeded_shuffle(
+    dataset: tf.data.Dataset, strategy: tf.distribute.Strategy
+) -> bool:
+    """Warns when workers sharding by data would shuffle differently.
+
+    Called by kerasdist's strategies before `fit`'s first step. Under
+    `DATA` sharding every worker reads all the examples and keeps its part
+    of each global batch; an unseeded `shuffle` gives each worker its own
+    order, so some examples are read by several workers and others by
+    none (TF's multi-worker tutorial: 251 of 1,024 each way per epoch),
+    and a resumed run reads other batches.
+
+    Args:
+        dataset: `tf.data.Dataset` about to be trained on.
+        strategy: `tf.distribute.Strategy`.
+
+    Returns:
+        bool: True if a warning was issued.
+
+    Example:
+
+    ```python
+    warn_if_unseeded_shuffle(dataset, strategy)
+    ```
+    """
+    workers = _internals.num_workers(strategy)
+    policy = dataset.options().experimental_distribute.auto_shard_policy
+    if workers < 2 or policy in (tf.data.experimental.AutoShardPolicy.FILE,
+                                 tf.data.experimental.AutoShardPolicy.OFF):
+        return False
+    if not unseeded_shuffles(dataset):
+        return False
+    warnings.warn(
+        "The training dataset shuffles without a seed and is sharded by "
+        f"data over {workers} workers: each worker reads every example in "
+        "its own random order and keeps its part of each global batch, so "
+        "some examples are trained on by several workers and others by "
+        "none, and kd.callbacks.BackupAndRestore cannot resume on the same "
+        "batches. Pass a seed, e.g. dataset.shuffle(buffer_size, seed=1) "
+        "(the order still changes every epoch, the same on every worker), "
+        "or call tf.random.set_seed(...) first.",
+        UserWarning,
+        stacklevel=5,
+    )
+    return True
+
+
+def _input_files(dataset: tf.data.Dataset) -> list[str] | None:
+    """Files read by `dataset` if it reads files, else None."""
+    nodes = _dataset_nodes(dataset)
     if not any(n.op in _READER_OPS for n in nodes):
         return None
     files = []
@@ -300,7 +459,7 @@ def _choose_policy(
     files = _input_files(dataset)
     if shard_policy == "file":
         if files is not None and 0 < len(files) < num_workers:
-            raise ValueError(
+            raise ConfigError(
                 f"shard_policy='file' needs at least one input file per "
                 f"worker, but the dataset reads {len(files)} file(s) and there "
                 f"are {num_workers} workers. Use shard_policy='data' or "
@@ -364,16 +523,21 @@ def distribute(
         `tf.data.Dataset` of global batches (of their parts, with
         `accumulation_steps > 1`).
 
+    A last partial batch is allowed here: evaluation and prediction are
+    exact for any split. When `fit` trains on the dataset, kerasdist
+    checks, before the first step, that its last batch divides over the
+    replicas (of every allowed group size under an elastic launcher) and
+    raises `UnevenBatchError` otherwise.
+
     Raises:
-        ValueError: if `global_batch_size` does not divide over the replicas,
-            `shard_policy` is unknown, or the dataset has fewer global
-            batches than there are workers (some worker would have no data).
+        kerasdist.errors.ConfigError: (a `ValueError`, permanent: exit 78
+            under `kerasdist-run`) if `global_batch_size` does not divide
+            over the replicas, `shard_policy` is unknown, or, with
+            `shard_policy="file"`, the dataset has fewer global batches
+            than there are workers.
         kerasdist.elastic.ElasticConfigError: under an elastic launcher,
             if some allowed group size cannot split `global_batch_size`,
             or `shard_policy="file"`.
-        UnevenBatchError: if the number of examples is known and would
-            leave a last batch that does not divide over the replicas
-            (unless `drop_remainder=True`).
 
     Example:
 
@@ -392,7 +556,7 @@ def distribute(
             "arrays with tf.data.Dataset.from_tensor_slices((x, y)))."
         )
     if shard_policy not in SHARD_POLICIES:
-        raise ValueError(
+        raise ConfigError(
             "Invalid value for argument `shard_policy`. Received: "
             f"shard_policy={shard_policy!r}. Expected one of "
             f"{list(SHARD_POLICIES)}."
@@ -404,7 +568,7 @@ def distribute(
         global_batch_size = check_int("global_batch_size", global_batch_size)
         elastic.check_global_batch(global_batch_size, strategy)
         if global_batch_size % accumulation_steps:
-            raise ValueError(
+            raise ConfigError(
                 "Invalid value for argument `accumulation_steps`. Received: "
                 f"accumulation_steps={accumulation_steps} with "
                 f"global_batch_size={global_batch_size}. Expected a divisor "
@@ -412,26 +576,29 @@ def distribute(
             )
         step_batch = global_batch_size // accumulation_steps
         per_replica_batch_size(step_batch, strategy)
-        _check_last_batch(dataset, strategy, step_batch, drop_remainder)
         dataset = dataset.batch(step_batch, drop_remainder=drop_remainder)
     batches = int(dataset.cardinality())
-    if 0 <= batches < num_workers:
-        raise ValueError(
-            f"The dataset has {batches} global batch(es) but there are "
-            f"{num_workers} workers, so some worker would have nothing to "
-            "train on. Use more data, a smaller `global_batch_size`, or "
-            "`.repeat()` with `steps_per_epoch`."
-        )
     if batches >= 0 and global_batch_size is None and num_workers > 1:
         warnings.warn(
             "kd.data.distribute(global_batch_size=None): the dataset is "
             "taken to be batched to the global batch already.",
             stacklevel=2,
         )
+    policy = _choose_policy(dataset, shard_policy, num_workers)
+    # Under DATA sharding every worker keeps its part of each global batch,
+    # so any number of batches feeds every worker (issue 21); only FILE
+    # sharding can leave a worker without data.
+    if policy == tf.data.experimental.AutoShardPolicy.FILE and (
+            0 <= batches < num_workers):
+        raise ConfigError(
+            f"The dataset has {batches} global batch(es) but there are "
+            f"{num_workers} workers reading their own files "
+            "(shard_policy='file'), so some worker would have nothing to "
+            "train on. Use shard_policy='data', more data, a smaller "
+            "`global_batch_size`, or `.repeat()` with `steps_per_epoch`."
+        )
     options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = _choose_policy(
-        dataset, shard_policy, num_workers
-    )
+    options.experimental_distribute.auto_shard_policy = policy
     dataset = dataset.with_options(options)
     if prefetch:
         dataset = dataset.prefetch(tf.data.AUTOTUNE)

@@ -5,7 +5,7 @@ Kept free of TensorFlow so the launcher can import it.
 
 from __future__ import annotations
 
-__all__ = ["PermanentError"]
+__all__ = ["ConfigError", "PermanentError"]
 
 
 class PermanentError(Exception):
@@ -26,5 +26,21 @@ class PermanentError(Exception):
     >>> class BadFlag(PermanentError, ValueError):
     ...     pass
     >>> isinstance(BadFlag("x"), ValueError)
+    True
+    """
+
+
+class ConfigError(PermanentError, ValueError):
+    """An invalid argument or configuration: permanent, and a `ValueError`.
+
+    Raised for values that can never work (a shard policy that does not
+    exist, a global batch that does not divide over the replicas, ...),
+    before the first training step. As a `PermanentError`, a worker that
+    dies from it under `kerasdist-run` exits 78 and is not restarted; as a
+    `ValueError`, code that catches `ValueError` keeps working.
+
+    Example:
+
+    >>> issubclass(ConfigError, ValueError)
     True
     """

@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-__all__ = ["scale_loss", "warn_if_custom_train_step"]
+__all__ = ["scale_loss", "unscale_loss", "warn_if_custom_train_step"]
 
 _warned: set[type] = set()
 # Words in a `train_step`'s source that show its loss is scaled already.
@@ -66,6 +66,39 @@ def scale_loss(loss: Any) -> Any:
     return loss * tf.cast(1.0 / replicas, loss.dtype)
 
 
+def unscale_loss(loss: Any) -> Any:
+    """A loss scaled by Keras for the replicas, as one device reports it.
+
+    A `keras.losses.Loss` called inside a replica (a custom `train_step`
+    or `test_step` under a strategy) returns its mean times
+    `1 / num_replicas_in_sync`, which makes the summed gradients exact but
+    makes the value a `train_step` returns, and so `fit`'s history,
+    `evaluate`, `EarlyStopping`, `ReduceLROnPlateau` and `ModelCheckpoint`,
+    see loss / N. Return `unscale_loss(loss)` instead of `loss` from the
+    step (differentiate `loss` itself, not this). With one replica, or
+    outside any strategy, it returns `loss` unchanged.
+
+    Args:
+        loss: scalar tensor returned by a `keras.losses.Loss` in a replica.
+
+    Returns:
+        `loss * num_replicas_in_sync`, same dtype.
+
+    Example:
+
+    ```python
+    def train_step(self, data):
+        ...
+        d_loss = self.loss_fn(labels, predictions)   # Keras scales it
+        ...
+        return {"d_loss": kd.losses.unscale_loss(d_loss)}
+    ```
+    """
+    from kerasdist import _internals
+
+    return _internals.unscale_loss_for_distribution(loss)
+
+
 def _overrides_train_step(model: Any) -> Any:
     """The class defining `model.train_step` if it is not Keras's own."""
     for cls in type(model).__mro__:
@@ -108,11 +141,11 @@ def warn_if_custom_train_step(model: Any, strategy: Any) -> bool:
         source = inspect.getsource(cls.train_step)
     except (OSError, TypeError):
         source = ""
-    markers = list(_SCALED_MARKERS) + [
-        f"self.{name}(" for name, value in vars(model).items()
-        if isinstance(value, keras.losses.Loss)
-    ]
-    if any(marker in source for marker in markers):
+    held = [f"self.{name}(" for name, value in vars(model).items()
+            if isinstance(value, keras.losses.Loss)]
+    if any(marker in source for marker in held):
+        return _warn_scaled_report(cls, held, source, strategy)
+    if any(marker in source for marker in _SCALED_MARKERS):
         return False
     _warned.add(cls)
     warnings.warn(
@@ -127,5 +160,27 @@ def warn_if_custom_train_step(model: Any, strategy: Any) -> bool:
         "guide.",
         UserWarning,
         stacklevel=5,
+    )
+    return True
+
+
+def _warn_scaled_report(cls, held, source, strategy) -> bool:
+    """Warns once that a held `Loss`'s values are reported scaled."""
+    if "unscale_loss" in source:
+        return False
+    _warned.add(cls)
+    replicas = strategy.num_replicas_in_sync
+    name = next(marker for marker in held if marker in source)
+    warnings.warn(
+        f"{cls.__name__}.train_step computes losses with a "
+        f"keras.losses.Loss ({name}...)). Training is exact, but under "
+        f"{replicas} replicas Keras scales such a loss by 1/{replicas}, "
+        "so the values the step returns (fit's history, evaluate, "
+        "EarlyStopping, ReduceLROnPlateau, ModelCheckpoint's monitor) are "
+        f"{replicas}x smaller than on one device. Return "
+        "`kd.losses.unscale_loss(loss)` instead of `loss` (the one-line "
+        "change; see the custom loops guide).",
+        UserWarning,
+        stacklevel=6,
     )
     return True

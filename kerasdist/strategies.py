@@ -45,12 +45,14 @@ from kerasdist import cluster as cluster_lib
 from kerasdist import compression as compression_lib
 from kerasdist import data as data_lib
 from kerasdist import devices as devices_lib
+from kerasdist import elastic as elastic_lib
 from kerasdist._validate import check_int
 from kerasdist.errors import PermanentError
 
 __all__ = [
     "CollectivesAfterStartupError",
     "MirroredStrategy",
+    "ModelWithoutCallError",
     "MultiWorkerMirroredStrategy",
     "MultiWorkerStrategyConflictError",
     "STRATEGY_NAMES",
@@ -118,6 +120,12 @@ class _KerasCompatibleReduce:
         ```
         """
         parent = super()
+        if axis is None and _internals.in_keras_symbolic_build():
+            # Keras reduces the first batch only for its structure and
+            # shapes; an uneven split (evaluate/predict on 4 + 3 rows, or
+            # 1 + 0 across workers) has no mean. Each replica's own value
+            # serves, with no collective.
+            return tf.nest.map_structure(self._first_local, value)
         if not _is_single_value(value):
             # Upstream bug 1 (tensorflow/tensorflow#72388,
             # keras-team/keras#20585, #20329): Keras reduces a whole batch
@@ -140,6 +148,11 @@ class _KerasCompatibleReduce:
             # logs; the mean over replicas is axis=None.
             axis = None
         return parent.reduce(reduce_op, value, axis=axis)
+
+    def _first_local(self, value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return self.experimental_local_results(value)[0]
+        return value
 
     def run(self, fn, args=(), kwargs=None, options=None):
         """Runs `fn` on each replica; refuses unbuilt Keras optimizers.
@@ -181,19 +194,20 @@ class _KerasCompatibleReduce:
         return super().run(fn, args=args, kwargs=kwargs, options=options)
 
     def experimental_distribute_dataset(self, dataset, options=None):
-        """Distributes `dataset`; under Keras, refuses uneven global batches.
+        """Distributes `dataset`; under Keras `fit`, refuses uneven batches.
 
         As `tf.distribute.Strategy.experimental_distribute_dataset`. When
-        Keras's `fit` or `evaluate` (and, with several workers, `predict`)
-        calls it with more than one replica, a global batch that would not
-        split evenly over the replicas (`batch_size=3` on 2 replicas, or a
-        last partial batch of 1) is refused with
-        `kerasdist.data.UnevenBatchError` before the first step: Keras's
-        loss scaling is only exact for even splits, and across workers such
-        a batch crashes TensorFlow's collectives. Custom loops that call
-        this method themselves are not checked (`tf.nn.
-        compute_average_loss(..., global_batch_size=...)` is exact for any
-        split).
+        Keras's `fit` calls it for its training data with more than one
+        replica (or under an elastic launcher), a global batch that would
+        not split evenly over the replicas (`batch_size=3` on 2 replicas,
+        or a last partial batch of 1; at every allowed group size when
+        elastic) is refused with `kerasdist.data.UnevenBatchError` before
+        the first step: Keras's loss scaling is only exact for even splits.
+        The sizes are read from the dataset once, at no cost per step.
+        Evaluation, validation and `predict` data are accepted with any
+        split: Keras's results for them equal one device's. Custom loops
+        that call this method themselves are not checked (see the custom
+        loops guide for a loss that is exact with a partial batch).
 
         At the same point, before the first step, kerasdist also: makes
         Keras's `ModelCheckpoint`/`CSVLogger`/`TensorBoard` write from the
@@ -212,12 +226,12 @@ class _KerasCompatibleReduce:
             A `tf.distribute.DistributedDataset`.
 
         Raises:
-            kerasdist.data.UnevenBatchError: for NumPy/tensor inputs whose
+            kerasdist.data.UnevenBatchError: for training data whose
                 `batch_size` or last partial batch does not divide over the
-                replicas. A `tf.data.Dataset` input whose batch size is
-                only known when read raises `tf.errors.
-                InvalidArgumentError` with the same advice when that batch
-                is read.
+                replicas. A `tf.data.Dataset` of unknown size (after
+                `filter`) is checked as each batch is read instead
+                (`tf.errors.InvalidArgumentError` with the same advice),
+                or refused under an elastic launcher.
 
         Example:
 
@@ -225,9 +239,8 @@ class _KerasCompatibleReduce:
         dist = strategy.experimental_distribute_dataset(ds.batch(64))
         ```
         """
-        if (
-            isinstance(dataset, tf.data.Dataset)
-            and self.num_replicas_in_sync > 1
+        if isinstance(dataset, tf.data.Dataset) and (
+            self.num_replicas_in_sync > 1 or elastic_lib.is_elastic()
         ):
             site = _internals.keras_call_site()
             if site is not None:
@@ -246,11 +259,19 @@ def _check_keras_call(strategy, dataset, site):
     from kerasdist import losses as losses_lib
     from kerasdist.callbacks import keras_files
 
+    if strategy.num_replicas_in_sync == 1:
+        # One replica now, under an elastic launcher: the group may restart
+        # at another size, so the training batches are checked at all.
+        if site.method == "fit":
+            return _check_keras_input(strategy, dataset, site.adapter)
+        return dataset
     multi_worker = _internals.num_workers(strategy) > 1
+    _build_call_free_model(site.model)
     if multi_worker:
         keras_files.adapt_file_callbacks(site.callbacks)
         _no_xla_collectives_on_cpu(site.model)
     if site.method == "fit":
+        data_lib.warn_if_unseeded_shuffle(dataset, strategy)
         losses_lib.warn_if_custom_train_step(site.model, strategy)
         _refuse_unbuilt_optimizers(
             _model_optimizers(site.model),
@@ -259,11 +280,56 @@ def _check_keras_call(strategy, dataset, site):
             " (which runs inside strategy.scope()), for each optimizer with "
             "the variables it updates",
         )
-    if site.method == "predict" and not multi_worker:
-        # No loss to scale: on one machine an uneven split predicts the
-        # same as one device (Keras concatenates the replicas' outputs).
+    if site.method != "fit":
+        # Evaluation, validation and prediction are exact for any split,
+        # on one machine and across workers: Keras's metrics weight each
+        # replica by its examples and `predict` gathers every replica's
+        # rows in order (issue 23.1, 23.2; tests/clients).
         return dataset
     return _check_keras_input(strategy, dataset, site.adapter)
+
+
+class ModelWithoutCallError(PermanentError, ValueError):
+    """A `keras.Model` subclass without `call()` whose parts are unbuilt.
+
+    Under a strategy Keras builds the model from the first batch before
+    the first step (`_symbolic_build`), which needs `call()`; a model that
+    only has a `train_step` (the keras.io GAN, Distiller and VAE) fails
+    there ("Unable to automatically build the model"). kerasdist marks
+    such a model built when all its layers are; otherwise it raises this,
+    before the first step, with the fix.
+
+    Example:
+
+    >>> issubclass(ModelWithoutCallError, ValueError)
+    True
+    """
+
+
+def _defines_call(model) -> bool:
+    return any("call" in vars(cls) for cls in type(model).__mro__
+               if not cls.__module__.startswith("keras."))
+
+
+def _build_call_free_model(model) -> None:
+    """Marks a model without `call()` built when its layers are."""
+    if model is None or model.built or _defines_call(model):
+        return
+    unbuilt = [layer.name for layer in model.layers if not layer.built]
+    if model.layers and not unbuilt:
+        # Nothing left to build; Keras's `_symbolic_build` would call the
+        # missing `call()` only to build it (keras/src/trainers/
+        # trainer.py), and on one device Keras never does.
+        model.built = True
+        return
+    raise ModelWithoutCallError(
+        f"{type(model).__name__} has no call() method and its layers "
+        f"{unbuilt or '(none)'} are not built, so Keras cannot build it "
+        "from the first batch under a distribution strategy (\"Unable to "
+        "automatically build the model\"). Build its layers when you "
+        "create them, e.g. keras.Sequential([keras.Input(shape), ...]) "
+        "for each sub-model, or define call()."
+    )
 
 
 class UnbuiltOptimizerError(PermanentError, ValueError):
@@ -371,6 +437,64 @@ def _check_keras_input(strategy, dataset, adapter):
     return dataset
 
 
+def _merge_replica_copies(slices: tf.IndexedSlices,
+                          replicas: int) -> tf.IndexedSlices:
+    """`slices` with the replicas' pieces summed when they index alike.
+
+    The all-reduced slices are the replicas' slices one after the other.
+    When every replica's indices are the same list (a lookup that does not
+    depend on the data, such as `ops.arange` positions), one device would
+    have had one piece per index holding the sum over the whole batch:
+    those pieces are summed. Data-dependent lookups (token ids) differ
+    between replicas and are kept as they are, as one device keeps each
+    occurrence.
+    """
+    indices = slices.indices
+    count = tf.size(indices)
+    per_replica = count // replicas
+    rows = tf.reshape(indices[:per_replica * replicas],
+                      [replicas, per_replica])
+    alike = tf.logical_and(tf.equal(count % replicas, 0),
+                           tf.reduce_all(tf.equal(rows, rows[:1])))
+
+    def summed():
+        values = tf.reshape(slices.values, tf.concat(
+            [[replicas, per_replica], tf.shape(slices.values)[1:]], 0))
+        return tf.reduce_sum(values, axis=0), indices[:per_replica]
+
+    values, indices = tf.cond(alike, summed,
+                              lambda: (slices.values, indices))
+    return tf.IndexedSlices(values, indices, slices.dense_shape)
+
+
+def _merged_sparse(value: Any, replicas: int) -> Any:
+    """A reduced gradient whose sparse parts are as one device has them.
+
+    TensorFlow all-reduces an `IndexedSlices` gradient by concatenating
+    the replicas' slices, so an index every replica touches (a position
+    embedding looked up with `ops.arange`, keras.io's
+    `TokenAndPositionEmbedding`, ViT's `PatchEncoder`) appears once per
+    replica, where one device has it once. Keras's Adam squares each piece
+    before adding them (a^2 + b^2 instead of (a + b)^2): its first update
+    was 0.014 instead of one device's 0.100 on 2 replicas (issue 23.4).
+    """
+    if replicas < 2:
+        return value
+    if isinstance(value, tf.IndexedSlices):
+        return _merge_replica_copies(value, replicas)
+    if isinstance(value, tf.distribute.DistributedValues) and all(
+            isinstance(v, tf.IndexedSlices) for v in value.values):
+        return _internals.make_mirrored(
+            [_merge_replica_copies(v, replicas) for v in value.values])
+    return value
+
+
+def _merge_sparse_gradients(strategy) -> None:
+    _internals.map_batch_reduce_results(
+        strategy, lambda value: _merged_sparse(
+            value, strategy.num_replicas_in_sync))
+
+
 # Collective group/instance keys of every MirroredStrategy in a process start
 # at 1 + `_collective_key_base` (0 upstream), so a second strategy over a
 # different device set reuses group key 1 and aborts with "Device ... is
@@ -415,6 +539,7 @@ class MirroredStrategy(_KerasCompatibleReduce, tf.distribute.MirroredStrategy):
             self, next(_next_key_base) * _KEY_STRIDE
         )
         super().__init__(devices=devices, cross_device_ops=cross_device_ops)
+        _merge_sparse_gradients(self)
         if compression is not None:
             compression_lib.enable(self, compression)
 
@@ -524,6 +649,7 @@ class MultiWorkerMirroredStrategy(
                 "dataset, model or layer, and create the model inside "
                 "`strategy.scope()`."
             ) from e
+        _merge_sparse_gradients(self)
         if compression is not None:
             compression_lib.enable(self, compression)
         self._kd_key = key

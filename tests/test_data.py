@@ -80,22 +80,101 @@ def test_bad_policy_and_non_dataset(mirrored2):
         kd.data.distribute(np.zeros(4), mirrored2, global_batch_size=2)
 
 
-def test_partial_last_batch_that_splits_unevenly_is_refused(mirrored2):
-    ds = tf.data.Dataset.range(9)
+def _model(strategy):
+    import keras
+
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile("sgd", "mse")
+    return model
+
+
+def _xy(n):
+    x = tf.data.Dataset.range(n).map(lambda i: tf.cast([i], "float32"))
+    return tf.data.Dataset.zip((x, x))
+
+
+def test_partial_last_batch_refused_for_training_only(mirrored2):
+    # kd.data.distribute accepts it: evaluation and predict are exact for
+    # any split (issue 23.1); fit refuses it before the first step.
+    train = kd.data.distribute(_xy(9), mirrored2, global_batch_size=4)
+    assert [len(b[0]) for b in train] == [4, 4, 1]
+    model = _model(mirrored2)
     with pytest.raises(kd.data.UnevenBatchError) as info:
-        kd.data.distribute(ds, mirrored2, global_batch_size=4)
+        model.fit(train, epochs=1, verbose=0)
     assert str(info.value) == (
-        "Invalid value for argument `drop_remainder`. Received: "
-        "drop_remainder=False with 9 examples and global_batch_size=4, which"
-        " leaves a last batch of 1 example(s); it does not divide over the 2"
-        " replicas in sync. Pass drop_remainder=True, or use 8 examples.")
-    # Even splits and dropped remainders are fine.
-    batches = kd.data.distribute(tf.data.Dataset.range(10), mirrored2,
-                                 global_batch_size=4)
-    assert [len(b) for b in batches] == [4, 4, 2]
-    batches = kd.data.distribute(ds, mirrored2, global_batch_size=4,
-                                 drop_remainder=True)
-    assert [len(b) for b in batches] == [4, 4]
+        "Invalid value for argument `batch_size`. Received: batch_size=4 "
+        "with 9 training examples, which leaves a last batch of 1 "
+        "example(s) in every epoch; it does not divide over the 2 replicas "
+        "in sync, so that training step would differ from one device. Use "
+        "a number of examples whose remainder modulo the batch size is a "
+        "multiple of 2 (e.g. the first 8 examples), or pass a "
+        "tf.data.Dataset batched with drop_remainder=True "
+        "(kd.data.distribute(..., drop_remainder=True)).")
+    assert int(model.optimizer.iterations.numpy()) == 0
+    model.evaluate(train, verbose=0)
+    assert model.predict(train.map(lambda x, y: x), verbose=0).shape == (
+        9, 1)
+    # Even splits and dropped remainders train.
+    model.fit(kd.data.distribute(_xy(10), mirrored2, global_batch_size=4),
+              verbose=0)
+    model.fit(kd.data.distribute(_xy(9), mirrored2, global_batch_size=4,
+                                 drop_remainder=True), verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 5
+
+
+@pytest.fixture
+def elastic_1_to_2(monkeypatch):
+    # This process: 1 worker x 2 replicas; the group may be 1 or 2 workers.
+    monkeypatch.setenv("KERASDIST_MIN_WORKERS", "1")
+    monkeypatch.setenv("KERASDIST_MAX_WORKERS", "2")
+
+
+def test_elastic_partial_batch_checked_at_every_size(mirrored2,
+                                                     elastic_1_to_2):
+    # Issue 25.1: a last batch of 6 splits over 2 replicas (1 worker) but
+    # not over 4 (2 workers): refused before step 1, with advice that
+    # works at both sizes (12 examples leave 4).
+    model = _model(mirrored2)
+    with pytest.raises(kd.data.UnevenBatchError) as info:
+        model.fit(kd.data.distribute(_xy(14), mirrored2,
+                                     global_batch_size=8), verbose=0)
+    message = str(info.value)
+    assert "at 2 worker(s) = 4 replicas" in message
+    assert "(e.g. the first 12 examples)" in message
+    assert isinstance(info.value, kd.errors.PermanentError)
+    model.fit(kd.data.distribute(_xy(12), mirrored2, global_batch_size=8),
+              verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 2
+
+
+def test_elastic_unknown_size_refused_before_step_1(mirrored2,
+                                                   elastic_1_to_2):
+    # A `filter`: which size could fail at an epoch end is unknown.
+    unknown = _xy(16).filter(lambda x, y: x[0] < 13)
+    model = _model(mirrored2)
+    for train in (unknown.batch(8),
+                  kd.data.distribute(unknown, mirrored2, global_batch_size=8)):
+        with pytest.raises(kd.data.UnevenBatchError,
+                           match=r"Invalid training dataset for an elastic "
+                                 r"run: its number of examples is unknown.*"
+                                 r"drop_remainder=True"):
+            model.fit(train, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert int(model.optimizer.iterations.numpy()) == 0
+    history = model.fit(kd.data.distribute(
+        unknown, mirrored2, global_batch_size=8, drop_remainder=True),
+        verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_configuration_errors_are_permanent(mirrored2):
+    # Issue 21: a deterministic ValueError exits 78 under kerasdist-run.
+    with pytest.raises(kd.errors.ConfigError) as info:
+        kd.data.distribute(tf.data.Dataset.range(8), mirrored2,
+                           global_batch_size=2, shard_policy="rows")
+    assert isinstance(info.value, kd.errors.PermanentError)
+    assert isinstance(info.value, ValueError)
 
 
 def test_keras_numpy_batch_checks(mirrored2):
@@ -105,3 +184,13 @@ def test_keras_numpy_batch_checks(mirrored2):
                              r"does not divide over the 2 replicas in sync"
                              r".*use e\.g\. batch_size=2 or 4\."):
         kd.data.check_keras_batches(3, None, mirrored2)
+
+
+def test_unseeded_shuffles_found_in_the_dataset_graph(mirrored2):
+    ds = tf.data.Dataset.range(8)
+    assert kd.data.unseeded_shuffles(ds.shuffle(8).batch(2)) == 1
+    assert kd.data.unseeded_shuffles(ds.shuffle(8, seed=3).batch(2)) == 0
+    assert kd.data.unseeded_shuffles(ds.batch(2)) == 0
+    # One worker: nothing to warn about (the multi-worker warning is
+    # tested on 2 workers in tests/clients).
+    assert not kd.data.warn_if_unseeded_shuffle(ds.shuffle(8), mirrored2)

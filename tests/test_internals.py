@@ -71,5 +71,24 @@ def test_every_private_use_has_a_canary():
                  "serialized_dataset_graph", "collective_dtypes",
                  "learning_rate_attribute", "accumulators",
                  "distributed_update_step", "nodes_by_depth",
-                 "reinitialize_variable", "compute_loss", "loss_tracker"):
+                 "reinitialize_variable", "compute_loss", "loss_tracker",
+                 "_internals.in_keras_symbolic_build",
+                 "_internals.dataset_batching"):
         assert name in used, name
+
+
+def test_dataset_batching_reads_the_batch_op():
+    import tensorflow as tf
+
+    found = _internals.dataset_batching(
+        tf.data.Dataset.range(10).batch(4).map(lambda b: b * 2).prefetch(1))
+    assert (found.batch_size, found.drop_remainder, found.examples,
+            found.same_batches) == (4, False, 10, True)
+    dropped = _internals.dataset_batching(
+        tf.data.Dataset.range(10).batch(4, drop_remainder=True).repeat())
+    assert (dropped.drop_remainder, dropped.same_batches) == (True, True)
+    # `take` after batching: the batch op's last batch is not the dataset's.
+    taken = _internals.dataset_batching(tf.data.Dataset.range(10).batch(4)
+                                        .take(2))
+    assert not taken.same_batches
+    assert _internals.dataset_batching(tf.data.Dataset.range(3)) is None

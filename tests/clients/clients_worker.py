@@ -80,6 +80,15 @@ def main(out):
     for case in patterns.EVEN:
         save(f"even_{case}", patterns.uneven(strategy(), case))
 
+    # Issue 23.7: an unseeded shuffle under DATA sharding is warned of.
+    for seed in (None, 1):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            patterns.shuffled_fit(strategy(), seed)
+        checks[f"shuffle_warnings_seed_{seed}"] = [
+            str(w.message) for w in caught
+            if "shuffles without a seed" in str(w.message)]
+
     # Issue 16.3: jit_compile=True on CPU falls back with a warning.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -148,8 +148,9 @@ def vae(strategy):
     return _result(model, history)
 
 
-class GAN(keras.Model):
-    """keras.io GAN example shape: two optimizers, a `keras.losses.Loss`."""
+class CallFreeGAN(keras.Model):
+    """keras.io GAN example shape: two optimizers, a `keras.losses.Loss`,
+    and no `call()` (issue 23.5)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -157,9 +158,6 @@ class GAN(keras.Model):
             [keras.Input((4,)), keras.layers.Dense(1)])
         self.generator = keras.Sequential(
             [keras.Input((2,)), keras.layers.Dense(4)])
-
-    def call(self, images):
-        return self.discriminator(images)
 
     def compile(self, d_optimizer, g_optimizer, loss_fn, build=True):
         super().compile()
@@ -194,10 +192,38 @@ class GAN(keras.Model):
         return {"d_loss": d_loss, "g_loss": g_loss}
 
 
-def gan(strategy, build=True):
+class GAN(CallFreeGAN):
+    """The GAN with a `call()`, as the project's first test GAN had."""
+
+    def call(self, images):
+        return self.discriminator(images)
+
+
+class ReportingGAN(CallFreeGAN):
+    """The GAN returning its losses as one device reports them."""
+
+    def train_step(self, data):
+        logs = super().train_step(data)
+        return {k: kd.losses.unscale_loss(v) for k, v in logs.items()}
+
+
+def gan_history(strategy, model_class):
+    """The GAN's `fit` history (issue 23.6: its Loss values are scaled)."""
     x, _ = _xy(2)
     with kd.strategies.scope_or_null(strategy):
-        model = GAN()
+        model = model_class()
+        model.compile(keras.optimizers.Adam(0.01), keras.optimizers.SGD(0.1),
+                      keras.losses.BinaryCrossentropy(from_logits=True))
+        _init(model)
+    history = model.fit(tf.data.Dataset.from_tensor_slices(x).batch(BATCH),
+                        epochs=EPOCHS, verbose=0)
+    return _result(model, history.history)
+
+
+def gan(strategy, build=True, with_call=True):
+    x, _ = _xy(2)
+    with kd.strategies.scope_or_null(strategy):
+        model = GAN() if with_call else CallFreeGAN()
         # A keras.losses.Loss reduces per-example values itself, so Keras
         # scales it for the replicas: this step needs no change.
         model.compile(keras.optimizers.Adam(0.01), keras.optimizers.SGD(0.1),
@@ -411,10 +437,44 @@ def keras_hub_classifier(strategy):
     return _result(model, history, evaluation)
 
 
+class PositionEmbedding(keras.layers.Layer):
+    """keras.io `TokenAndPositionEmbedding`'s position half: `ops.arange`
+    lookups, so every replica's sparse gradient touches every index."""
+
+    def __init__(self, length, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.length = length
+        self.positions = keras.layers.Embedding(length, dim)
+
+    def call(self, x):
+        return x + self.positions(ops.arange(0, self.length))
+
+
+def position_embedding_adam(strategy, epochs=EPOCHS):
+    """Adam on a position embedding (issue 23.4: the replicas' sparse
+    gradients must be merged before Adam squares them)."""
+    rng = np.random.RandomState(3)
+    x = rng.normal(size=(N, 6, 4)).astype("float32")
+    y = rng.normal(size=(N, 1)).astype("float32")
+    with kd.strategies.scope_or_null(strategy):
+        model = keras.Sequential([keras.Input((6, 4)), PositionEmbedding(6, 4),
+                                  keras.layers.Flatten(),
+                                  keras.layers.Dense(1)])
+        model.compile(keras.optimizers.Adam(0.05), "mse")
+        _init(model)
+    history = model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0,
+                        shuffle=False)
+    return _result(model, history.history)
+
+
 EXACT = {
+    "position_embedding_adam": position_embedding_adam,
     "hand_loss": hand_loss,
     "vae": vae,
     "gan": gan,
+    "gan_without_call": lambda strategy: gan(strategy, with_call=False),
+    "gan_reported_history": lambda strategy: gan_history(strategy,
+                                                         ReportingGAN),
     "custom_loop": custom_loop,
     "multi_io": multi_io,
     "text_classifier": text_classifier,
@@ -433,23 +493,41 @@ def assert_same(actual, expected, rtol=1e-4, atol=1e-5):
 
 # -- uneven batches, XLA, file callbacks, the keras.io guide ----------------
 
-# (examples, batch_size, how): must be refused with more than one replica.
+# (examples, batch_size, how): training data that must be refused, before
+# the first step, with more than one replica.
 UNEVEN = {
     "fit_batch_1": (12, 1, "fit"),
     "fit_batch_3": (12, 3, "fit"),
     "fit_partial_1": (9, 4, "fit"),
-    "evaluate_batch_3": (12, 3, "evaluate"),
-    "predict_batch_3": (12, 3, "predict"),
     "fit_tfdata_batch_3": (12, 3, "fit_tfdata"),
     "fit_tfdata_partial_1": (9, 4, "fit_tfdata"),
 }
-# Must train as on one device.
+# Must give what one device gives. Evaluation, validation and predict data
+# may split unevenly (issue 23.1, 23.2): Keras weights each replica's
+# metrics by its examples and gathers every predicted row in order.
 EVEN = {
     "fit_batch_4": (12, 4, "fit"),
     "fit_partial_2": (10, 4, "fit"),
     "fit_tfdata_partial_2": (10, 4, "fit_tfdata"),
     "predict_partial_2": (10, 4, "predict"),
+    "evaluate_batch_3": (12, 3, "evaluate"),
+    "evaluate_partial_1": (9, 4, "evaluate"),
+    "predict_batch_3": (12, 3, "predict"),
+    "predict_one_row": (1, 32, "predict"),
+    "predict_tfdata_partial_1": (9, 4, "predict_tfdata"),
+    # keras.io timeseries: validation_split leaves 3 validation rows with
+    # batch_size=4 (12 training rows split evenly).
+    "fit_validation_split": (15, 4, "fit_validation"),
+    "fit_tfdata_validation": (9, 4, "fit_tfdata_validation"),
 }
+
+
+def _uneven_model(strategy):
+    with kd.strategies.scope_or_null(strategy):
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+        model.compile(keras.optimizers.SGD(0.1), "mse", metrics=["mae"])
+        _init(model)
+    return model
 
 
 def uneven(strategy, case):
@@ -457,10 +535,7 @@ def uneven(strategy, case):
     rng = np.random.RandomState(9)
     x = rng.normal(size=(n, 3)).astype("float32")
     y = rng.normal(size=(n, 3)).astype("float32")
-    with kd.strategies.scope_or_null(strategy):
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
-        model.compile(keras.optimizers.SGD(0.1), "mse")
-        _init(model)
+    model = _uneven_model(strategy)
     extra = {}
     if how == "fit":
         model.fit(x, y, batch_size=batch, epochs=2, verbose=0,
@@ -470,9 +545,23 @@ def uneven(strategy, case):
     elif how == "fit_tfdata":
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
         model.fit(ds, epochs=2, verbose=0)
+    elif how == "fit_validation":
+        history = model.fit(x, y, batch_size=batch, epochs=2, verbose=0,
+                            shuffle=False, validation_split=0.2)
+        return _result(model, history.history)
+    elif how == "fit_tfdata_validation":
+        train = tf.data.Dataset.from_tensor_slices((x, y)).take(8)
+        val = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+        history = model.fit(train.batch(batch), validation_data=val,
+                            epochs=2, verbose=0)
+        extra["eval"] = np.array(model.evaluate(val, verbose=0))
+        return _result(model, history.history, extra=extra)
     elif how == "evaluate":
         extra["eval"] = np.array(model.evaluate(x, y, batch_size=batch,
                                                 verbose=0))
+    elif how == "predict_tfdata":
+        extra["predict"] = model.predict(
+            tf.data.Dataset.from_tensor_slices(x).batch(batch), verbose=0)
     else:
         extra["predict"] = model.predict(x, batch_size=batch, verbose=0)
     return _result(model, extra=extra)
@@ -544,3 +633,12 @@ def run_training(make_strategy, checkpoint_dir, epochs=1):
     out.update({f"start{i}": w for i, w in enumerate(start)})
     out["restored"] = np.array(bool(checkpoints))
     return out
+
+
+def shuffled_fit(strategy, seed):
+    """TF's multi-worker tutorial input: `shuffle(n)`, seeded or not."""
+    x, y = _xy(14)
+    with kd.strategies.scope_or_null(strategy):
+        model = _small_model()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(N, seed=seed)
+    model.fit(ds.batch(BATCH), epochs=1, verbose=0)

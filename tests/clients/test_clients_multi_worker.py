@@ -8,45 +8,27 @@ before the first step, and no worker crashes.
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import patterns
+import processes
 import pytest
 
 from kerasdist import cluster
-from kerasdist.testing import kill_group
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "clients_worker.py")
 TIMEOUT = 1200
 
 
-def _env():
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(HERE))
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (root, env.get("PYTHONPATH")) if p)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.pop("TF_CONFIG", None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("clients")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kerasdist.launch", "--num_workers", "2",
-         "--max_restarts", "0", "--log_dir", str(out / "logs"), "--",
-         sys.executable, WORKER, str(out), "all"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env=_env())
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == 0, log[-8000:]
+    code, log = processes.launch(
+        ["--num_workers", "2", "--max_restarts", "0", "--log_dir",
+         str(out / "logs")], [WORKER, str(out), "all"], TIMEOUT)
+    assert code == 0, log[-8000:]
 
     def load(name, rank):
         return dict(np.load(out / f"{name}-worker{rank}.npz"))
@@ -139,18 +121,14 @@ def test_uneven_batches_refused_without_crash(run, case):
     for checks in run["checks"]:
         error = checks[f"uneven_{case}"]
         assert error is not None, case
-        if how == "fit_tfdata":
-            assert error["type"] == "InvalidArgumentError"
-            assert ("does not divide over the 2 replicas in sync (2 workers "
-                    "x 1 device(s))") in error["message"]
-            assert "drop_remainder=True" in error["message"]
-        else:
-            assert error["type"] == "UnevenBatchError"
-            assert error["message"].startswith(
-                "Invalid value for argument `batch_size`. Received: "
-                f"batch_size={batch}")
-            assert "2 replicas in sync (2 workers x 1 device(s))" in (
-                error["message"])
+        # Refused before the first step, datasets included (their sizes are
+        # read once: issue 23.9), naming the training data and the fix.
+        assert error["type"] == "UnevenBatchError"
+        assert error["message"].startswith(
+            "Invalid value for argument `batch_size`. Received: "
+            f"batch_size={batch}")
+        assert "2 replicas in sync (2 workers x 1 device(s))" in (
+            error["message"])
 
 
 @pytest.mark.slow
@@ -197,21 +175,25 @@ def test_keras_backup_and_restore_refused(run):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_strategy_after_tf_op_says_what_to_move(tmp_path):
-    env = _env()
-    config = cluster.make_tf_config(2, 0)
-    env["TF_CONFIG"] = json.dumps(config)
-    proc = subprocess.Popen(
-        [sys.executable, WORKER, str(tmp_path), "after_startup"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env=env)
-    try:
-        log, _ = proc.communicate(timeout=150)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == 0, log[-4000:]
+    env = processes.env()
+    env["TF_CONFIG"] = json.dumps(cluster.make_tf_config(2, 0))
+    code, log = processes.run_logged(
+        [sys.executable, WORKER, str(tmp_path), "after_startup"], 150, env)
+    assert code == 0, log[-4000:]
     error = json.loads((tmp_path / "after_startup.json").read_text())
     assert error["type"] == "CollectivesAfterStartupError"
     assert "Collective ops must be configured at program startup" in (
         error["message"])
     assert ("Move `strategy = kd.get_strategy(\"multi_worker\")`" in
             error["message"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_unseeded_shuffle_warned_before_step_1(run):
+    for checks in run["checks"]:
+        assert len(checks["shuffle_warnings_seed_None"]) == 1
+        message = checks["shuffle_warnings_seed_None"][0]
+        assert "sharded by data over 2 workers" in message
+        assert "dataset.shuffle(buffer_size, seed=1)" in message
+        assert checks["shuffle_warnings_seed_1"] == []
