@@ -56,6 +56,7 @@ _NAMES = {
     "accumulate_gradients": "kerasdist.accumulation",
     "scale_learning_rate": "kerasdist.callbacks.warmup",
     "scale_loss": "kerasdist.losses",
+    "unscale_loss": "kerasdist.losses",
     "is_chief": "kerasdist.cluster",
     "virtual_cpus": "kerasdist.devices",
 }
@@ -99,6 +100,7 @@ __all__ = [
     "scale_learning_rate",
     "scale_loss",
     "scope_or_null",
+    "unscale_loss",
     "virtual_cpus",
     "__version__",
 ]

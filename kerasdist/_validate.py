@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from kerasdist.errors import ConfigError
+
 __all__ = ["check_int", "check_seconds", "env_int"]
 
 
@@ -42,7 +44,7 @@ def check_int(
             "a positive integer" if minimum == 1
             else f"an integer >= {minimum}"
         )
-        raise ValueError(
+        raise ConfigError(
             f"Invalid value for argument `{name}`. Received: {name}="
             f"{value!r}. Expected {expected}.{' ' + hint if hint else ''}"
         )
@@ -80,7 +82,7 @@ def check_seconds(
             "a number of seconds >= 0" if zero
             else "a positive number of seconds"
         )
-        raise ValueError(
+        raise ConfigError(
             f"Invalid value for argument `{name}`. Received: {name}="
             f"{value!r}. Expected {expected}{' or None' if none else ''}."
         )
