@@ -312,7 +312,8 @@ def accuracy_panels(panels: dict, xlabel: str, path, hlines=None) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2),
-                             sharey=True)
+                             sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, (title, runs) in zip(axes, panels.items(), strict=True):
         for name, (xs, ys) in runs.items():
             ax.plot(xs, [100 * a for a in ys], marker="o", ms=2, label=name)
