@@ -250,7 +250,9 @@ def slow_links(n: int, rate: str | int = "100mbit") -> Iterator[
     Example:
 
     ```python
-    with kd.testing.links.slow_links(4, "100mbit") as hosts:
+    from kerasdist.testing import links
+
+    with links.slow_links(4, "100mbit") as hosts:
         proc = subprocess.Popen(hosts[0].command(["python", "server.py"]))
     ```
     """
