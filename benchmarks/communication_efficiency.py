@@ -323,8 +323,8 @@ def accuracy_panels(panels: dict, xlabel: str, path, hlines=None) -> None:
         ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -252,7 +252,7 @@ def _round(rate, steps, methods, tmp, timeout) -> dict:
 def plot(rounds: dict, path) -> None:
     panels, targets = {}, {}
     for rate, per_round in rounds.items():
-        title = f"{rate} links, 4 workers, round 1"
+        title = f"{rate}: 4 workers, round 1"
         panels[title] = {
             name: ([t for t, _, _ in r["curve"]],
                    [a for _, _, a in r["curve"]])
