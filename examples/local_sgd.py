@@ -3,8 +3,12 @@
 Every replica trains on its own for `--sync_every` steps (no gradient
 all-reduce), then the replicas all-reduce once and continue from the new
 average (`--outer=avg`, local SGD) or from an outer Nesterov step
-(`--outer=diloco`). Compare with `--sync_every=0` (synchronous SGD) and
-look at the all-reduce count printed at the end.
+(`--outer=diloco`: SGD(0.7, momentum 0.5, Nesterov), which matched plain
+averaging with an inner SGD + momentum and with an inner AdamW in
+benchmarks/communication_efficiency.py; DiLoCo's published momentum 0.9
+diverges on this inner optimizer in short runs, and LocalSGD warns).
+Compare with `--sync_every=0` (synchronous SGD) and look at the all-reduce
+count printed at the end.
 
     python examples/local_sgd.py --num_virtual_cpus=4 --sync_every=8
     python examples/local_sgd.py --num_virtual_cpus=4 --outer=diloco
@@ -27,10 +31,12 @@ flags.DEFINE_integer("num_examples", 4096, "Synthetic training examples.",
 flags.DEFINE_integer("sync_every", 8, "Local steps between syncs (H); 0 "
                      "trains synchronously.", lower_bound=0)
 flags.DEFINE_enum("outer", "avg", ["avg", "diloco"], "Outer optimizer: "
-                  "plain averaging or DiLoCo's SGD(0.7, Nesterov 0.9).")
+                  "plain averaging or DiLoCo's outer Nesterov SGD(0.7, "
+                  "momentum 0.5).")
 flags.DEFINE_enum("pseudo_gradient_compression", "none",
-                  ["none", "fp16", "bf16"],
-                  "All-reduce the pseudo-gradients in 16 bits.")
+                  ["none", "fp16", "bf16", "int8"],
+                  "All-reduce the pseudo-gradients in 16 bits, or in 8 "
+                  "with error feedback.")
 flags.register_validator(
     "dataset", lambda v: v in ("synthetic", "mnist"),
     "Invalid value for flag `--dataset`: expected 'synthetic' or 'mnist'.",
@@ -81,7 +87,7 @@ def main(argv):
     if FLAGS.sync_every:
         outer = None
         if FLAGS.outer == "diloco":
-            outer = keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)
+            outer = keras.optimizers.SGD(0.7, momentum=0.5, nesterov=True)
         # Before BackupAndRestore or after: either order resumes exactly.
         callbacks.insert(0, kd.callbacks.LocalSGD(
             FLAGS.sync_every, outer_optimizer=outer,

@@ -1068,61 +1068,47 @@ def is_mirrored(variable: Any) -> bool:
     return isinstance(tf_variable(variable), values_lib.MirroredVariable)
 
 
-class _ReplicaLocalUpdates:
-    """Optimizer mixin: each replica applies its own gradient."""
-
-    _kd_scale_by_replicas = True
-
-    def _all_reduce_sum_gradients(self, grads_and_vars):
-        import tensorflow as tf
-
-        if tf.distribute.get_replica_context() is None:
-            return list(grads_and_vars)
-        n = tf.distribute.get_strategy().num_replicas_in_sync
-        if not self._kd_scale_by_replicas or n == 1:
-            return list(grads_and_vars)
-        # Keras divides each replica's loss by the number of replicas
-        # (keras/src/losses/loss.py, scale_loss_for_distribution) so that
-        # the all-reduced SUM is the mean gradient; alone, a replica's
-        # gradient must be scaled back.
-        return [
-            (None if g is None else g * tf.cast(n, g.dtype), v)
-            for g, v in grads_and_vars
-        ]
-
-
-def make_replica_local(
-    optimizer: Any, *, scale_by_replicas: bool = True, enabled: bool = True
+def set_gradient_all_reduce(
+    optimizer: Any, all_reduce: Callable[[list], list] | None
 ) -> None:
-    """Makes a Keras TF optimizer skip its gradient all-reduce (or undo it).
+    """Replaces a Keras TF optimizer's gradient all-reduce (or restores it).
 
     Keras's `TFOptimizer._backend_update_step`
     (`keras/src/backend/tensorflow/optimizer.py`) all-reduces gradients with
-    `_all_reduce_sum_gradients` and then updates every replica's component
-    of each `MirroredVariable` with the result. Overriding that one method
-    to return the replica's own gradient makes each component (and each
-    mirrored optimizer slot) follow its own replica: local SGD's
-    per-replica training. Only functions traced afterwards are affected.
+    `_all_reduce_sum_gradients(grads_and_vars)` and then updates every
+    replica's component of each `MirroredVariable` with the result. A
+    per-instance subclass overriding that one method with `all_reduce`
+    decides what each replica applies (e.g. its own gradient, for local
+    SGD). Only functions traced afterwards are affected.
 
     Args:
         optimizer: `keras.optimizers.Optimizer`; changed in place.
-        scale_by_replicas: bool. Multiply each gradient by the number of
-            replicas (undoing Keras's per-replica loss scaling). Defaults to
-            True; False for an optimizer fed already-averaged values.
-        enabled: bool. False restores the optimizer's own class.
+        all_reduce: callable `(list of (gradient, variable)) -> list of
+            (gradient, variable)`, called in replica context; or None to
+            restore the optimizer's own class.
+
+    Example:
+
+    ```python
+    set_gradient_all_reduce(optimizer, lambda pairs: list(pairs))
+    ```
     """
     cls = type(optimizer)
-    base = getattr(cls, "_kd_replica_local_base", None)
-    if not enabled:
+    base = getattr(cls, "_kd_all_reduce_base", None)
+    if all_reduce is None:
         if base is not None:
             optimizer.__class__ = base
         return
     if base is None:
-        optimizer.__class__ = type(
-            cls.__name__, (_ReplicaLocalUpdates, cls),
-            {"_kd_replica_local_base": cls, "__module__": cls.__module__},
-        )
-    optimizer._kd_scale_by_replicas = scale_by_replicas  # noqa: SLF001
+        def _all_reduce_sum_gradients(self, grads_and_vars):
+            return self._kd_all_reduce(grads_and_vars)  # noqa: SLF001
+
+        optimizer.__class__ = type(cls.__name__, (cls,), {
+            "_all_reduce_sum_gradients": _all_reduce_sum_gradients,
+            "_kd_all_reduce_base": cls,
+            "__module__": cls.__module__,
+        })
+    optimizer._kd_all_reduce = all_reduce  # noqa: SLF001
 
 
 def track_optimizer_state(optimizer: Any, value: Any) -> None:

@@ -32,6 +32,22 @@ bfloat16 has float32's exponent range and needs no scaling.
 Only dense float32/float64 per-replica tensors are compressed;
 `tf.IndexedSlices` (sparse embedding gradients), integers and values that
 already are 16-bit go through unchanged.
+
+int8 (`kd.callbacks.LocalSGD(compression="int8")` only). One byte per
+value on the wire, with error feedback: what a replica's rounding lost is
+added to what it sends next time (Seide et al. 2014; Karimireddy et al.
+2019), so nothing is lost for good, only delayed. TF's collectives sum
+float16/32/64, bfloat16 and int32/int64, never int8, and an int8 sum of N
+replicas would overflow. So each replica rounds a value to an integer in
+[-L, L] with L = floor(127 / N) (`int8_levels`) on a scale shared by all
+replicas (the largest max abs over replicas, exchanged by a small
+all-gather), and packs four such integers into one int32 as base-256
+digits (`pack_int8`). The int32 all-reduce SUM then adds the digits
+exactly: a digit's sum stays in [-127, 127], so no carry is lost, and the
+packed sum stays inside int32 (127 * (1 + 256 + 256**2 + 256**3) <
+2**31). `unpack_int8` reads the summed digits back. Error feedback needs a
+residual per replica and per variable, which the gradient path of a
+strategy does not keep: a strategy's `compression=` takes fp16/bf16 only.
 """
 
 from __future__ import annotations
@@ -44,7 +60,7 @@ from kerasdist import _internals
 
 __all__ = ["COMPRESSIONS", "check_compression", "enable", "get_compression"]
 
-COMPRESSIONS = (None, "fp16", "bf16")
+COMPRESSIONS = (None, "fp16", "bf16", "int8")
 _WIRE_DTYPES = {"fp16": tf.float16, "bf16": tf.bfloat16}
 # Half of float16's largest finite value (65504): the sum of rounded
 # addends may exceed the bound by a few ulps.
@@ -52,17 +68,23 @@ _FP16_TARGET = 32752.0
 _MAX_EXPONENT = 60.0
 
 
-def check_compression(compression: Any) -> str | None:
+def check_compression(
+    compression: Any, *, error_feedback: bool = False
+) -> str | None:
     """Validates a `compression` argument.
 
     Args:
-        compression: str or None. `"fp16"`, `"bf16"`, `"none"` or None.
+        compression: str or None. `"fp16"`, `"bf16"`, `"none"` or None;
+            also `"int8"` where `error_feedback` is True.
+        error_feedback: bool. Whether the caller keeps per-replica
+            residuals (`kd.callbacks.LocalSGD` does), which int8 needs.
+            Defaults to False.
 
     Returns:
-        `"fp16"`, `"bf16"` or None.
+        `"fp16"`, `"bf16"`, `"int8"` or None.
 
     Raises:
-        ValueError: for any other value.
+        ValueError: for any other value, or int8 without error feedback.
 
     Example:
 
@@ -70,15 +92,24 @@ def check_compression(compression: Any) -> str | None:
     'fp16'
     """
     if isinstance(compression, str) and compression.lower() in (
-        "fp16", "bf16", "none"
+        "fp16", "bf16", "none", "int8"
     ):
         compression = compression.lower()
+        if compression == "int8" and not error_feedback:
+            raise ValueError(
+                "Invalid value for argument `compression`. Received: "
+                "compression='int8'. int8 needs error feedback (a residual "
+                "per replica), which only "
+                "kd.callbacks.LocalSGD(compression='int8') keeps. Expected "
+                "'fp16', 'bf16' or None here."
+            )
         return None if compression == "none" else compression
     if compression is None:
         return None
+    expected = "'fp16', 'bf16', 'int8'" if error_feedback else "'fp16', 'bf16'"
     raise ValueError(
         "Invalid value for argument `compression`. Received: "
-        f"compression={compression!r}. Expected 'fp16', 'bf16' or None."
+        f"compression={compression!r}. Expected {expected} or None."
     )
 
 
@@ -278,3 +309,107 @@ def batch_reduce(reduce, compression, reduce_op, pairs, options):
         else:
             reduced[i] = parts[0]
     return reduced
+
+
+def int8_levels(num_replicas: int) -> int:
+    """L: each replica sends integers in [-L, L], L = floor(127 / N).
+
+    The sum of `num_replicas` such integers stays within a signed byte.
+
+    Args:
+        num_replicas: int. Replicas taking part in the all-reduce (<= 127).
+
+    Returns:
+        int, at least 1.
+
+    Raises:
+        ValueError: above 127 replicas (L would be 0).
+
+    Example:
+
+    >>> int8_levels(4)
+    31
+    """
+    if not 1 <= num_replicas <= 127:
+        raise ValueError(
+            "int8 compression supports 1 to 127 replicas. Received: "
+            f"num_replicas={num_replicas}. Use compression='fp16' or "
+            "'bf16' with more replicas."
+        )
+    return 127 // num_replicas
+
+
+def quantize_int8(
+    value: tf.Tensor, scale: tf.Tensor, levels: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Rounds `value / scale` to integers in [-levels, levels].
+
+    Args:
+        value: float tensor, the value plus the carried residual.
+        scale: float scalar, shared by all replicas (0: send zeros).
+        levels: int, from `int8_levels`.
+
+    Returns:
+        (int32 tensor q, float residual `value - q * scale`): the residual
+        is what error feedback adds to the next value.
+
+    Example:
+
+    >>> q, r = quantize_int8(tf.constant([0.26, -1.0]), 1 / 31, 31)
+    >>> q.numpy().tolist()
+    [8, -31]
+    """
+    safe = tf.where(scale > 0, scale, tf.ones_like(scale))
+    q = tf.clip_by_value(tf.round(value / safe), -levels, levels)
+    q = tf.where(scale > 0, q, tf.zeros_like(q))
+    residual = value - q * scale
+    return tf.cast(q, tf.int32), residual
+
+
+def pack_int8(q: tf.Tensor) -> tf.Tensor:
+    """Packs integers in [-127, 127] four to an int32 (base-256 digits).
+
+    Args:
+        q: int32 tensor of any shape; flattened and padded with zeros to a
+            multiple of 4.
+
+    Returns:
+        int32 vector of ceil(size / 4) elements: one byte per value.
+
+    Example:
+
+    >>> pack_int8(tf.constant([1, -1, 0, 2])).numpy().tolist()
+    [33554177]
+    """
+    flat = tf.reshape(q, [-1])
+    pad = (-tf.size(flat)) % 4
+    digits = tf.reshape(tf.pad(flat, [[0, pad]]), [-1, 4])
+    weights = tf.constant([1, 256, 256**2, 256**3], tf.int32)
+    return tf.reduce_sum(digits * weights, axis=1)
+
+
+def unpack_int8(packed: tf.Tensor, shape: Any) -> tf.Tensor:
+    """Reads back base-256 digits in [-127, 127] from `pack_int8` sums.
+
+    Args:
+        packed: int32 vector: `pack_int8` values, or their sum over
+            replicas (each digit's sum within [-127, 127]).
+        shape: the shape of the values packed.
+
+    Returns:
+        int32 tensor of `shape`.
+
+    Example:
+
+    >>> unpack_int8(tf.constant([33554177]), [4]).numpy().tolist()
+    [1, -1, 0, 2]
+    """
+    digits = []
+    rest = packed
+    for _ in range(4):
+        digit = tf.math.floormod(rest + 128, 256) - 128
+        digits.append(digit)
+        rest = (rest - digit) // 256
+    flat = tf.reshape(tf.stack(digits, axis=1), [-1])
+    size = tf.reduce_prod(shape)
+    return tf.reshape(flat[:size], shape)

@@ -93,7 +93,7 @@ def test_training_with_compression_keeps_the_loss_mirrored():
 def test_invalid_compression_is_rejected_before_training():
     with pytest.raises(ValueError, match="compression='fp8'"):
         kd.get_strategy("mirrored", devices=DEVICES, compression="fp8")
-    with pytest.raises(ValueError, match="compression='int8'"):
+    with pytest.raises(ValueError, match="compression='int8'.*LocalSGD"):
         kd.MirroredStrategy(DEVICES, compression="int8")
     with pytest.raises(ValueError, match="OneDeviceStrategy"):
         kd.compression.enable(tf.distribute.OneDeviceStrategy("/cpu:0"),
@@ -125,3 +125,55 @@ def test_compression_keeps_the_loss_two_workers(tmp_path):
                                        rtol=2e-2)
     # Both workers saw the same training.
     assert results[0] == results[1]
+
+
+# ---------------------------------------------------------------------------
+# int8 (LocalSGD's pseudo-gradients): packing and error feedback.
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4, 7])
+def test_int8_digit_sums_are_exact(replicas):
+    levels = kd.compression.int8_levels(replicas)
+    assert replicas * levels <= 127
+    rng = np.random.default_rng(replicas)
+    q = rng.integers(-levels, levels + 1, size=(replicas, 7, 5))
+    q[:, 0, :] = levels  # the extremes: every replica at +L, then -L
+    q[:, 1, :] = -levels
+    packed = [kd.compression.pack_int8(tf.constant(r, tf.int32))
+              for r in q]
+    assert packed[0].shape == (9,)  # 35 values, 4 per int32
+    summed = tf.add_n(packed)
+    back = kd.compression.unpack_int8(summed, [7, 5]).numpy()
+    np.testing.assert_array_equal(back, q.sum(axis=0))
+
+
+def test_int8_error_feedback_carries_the_residual():
+    levels = kd.compression.int8_levels(4)
+    value = tf.constant([0.3, -0.77, 0.051, 1.0])
+    scale = tf.constant(1.0 / levels)
+    sent, residual, plain = 0.0, tf.zeros_like(value), 0.0
+    for _ in range(50):
+        q, residual = kd.compression.quantize_int8(
+            value + residual, scale, levels)
+        sent += tf.cast(q, tf.float32) * scale
+        q0, _ = kd.compression.quantize_int8(value, scale, levels)
+        plain += tf.cast(q0, tf.float32) * scale
+    exact = 50 * value
+    # With feedback, what was sent misses the exact sum by the one
+    # residual still carried (at most half a step), however many rounds.
+    np.testing.assert_allclose(sent + residual, exact, rtol=1e-5)
+    assert np.max(np.abs(residual)) <= scale / 2 + 1e-6
+    # Without it, every round's rounding error adds up.
+    assert np.max(np.abs(plain - exact)) > 10 * scale
+
+
+def test_int8_zero_scale_sends_zeros():
+    q, residual = kd.compression.quantize_int8(
+        tf.zeros([3]), tf.constant(0.0), 31)
+    assert q.numpy().tolist() == [0, 0, 0]
+    assert residual.numpy().tolist() == [0, 0, 0]
+
+
+def test_int8_refuses_too_many_replicas():
+    with pytest.raises(ValueError, match="num_replicas=200.*'fp16'"):
+        kd.compression.int8_levels(200)

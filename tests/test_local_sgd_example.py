@@ -49,7 +49,8 @@ def test_local_sgd_example_learns_with_8x_fewer_all_reduces():
     common = [sys.executable, SCRIPT, "--num_virtual_cpus=4",
               "--num_examples=2048", "--epochs=2"]
     sync = _run(common + ["--sync_every=0"])
-    local = _run(common + ["--sync_every=8", "--outer=diloco"])
+    local = _run(common + ["--sync_every=8", "--outer=diloco",
+                           "--pseudo_gradient_compression=int8"])
     counts = [int(re.search(r"(\d+) all-reduces", x).group(1))
               for x in (sync, local)]
     assert counts == [64, 8], (sync, local)

@@ -32,6 +32,7 @@ interrupted mid-round resumes exactly.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -44,9 +45,19 @@ from kerasdist import cluster as cluster_lib
 from kerasdist import compression as compression_lib
 from kerasdist._validate import check_int
 
-__all__ = ["AllReduceCounter", "LocalSGD"]
+__all__ = ["AllReduceCounter", "LocalSGD", "diloco_risks"]
 
 _STATE_ATTR = "_kd_local_sgd"
+# From benchmarks/communication_efficiency.py's sweep (outer lr x momentum
+# x H, inner AdamW and inner SGD + momentum 0.9, 16 and 64 outer steps): on
+# an inner optimizer with momentum, outer Nesterov SGD matched plain
+# averaging (within 0.5 pp) when lr / (1 - momentum) <= 1.4 (0.5 or 0.7
+# with momentum 0.5) and fell behind above (1.0 with 0.5: -2 pp at H = 32;
+# DiLoCo's 0.7 with 0.9, a gain of 7: -49 pp).
+_MAX_GAIN_ON_MOMENTUM = 1.5
+# Outer momentum needs about this many times its horizon 1 / (1 - mu) of
+# outer steps: 0.9 needs 100 (DiLoCo ran hundreds; OpenDiLoCo 176).
+_HORIZONS = 10
 
 
 class AllReduceCounter:
@@ -107,6 +118,39 @@ class AllReduceCounter:
         self._bytes.assign(0)
 
 
+class _ReplicaLocalUpdates:
+    """The gradient "all-reduce" of local training: none.
+
+    Installed on an optimizer with `_internals.set_gradient_all_reduce`,
+    it hands every replica its own gradient instead of the all-reduced
+    sum, so each component of a `MirroredVariable` (and of each mirrored
+    optimizer slot) follows its own replica.
+
+    Args:
+        scale_by_replicas: bool. Multiply each gradient by the number of
+            replicas, undoing Keras's per-replica loss scaling; False for an
+            optimizer fed already-averaged values (the outer optimizer).
+    """
+
+    def __init__(self, scale_by_replicas: bool):
+        self.scale_by_replicas = scale_by_replicas
+
+    def __call__(self, grads_and_vars):
+        if tf.distribute.get_replica_context() is None:
+            return list(grads_and_vars)
+        n = tf.distribute.get_strategy().num_replicas_in_sync
+        if not self.scale_by_replicas or n == 1:
+            return list(grads_and_vars)
+        # Keras divides each replica's loss by the number of replicas
+        # (keras/src/losses/loss.py, scale_loss_for_distribution) so that
+        # the all-reduced SUM is the mean gradient; alone, a replica's
+        # gradient must be scaled back.
+        return [
+            (None if g is None else g * tf.cast(n, g.dtype), v)
+            for g, v in grads_and_vars
+        ]
+
+
 class _ReplicaStack:
     """The values of one variable on every replica, as one array.
 
@@ -162,6 +206,12 @@ class _State:
                     v, name="local_sgd_anchor")
                 for v in self.trainable
             ]
+            # int8 error feedback: what each replica's rounding lost.
+            self.residual = [
+                optimizer.add_variable_from_reference(
+                    v, name="local_sgd_residual", initializer="zeros")
+                for v in self.trainable
+            ] if owner.compression == "int8" else []
             self.round_step = optimizer.add_variable(
                 (), dtype="int64", aggregation="only_first_replica",
                 name="local_sgd_round_step")
@@ -172,12 +222,12 @@ class _State:
         for a, v in zip(self.anchor, self.trainable, strict=True):
             a.assign(v)
         self.outer = outer
-        _internals.make_replica_local(outer, scale_by_replicas=False)
+        _internals.set_gradient_all_reduce(outer, _ReplicaLocalUpdates(False))
         for v in outer.variables:
             _internals.track_optimizer_state(optimizer, v)
         self.replica_ids = _local_replica_ids(strategy)
         self.stacked = [
-            v for v in list(model.variables) + inner_vars
+            v for v in list(model.variables) + inner_vars + self.residual
             if _internals.is_mirrored(v)
         ]
         for i, v in enumerate(self.stacked):
@@ -226,7 +276,12 @@ class _State:
                     tf.identity(_internals.tf_variable(v))
                     for v in self.averaged
                 ]
-            reduced = _all_reduce_mean(ctx, deltas + stats, compression)
+            residuals = []
+            if compression == "int8":
+                mean, residuals = self._int8_mean(ctx, deltas)
+                reduced = mean + _all_reduce_mean(ctx, stats, None)
+            else:
+                reduced = _all_reduce_mean(ctx, deltas + stats, compression)
             n = len(deltas)
             self.outer.apply(reduced[:n], self.anchor)
             new = [
@@ -235,11 +290,52 @@ class _State:
             ]
             targets = [
                 _internals.tf_variable(v)
-                for v in self.trainable + self.averaged
+                for v in self.trainable + self.averaged + self.residual
             ]
-            ctx.merge_call(_assign_all, args=(targets, new + reduced[n:]))
+            ctx.merge_call(_assign_all, args=(
+                targets, new + reduced[n:] + residuals))
 
         self.strategy.run(replica_fn)
+
+    def _int8_mean(self, ctx, deltas):
+        """Mean of `deltas` over replicas, one byte per value on the wire.
+
+        Returns:
+            (means, this replica's new residuals).
+        """
+        if not deltas:
+            return [], []
+        replicas = self.strategy.num_replicas_in_sync
+        levels = compression_lib.int8_levels(replicas)
+        values = [
+            d + tf.convert_to_tensor(_internals.tf_variable(e))
+            for d, e in zip(deltas, self.residual, strict=True)
+        ]
+        maxima = tf.stack([tf.reduce_max(tf.abs(v)) for v in values])
+        # One scale per tensor, the same on every replica.
+        scales = tf.reduce_max(
+            ctx.all_gather(maxima[None], axis=0), axis=0) / levels
+        # All values of one batch all-reduce must sit on the replica's
+        # device (the constants in pack_int8 would not).
+        with tf.device(deltas[0].device):
+            quantized = [
+                compression_lib.quantize_int8(v, scales[i], levels)
+                for i, v in enumerate(values)
+            ]
+            packed = tf.concat(
+                [compression_lib.pack_int8(q) for q, _ in quantized], 0)
+        # One int32 tensor for all: MirroredStrategy sends int32 through a
+        # new ReductionToOneDevice per value and then refuses a batch of
+        # several (mirrored_strategy.py, _get_cross_device_ops).
+        summed = tf.split(
+            ctx.all_reduce(tf.distribute.ReduceOp.SUM, [packed])[0],
+            [-(-v.shape.num_elements() // 4) for v in values])
+        means = [
+            tf.cast(compression_lib.unpack_int8(s, tf.shape(v)), v.dtype)
+            * scales[i] / replicas
+            for i, (s, v) in enumerate(zip(summed, values, strict=True))
+        ]
+        return means, [r for _, r in quantized]
 
 
 def _assign_all(strategy, variables, values):
@@ -270,6 +366,79 @@ def _local_replica_ids(strategy) -> list[int]:
 
     ids = tf.function(lambda: strategy.run(replica_fn))()
     return [int(i) for i in strategy.experimental_local_results(ids)]
+
+
+def _momentum(optimizer: Any) -> float:
+    value = getattr(optimizer, "momentum", 0.0)
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def diloco_risks(
+    outer_optimizer: keras.optimizers.Optimizer,
+    inner_optimizer: keras.optimizers.Optimizer,
+    outer_steps: int | None = None,
+) -> list[str]:
+    """What makes an outer optimizer likely to fall behind plain averaging.
+
+    `LocalSGD` warns with these before the first step. Two known risks of
+    an outer SGD with momentum mu (DiLoCo's is SGD(0.7, momentum=0.9,
+    nesterov=True)), each measured by `benchmarks/communication_efficiency`:
+
+    - on an inner optimizer that has momentum of its own (SGD or RMSprop
+      with `momentum` > 0): both accumulate the same direction and each
+      averaged delta is applied up to lr / (1 - mu) times (7x for DiLoCo's);
+      above 1.5x the sweep fell behind averaging. DiLoCo assumes an inner
+      AdamW;
+    - too few outer steps for mu: momentum needs about 10 / (1 - mu) outer
+      steps (100 for 0.9) to pay back its start.
+
+    Args:
+        outer_optimizer: the `outer_optimizer` given to `LocalSGD`.
+        inner_optimizer: the model's optimizer.
+        outer_steps: int or None. Syncs the run will make (epochs x steps
+            per epoch / sync_every), if known.
+
+    Returns:
+        list of str, one message per risk, each saying what to change;
+        empty when none applies (plain averaging never has any).
+
+    Example:
+
+    >>> risks = diloco_risks(
+    ...     keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True),
+    ...     keras.optimizers.SGD(0.05, momentum=0.9), outer_steps=16)
+    >>> len(risks)
+    2
+    """
+    mu = _momentum(outer_optimizer)
+    if not isinstance(outer_optimizer, keras.optimizers.SGD) or mu <= 0:
+        return []
+    lr = float(np.asarray(outer_optimizer.learning_rate))
+    inner = _momentum(inner_optimizer)
+    risks = []
+    gain = lr / (1 - mu)
+    if inner > 0 and gain > _MAX_GAIN_ON_MOMENTUM:
+        risks.append(
+            f"outer momentum {mu:g} on an inner "
+            f"{type(inner_optimizer).__name__} with momentum {inner:g}: "
+            "each averaged delta is applied up to learning_rate / (1 - "
+            f"momentum) = {gain:.1f}x and training can diverge. Use an "
+            f"outer learning_rate / (1 - momentum) <= "
+            f"{_MAX_GAIN_ON_MOMENTUM:g} (e.g. keras.optimizers.SGD(0.7, "
+            "momentum=0.5, nesterov=True)), plain averaging "
+            "(outer_optimizer=None), or an inner AdamW."
+        )
+    needed = int(round(_HORIZONS / (1 - mu)))
+    if outer_steps is not None and outer_steps < needed:
+        fits = 1 - _HORIZONS / max(outer_steps, 1)
+        advice = (f"an outer momentum <= {fits:.2f}" if fits > 0
+                  else "plain averaging (outer_optimizer=None)")
+        risks.append(
+            f"only {outer_steps} outer step(s) (syncs) for outer momentum "
+            f"{mu:g}, which needs about {needed}. Use {advice}, a smaller "
+            "sync_every, or more steps."
+        )
+    return risks
 
 
 class LocalSGD(keras.callbacks.Callback):
@@ -308,8 +477,10 @@ class LocalSGD(keras.callbacks.Callback):
             `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)` gives
             DiLoCo.
         compression: str or None. `"fp16"` or `"bf16"` all-reduces the
-            pseudo-gradients in 16 bits (see `kerasdist.compression`).
-            Defaults to None (the strategy's own setting applies).
+            pseudo-gradients in 16 bits; `"int8"` in 8 bits with error
+            feedback (what rounding lost is sent at the next sync; see
+            `kerasdist.compression`). Defaults to None (the strategy's own
+            setting applies).
 
     Raises:
         ValueError: if `sync_every` is not a positive integer, the outer
@@ -356,7 +527,8 @@ class LocalSGD(keras.callbacks.Callback):
                 "(used elsewhere). Pass a new optimizer instance."
             )
         self.outer_optimizer = outer_optimizer
-        self.compression = compression_lib.check_compression(compression)
+        self.compression = compression_lib.check_compression(
+            compression, error_feedback=True)
         self._state: _State | None = None
         self._round: int | None = None
         self._batch_begin = 0
@@ -430,7 +602,9 @@ class LocalSGD(keras.callbacks.Callback):
                 "steps_per_execution (callbacks run once per execution)."
             )
         state = self._attach()
-        _internals.make_replica_local(model.optimizer, scale_by_replicas=True)
+        self._warn_risks()
+        _internals.set_gradient_all_reduce(
+            model.optimizer, _ReplicaLocalUpdates(True))
         # Functions traced before run the synchronous update.
         model.make_train_function(force=True)
         self._round = None
@@ -444,6 +618,16 @@ class LocalSGD(keras.callbacks.Callback):
                 model.distribute_strategy.num_replicas_in_sync,
                 self.sync_every,
             )
+
+    def _warn_risks(self) -> None:
+        params = self.params or {}
+        steps, epochs = params.get("steps"), params.get("epochs")
+        outer_steps = (epochs * steps // self.sync_every
+                       if steps and epochs else None)
+        for risk in diloco_risks(
+            self.outer_optimizer, self.model.optimizer, outer_steps
+        ):
+            warnings.warn(f"kd.callbacks.LocalSGD: {risk}", stacklevel=3)
 
     def on_train_batch_begin(self, batch, logs=None):
         self._batch_begin = batch
@@ -464,7 +648,7 @@ class LocalSGD(keras.callbacks.Callback):
         if self._round:
             self._sync()
             self._state.round_step.assign(0)
-        _internals.make_replica_local(self.model.optimizer, enabled=False)
+        _internals.set_gradient_all_reduce(self.model.optimizer, None)
         self.model.train_function = None
 
     def _sync(self) -> None:
