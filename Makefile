@@ -52,6 +52,10 @@ engines:
 		$(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			shellcheck; }
+	command -v ip >/dev/null && command -v tc >/dev/null || { \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			iproute2; }
 
 test: install engines
 	$(PY) -m ruff check kerasdist tests benchmarks examples
