@@ -811,3 +811,40 @@ def test_run_workers_stops_the_peers_of_a_failed_worker():
     assert message.startswith("multi-worker run failed:"), message
     assert "----- worker 1 (exit 3) -----\nworker 1 up" in message
     assert "----- worker 0 (exit -15) -----\nworker 0 up" in message
+
+
+def test_a_signal_death_is_named_before_the_exits_it_caused(tmp_path):
+    # Worker 1 is SIGKILLed and worker 0 exits 1 after it, as a peer whose
+    # RPC failed does. When the launcher first looks after both ended (one
+    # poll can see both), it names worker 1, the cause.
+    from kerasdist.launch import hosts as hostlib
+    from kerasdist.launch import protocol
+    from kerasdist.launch.group import Group
+
+    code = """
+        import os, signal, sys
+        if os.environ["KERASDIST_WORKER_INDEX"] == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+        sys.exit(1)
+    """
+    spec = kd.launch.WorkerSpec(num_workers=2, command=_python(code))
+
+    def environment(i, host, size):
+        return {
+            protocol.ENV_WORKER_INDEX: str(i),
+            protocol.ENV_HEARTBEAT_FILE: str(tmp_path / f"worker-{i}.beat"),
+        }
+
+    group = Group(spec, 1, spec.host_list(), lambda h: hostlib.LocalStarter(),
+                  str(tmp_path), lambda text: None, environment)
+    group.start()
+    try:
+        wait_for(lambda: all(w.process.returncode is not None
+                             for w in group.workers), 60)
+        failure = group.check()
+    finally:
+        group.stop(0.0)
+    assert failure is not None
+    assert (failure.worker, failure.exit_code) == (1, -signal.SIGKILL), (
+        failure)
+    assert failure.reason == "died (SIGKILL)", failure

@@ -250,7 +250,14 @@ class Group:
         return any(w.finished() for w in self.workers)
 
     def check(self) -> Failure | None:
-        """The first reason to end this attempt, if any."""
+        """The first reason to end this attempt, if any.
+
+        When several workers have ended by the same look, one killed by a
+        signal is named: the others' exits (a peer's collective or RPC
+        failing, a model-parallel server whose chief failed) follow from
+        it, often within one poll.
+        """
+        ended = []
         for w in self.workers:
             code = w.poll()
             if w.state == WorkerState.FAILED:
@@ -261,14 +268,17 @@ class Group:
                 WorkerState.FAILED, WorkerState.PREEMPTED,
                 WorkerState.PERMANENT,
             ):
-                # E.g. an ssh worker whose connection ended: say so.
-                lost = w.starter.failure_reason(w.process)
-                return Failure(
-                    self.attempt, w.index, w.state,
-                    f"lost its host ({lost})" if lost else exit_reason(code),
-                    code, time.time(), w.host, not w.started(),
-                )
-        return self._hung()
+                ended.append((w, code))
+        if not ended:
+            return self._hung()
+        w, code = min(ended, key=lambda e: (e[1] or 0) >= 0)
+        # E.g. an ssh worker whose connection ended: say so.
+        lost = w.starter.failure_reason(w.process)
+        return Failure(
+            self.attempt, w.index, w.state,
+            f"lost its host ({lost})" if lost else exit_reason(code),
+            code, time.time(), w.host, not w.started(),
+        )
 
     def _blame_stopped(self, failed: Worker) -> Failure | None:
         """A stopped peer, not the worker that failed waiting for it.
