@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import tensorflow as tf
 
 from kerasdist import _internals
-from kerasdist._validate import check_int
+from kerasdist._validate import check_int, env_int
 
 __all__ = ["gpus", "local_devices", "virtual_cpus"]
 
@@ -78,15 +76,9 @@ def apply_env_virtual_cpus() -> list[str] | None:
 
     >>> apply_env_virtual_cpus()  # KERASDIST_VIRTUAL_CPUS unset: no-op
     """
-    raw = os.environ.get("KERASDIST_VIRTUAL_CPUS", "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(
-            "Invalid value for environment variable KERASDIST_VIRTUAL_CPUS. "
-            f"Received: {raw!r}. Expected a positive integer."
-        )
-    return virtual_cpus(int(raw))
+    count = env_int("KERASDIST_VIRTUAL_CPUS", minimum=1,
+                    expected="a number of virtual CPUs")
+    return None if count is None else virtual_cpus(count)
 
 
 def gpus() -> list[str]:

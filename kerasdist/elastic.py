@@ -41,7 +41,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from kerasdist._validate import check_int
+from kerasdist._validate import check_int, env_int
 from kerasdist.errors import PermanentError
 from kerasdist.launch import protocol
 
@@ -74,15 +74,8 @@ class ElasticConfigError(PermanentError, ValueError):
 
 
 def _env_int(environ: Mapping[str, str], name: str) -> int | None:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise ElasticConfigError(
-            f"Invalid value for {name}. Received: {name}={raw!r}. Expected "
-            "a positive integer (a number of workers)."
-        )
-    return int(raw)
+    return env_int(name, minimum=1, environ=environ,
+                   error=ElasticConfigError, expected="a number of workers")
 
 
 def allowed_workers(

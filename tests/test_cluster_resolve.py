@@ -139,7 +139,7 @@ def test_tf_slurm_resolver_fails_on_cpu_only_node_kerasdist_does_not():
         ({"SLURM_STEP_TASKS_PER_NODE": "2(x3)", "SLURM_STEP_NUM_TASKS": "6"},
          "3 count(s) for 2 node(s)"),
         ({"SLURM_PROCID": "4"}, "SLURM_PROCID=4 is out of range"),
-        ({"SLURM_PROCID": "one"}, "SLURM_PROCID must be an integer"),
+        ({"SLURM_PROCID": "one"}, "SLURM_PROCID='one'. Expected an integer"),
         ({"SLURM_LOCALID": "0"}, "SLURM_LOCALID='0' contradicts "
          "SLURM_PROCID=1"),
         ({"SLURMD_NODENAME": "node10"}, "SLURMD_NODENAME='node10' "
@@ -246,7 +246,8 @@ def test_indexed_job_pod_and_port():
         ({"KERASDIST_NUM_WORKERS": "2", "JOB_COMPLETION_INDEX": "2",
           "HOSTNAME": "mnist-workers-0-2"},
          "JOB_COMPLETION_INDEX=2 is out of range for KERASDIST_NUM_WORKERS=2"),
-        ({"JOB_COMPLETION_INDEX": "-1"}, "JOB_COMPLETION_INDEX must be"),
+        ({"JOB_COMPLETION_INDEX": "-1"},
+         "JOB_COMPLETION_INDEX='-1'. Expected an integer >= 0"),
         ({"HOSTNAME": "mnist-workers-0-7"},
          "does not end with '-1' (JOB_COMPLETION_INDEX=1)"),
         ({"KERASDIST_K8S_SUBDOMAIN": ""}, "KERASDIST_K8S_SUBDOMAIN must"),

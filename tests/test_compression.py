@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from collectives import collective_dtypes
 
 import kerasdist as kd
-from kerasdist._internals import collective_dtypes
 from kerasdist.testing import run_scenario
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,5 +1,6 @@
 """Canary: every private Keras/TF attribute kerasdist uses still exists."""
 
+import collectives
 import pytest
 
 from kerasdist import _internals
@@ -7,6 +8,11 @@ from kerasdist import _internals
 
 def test_every_private_attribute_exists():
     missing = _internals.check_canaries()
+    assert not missing, "\n".join(missing)
+
+
+def test_the_test_helpers_private_attributes_exist():
+    missing = [m for m in (c.missing() for c in collectives.CANARIES) if m]
     assert not missing, "\n".join(missing)
 
 
@@ -68,7 +74,7 @@ def test_canary_with_make_checks_the_built_instance():
 def test_every_private_use_has_a_canary():
     used = {c.used_by for c in _internals.CANARIES}
     for name in ("num_workers", "make_per_replica", "host_address_space",
-                 "serialized_dataset_graph", "collective_dtypes",
+                 "serialized_dataset_graph",
                  "learning_rate_attribute", "accumulators",
                  "distributed_update_step", "nodes_by_depth",
                  "reinitialize_variable", "compute_loss", "loss_tracker",

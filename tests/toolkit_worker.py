@@ -24,9 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+from collectives import collective_dtypes
 
 import kerasdist as kd
-from kerasdist._internals import collective_dtypes
 
 DIM = 8
 

@@ -17,6 +17,7 @@ import re
 import socket
 from collections.abc import Mapping
 
+from kerasdist._validate import env_int
 from kerasdist.cluster.tf_config import ClusterConfigError, TaskInfo
 
 # The count is the same variable kerasdist-run sets in its workers.
@@ -45,12 +46,8 @@ def _int_var(environ: Mapping[str, str], name: str, minimum: int) -> int:
             f"pods it has. Set {name} in the pod template to the Job's "
             "`completions` (deploy/kubernetes/ does)."
         )
-    if not raw.isdigit() or int(raw) < minimum:
-        raise ClusterConfigError(
-            f"{name} must be an integer >= {minimum}. Received: "
-            f"{name}={raw!r}."
-        )
-    return int(raw)
+    return env_int(name, minimum=minimum, environ=environ,
+                   error=ClusterConfigError)
 
 
 def _peer_prefix(hostname: str, index: int) -> str:
@@ -98,15 +95,10 @@ def from_kubernetes(
     ['train-workers-0-0.train:2222', 'train-workers-0-1.train:2222']
     """
     environ = os.environ if environ is None else environ
-    raw_index = environ.get("JOB_COMPLETION_INDEX", "").strip()
-    if not raw_index:
+    index = env_int("JOB_COMPLETION_INDEX", environ=environ,
+                    error=ClusterConfigError)
+    if index is None:
         return None
-    if not raw_index.isdigit():
-        raise ClusterConfigError(
-            "JOB_COMPLETION_INDEX must be an integer >= 0. Received: "
-            f"JOB_COMPLETION_INDEX={raw_index!r}."
-        )
-    index = int(raw_index)
     count = _int_var(environ, ENV_NUM_WORKERS, minimum=1)
     if index >= count:
         raise ClusterConfigError(

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 
+from kerasdist._validate import env_int
 from kerasdist.cluster.tf_config import ClusterConfigError, TaskInfo
 
 __all__ = [
@@ -243,13 +244,9 @@ def _get(environ: Mapping[str, str], name: str) -> str:
 
 
 def _get_int(environ: Mapping[str, str], name: str, minimum: int = 0) -> int:
-    raw = _get(environ, name)
-    if not raw.isdigit() or int(raw) < minimum:
-        raise ClusterConfigError(
-            f"{name} must be an integer >= {minimum}. Received: "
-            f"{name}={raw!r}."
-        )
-    return int(raw)
+    _get(environ, name)  # set and not blank, or an error naming it
+    return env_int(name, minimum=minimum, environ=environ,
+                   error=ClusterConfigError)
 
 
 def _port_range(raw: str) -> list[int]:
