@@ -289,6 +289,28 @@ def test_heartbeat_is_relayed_and_keepalive_spares_a_live_worker(
     assert not os.path.exists(remote)  # the wrapper cleaned up
 
 
+def test_heartbeat_json_is_relayed_as_written(starter, started, tmp_path):
+    """Issue 19: one heartbeat format. The worker's JSON object (its
+    goodput facts, "finished") reaches the launcher's file unchanged."""
+    local = tmp_path / "worker-0.heartbeat"
+    local.write_text("")
+    env = {**BASE_ENV, kd.launch.ENV_HEARTBEAT_FILE: str(local)}
+    facts = {"attempt": 0, "step_seconds": 1.5, "finished": True}
+    code = (
+        "import json, os, time\n"
+        "with open(os.environ['KERASDIST_HEARTBEAT_FILE'], 'w') as f:\n"
+        f"    f.write(json.dumps({facts!r}) + '\\n')\n"
+        "time.sleep(3)  # The wrapper looks once a second.\n"
+    )
+    p = starter.start(HOST_A, [sys.executable, "-c", code], env,
+                      capture=True)
+    started.append(p)
+    wait_for(lambda: not p.running(), 60, p)
+    assert p.returncode == 0, p.output()
+    assert json.loads(local.read_text()) == facts
+    assert kd.launch.protocol.heartbeat_says_finished(local.read_text())
+
+
 def test_reachable(server, starter, tmp_path):
     # Generous: a loaded machine may take seconds to fork sshd's session.
     assert starter.reachable(HOST_A, timeout=30) is None
