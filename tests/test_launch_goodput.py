@@ -79,6 +79,7 @@ def _summary_parts(text):
     """The summary's goodput line: (wall, counted, {part: seconds})."""
     found = _LINE.search(text)
     assert found, f"no goodput line in the summary:\n{text}"
+    print(f"\n{found[0]}")
     parts = {}
     for p in found["parts"].split(", "):
         m = _PART.fullmatch(p)
