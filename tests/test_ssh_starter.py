@@ -430,6 +430,11 @@ def test_kerasdist_run_over_ssh_saves_on_sigterm_and_resumes(server,
     assert second.returncode == 0 and reference.returncode == 0, text[-6000:]
     assert "[worker-1@127.0.0.22]" in text
     assert "kerasdist: preempted (SIGTERM); saved at epoch" in text
+    # The workers' goodput facts reach the launcher over ssh (the wrapper
+    # relays the heartbeat's JSON): every summary, ssh runs included, has
+    # a measured goodput line.
+    assert text.count("[launcher] goodput ") == 3, text[-6000:]
+    assert "goodput not measured" not in text, text[-6000:]
     records = fault_worker.read_steps(tmp_path / "ssh" / "steps-0.jsonl")
     assert {r["attempt"] for r in records} == {0}  # A new run each time.
     assert fault_worker.retrained(records) == 0  # SIGTERM loses nothing.
