@@ -128,6 +128,7 @@ def test_a_clean_run_retrains_nothing(tmp_path):
     assert parts["steps retrained"] == 0 and report["retrained"] == 0, text
     assert report["restart"] == 0 and report["detection"] == 0, report
     assert report["saves"] > 0, report  # At steps 8, 16, 24 and at the end.
+    assert report["after_training"] > 0, report  # The process's exit.
 
 
 def test_heartbeat_has_one_format(tmp_path, monkeypatch):
@@ -159,6 +160,7 @@ def test_from_facts_splits_a_run_without_a_launcher():
     assert report.restart == 15.0 + 7.0  # 135 -> 150, then -> 157.
     assert (report.counted, report.retrained, report.saves) == (
         46.0, 4.0, 3.0)
+    assert report.after_training == 0.0  # Logged when fit ends.
     assert report.counted + report.startup + report.restart + (
         report.retrained + report.saves + report.other) == 100.0
     assert "goodput 46.0%" in report.line()

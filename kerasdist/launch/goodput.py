@@ -19,9 +19,12 @@ and the rest (badput) by cause, so that the parts sum to the wall time:
 - `saves`: time inside `BackupAndRestore`'s saves;
 - `input_stalls`: not measured (None): `fit` fetches each batch inside
   its compiled step, so waiting for input is part of the step time;
+- `after_training`: from the end of `fit` (the chief's last facts, with
+  `"finished": true`) until the attempt ended: code after `fit`, and
+  TensorFlow and the interpreter shutting down;
 - `other`: the rest: between steps (epoch ends, validation, other
-  callbacks), the first step's tracing is *not* here (it is a step), and
-  after `fit` ended until the workers exited.
+  callbacks) and the last second of a killed attempt's steps that the
+  chief had not reported yet.
 
 The launcher knows wall time, attempts, detection and waiting; the
 worker-side figures come from the chief's (worker 0's) goodput facts,
@@ -44,12 +47,18 @@ __all__ = ["Goodput", "Timeline", "from_facts"]
 
 # The badput causes, in the order the summary lists them.
 PARTS = ("startup", "detection", "restart", "retrained",
-         "waiting_for_hosts", "saves", "input_stalls", "other")
+         "waiting_for_hosts", "saves", "input_stalls", "after_training",
+         "other")
 _LABELS = {
     "startup": "start-up", "detection": "detection", "restart": "restart",
     "retrained": "steps retrained", "waiting_for_hosts": "waiting for hosts",
-    "saves": "saves", "input_stalls": "input stalls", "other": "other",
+    "saves": "saves", "input_stalls": "input stalls",
+    "after_training": "after training", "other": "other",
 }
+# Summed over attempts (the rest is `other`); the first three come from
+# the chief's facts only.
+_SUMMED = ("counted", "retrained", "saves", "after_training", "startup",
+           "detection", "restart", "waiting_for_hosts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +80,13 @@ class Goodput:
         waiting_for_hosts: float. Probing and waiting for hosts.
         saves: float or None. Inside backups.
         input_stalls: float or None. Not measured (None).
+        after_training: float or None. After `fit` ended.
         other: float. The rest.
 
     Example:
 
-    >>> Goodput(10.0, 8.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.5, None, 0.5).goodput
+    >>> Goodput(10.0, 8.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.5, None, 0.3, 0.2
+    ...         ).goodput
     0.8
     """
 
@@ -88,6 +99,7 @@ class Goodput:
     waiting_for_hosts: float
     saves: float | None
     input_stalls: float | None
+    after_training: float | None
     other: float
 
     @property
@@ -194,9 +206,7 @@ class Timeline:
         """
         now = time.time()
         wall = now - self.began if wall_time is None else wall_time
-        sums = dict.fromkeys(
-            ("counted", "startup", "detection", "restart", "retrained",
-             "waiting_for_hosts", "saves"), 0.0)
+        sums = dict.fromkeys(_SUMMED, 0.0)
         measured = False
         previous = self.began
         for i, a in enumerate(self.attempts):
@@ -212,6 +222,9 @@ class Timeline:
                 _add_steps(sums, a.facts)
             else:
                 up = max(ended - a.started - a.detection, 0.0)
+            if a.facts and a.facts.get("finished"):
+                sums["after_training"] += max(
+                    ended - float(a.facts.get("updated") or ended), 0.0)
             sums["startup" if i == 0 else "restart"] += before + up
             if i < len(self.attempts) - 1:
                 sums["restart"] += max(stopped - ended, 0.0)
@@ -234,7 +247,7 @@ def _add_steps(sums: dict, facts: dict) -> None:
 
 
 def _finish(wall: float, sums: dict, measured: bool) -> Goodput:
-    worker = ("counted", "retrained", "saves")
+    worker = ("counted", "retrained", "saves", "after_training")
     if not measured:
         for name in worker:
             sums[name] = None
@@ -244,7 +257,8 @@ def _finish(wall: float, sums: dict, measured: bool) -> Goodput:
         detection=sums["detection"], restart=sums["restart"],
         retrained=sums["retrained"],
         waiting_for_hosts=sums["waiting_for_hosts"], saves=sums["saves"],
-        input_stalls=None, other=wall - known,
+        input_stalls=None, after_training=sums["after_training"],
+        other=wall - known,
     )
 
 
@@ -273,9 +287,7 @@ def from_facts(records: Sequence[dict], now: float | None = None
     """
     now = time.time() if now is None else now
     if not records:
-        return _finish(0.0, dict.fromkeys(
-            ("counted", "startup", "detection", "restart", "retrained",
-             "waiting_for_hosts", "saves"), 0.0), False)
+        return _finish(0.0, dict.fromkeys(_SUMMED, 0.0), False)
     began = float(records[0]["train_begin"])
     timeline = Timeline(began)
     for r in records:
