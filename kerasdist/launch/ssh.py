@@ -32,9 +32,11 @@ What travels, and how:
   launcher's keepalive lines stop: after `alive_timeout` seconds (30)
   without one, the wrapper kills the group too.
 - **Heartbeat**: the worker's `KERASDIST_HEARTBEAT_FILE` is a private file
-  on the host; the wrapper relays each touch of it, and the launcher's own
-  heartbeat file is touched, so `--timeout` sees a quiet remote worker's
-  progress without a shared heartbeat directory.
+  on the host; the wrapper relays each change of it (its JSON object, e.g.
+  the goodput facts, as written; else a touch) to the launcher's own
+  heartbeat file, so `--timeout` sees a quiet remote worker's progress,
+  and the launcher its goodput facts, without a shared heartbeat
+  directory.
 
 The hosts need a POSIX `sh`, `setsid` (util-linux), and GNU `env` (with
 `--default-signal`, coreutils >= 8.31), `stat` and `mktemp`: any current
@@ -150,7 +152,8 @@ class SshProcess(supervisor.Process):
             the local ssh if it has not ended. Defaults to 5.
         heartbeat: str or None. The launcher's heartbeat file for this
             worker: touched whenever the worker touches its own (a private
-            file on the host). Defaults to None.
+            file on the host), and given its JSON object when it writes
+            one. Defaults to None.
         alive_interval: float. Seconds between keepalive lines to the
             wrapper. Defaults to 5.
         **process: passed to `supervisor.Process` (`log_path`,
