@@ -20,8 +20,9 @@ and the rest (badput) by cause, so that the parts sum to the wall time:
 - `input_stalls`: not measured (None): `fit` fetches each batch inside
   its compiled step, so waiting for input is part of the step time;
 - `after_training`: from the end of `fit` (the chief's last facts, with
-  `"finished": true`) until the attempt ended: code after `fit`, and
-  TensorFlow and the interpreter shutting down;
+  `"finished": true`) until the attempt ended (code after `fit`,
+  TensorFlow and the interpreter shutting down), and stopping the last
+  group (e.g. after Ctrl-C: the workers save and exit);
 - `other`: the rest: between steps (epoch ends, validation, other
   callbacks) and the last second of a killed attempt's steps that the
   chief had not reported yet.
@@ -206,7 +207,7 @@ class Timeline:
         """
         now = time.time()
         wall = now - self.began if wall_time is None else wall_time
-        sums = dict.fromkeys(_SUMMED, 0.0)
+        sums = dict.fromkeys((*_SUMMED, "ending"), 0.0)
         measured = False
         previous = self.began
         for i, a in enumerate(self.attempts):
@@ -226,8 +227,9 @@ class Timeline:
                 sums["after_training"] += max(
                     ended - float(a.facts.get("updated") or ended), 0.0)
             sums["startup" if i == 0 else "restart"] += before + up
-            if i < len(self.attempts) - 1:
-                sums["restart"] += max(stopped - ended, 0.0)
+            # Stopping the group: before a restart, or at the end.
+            sums["restart" if i < len(self.attempts) - 1 else "ending"] += (
+                max(stopped - ended, 0.0))
             previous = stopped
         return _finish(wall, sums, measured)
 
@@ -248,7 +250,10 @@ def _add_steps(sums: dict, facts: dict) -> None:
 
 def _finish(wall: float, sums: dict, measured: bool) -> Goodput:
     worker = ("counted", "retrained", "saves", "after_training")
-    if not measured:
+    if measured:
+        sums["after_training"] += sums.pop("ending", 0.0)
+    else:
+        sums.pop("ending", None)  # In `other`.
         for name in worker:
             sums[name] = None
     known = sum(v for v in sums.values() if v is not None)
