@@ -164,3 +164,34 @@ def test_from_facts_splits_a_run_without_a_launcher():
     assert report.counted + report.startup + report.restart + (
         report.retrained + report.saves + report.other) == 100.0
     assert "goodput 46.0%" in report.line()
+
+
+def test_timeline_splits_a_hang_and_a_restart():
+    """The launcher's side without processes: a hung first attempt (5 s of
+    silence before the launcher acted), a restart after waiting 0.5 s for
+    hosts, and a finished second attempt."""
+    first = {"first_step": 6.0, "first_step_seconds": 1.0,
+             "step_seconds": 9.0, "retrained_seconds": 0.0,
+             "save_seconds": 1.0, "updated": 16.0}
+    second = {"first_step": 30.0, "first_step_seconds": 1.0,
+              "step_seconds": 8.0, "retrained_seconds": 2.0,
+              "save_seconds": 1.0, "updated": 39.0, "finished": True}
+    timeline = goodput.Timeline(began=0.0)
+    attempt = goodput._Attempt  # noqa: SLF001 (times chosen by the test)
+    timeline.attempts = [
+        attempt(1.0, ended=21.0, stopped=23.0, detection=5.0,
+                         facts=first),
+        attempt(24.0, waited=0.5, ended=40.0, stopped=40.5,
+                         facts=second),
+    ]
+    report = timeline.account(wall_time=41.0)
+    assert report.as_dict() == {
+        "wall_time": 41.0, "counted": 15.0, "startup": 5.0,
+        "detection": 5.0, "restart": 2.0 + 0.5 + 5.0, "retrained": 2.0,
+        "waiting_for_hosts": 0.5, "saves": 2.0, "input_stalls": None,
+        # fit's end until the exit, and stopping the last group.
+        "after_training": 1.0 + 0.5,
+        # After the last step until the hang began; between the last
+        # step and fit's end; after the last group stopped.
+        "other": 1.0 + 1.0 + 0.5, "goodput": 15.0 / 41.0,
+    }
