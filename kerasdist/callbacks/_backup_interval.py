@@ -347,7 +347,7 @@ class Facts:
         the facts of every attempt so far (goodput without a launcher)."""
         return json.dumps({
             "global_step": max(self.global_step, self.high_water),
-            "attempts": [*self.earlier, self.as_dict()],
+            "attempts": self.attempts(),
         })
 
     def attempts(self) -> list[dict]:
