@@ -323,10 +323,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         """This worker's time facts of the current (or last) `fit`.
 
         The fields the heartbeat file holds: `attempt`, `rank`,
-        `train_begin`, `first_step`, `restored_step`, `global_step`,
-        `steps`, `step_seconds`, `retrained_steps`, `retrained_seconds`,
-        `saves`, `save_seconds`, `saved_step`, `finished`, `updated` (see
-        the "Running at scale" guide).
+        `train_begin`, `first_step`, `first_step_seconds`, `restored_step`,
+        `global_step`, `steps`, `step_seconds`, `retrained_steps`,
+        `retrained_seconds`, `saves`, `save_seconds`, `saved_step`,
+        `finished`, `updated` (see the "Running at scale" guide). Without
+        a launcher, the chief logs the run's goodput from them when `fit`
+        ends.
         """
         return self._run.facts.as_dict()
 
