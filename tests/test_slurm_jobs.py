@@ -6,6 +6,7 @@ trained) through tests/slurm_worker.py.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,6 +206,10 @@ def test_killed_task_is_rerun_by_the_job_loop_from_the_backup(
     assert every_step_once(records)
     assert_same_weights(final_weights(out), reference)
     print(f"\nSLURM killed task: {retrained(records)} step(s) retrained")
+    # The chief's goodput line, over both sruns (no launcher to print it):
+    # the gap between them is restart time.
+    spent = re.search(r"kerasdist: goodput [\d.]+% .* restart ([\d.]+)s", log)
+    assert spent and float(spent[1]) > 0, log
 
 
 def test_two_concurrent_jobs_on_the_same_nodes_both_finish(

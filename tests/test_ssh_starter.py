@@ -289,6 +289,28 @@ def test_heartbeat_is_relayed_and_keepalive_spares_a_live_worker(
     assert not os.path.exists(remote)  # the wrapper cleaned up
 
 
+def test_heartbeat_json_is_relayed_as_written(starter, started, tmp_path):
+    """Issue 19: one heartbeat format. The worker's JSON object (its
+    goodput facts, "finished") reaches the launcher's file unchanged."""
+    local = tmp_path / "worker-0.heartbeat"
+    local.write_text("")
+    env = {**BASE_ENV, kd.launch.ENV_HEARTBEAT_FILE: str(local)}
+    facts = {"attempt": 0, "step_seconds": 1.5, "finished": True}
+    code = (
+        "import json, os, time\n"
+        "with open(os.environ['KERASDIST_HEARTBEAT_FILE'], 'w') as f:\n"
+        f"    f.write(json.dumps({facts!r}) + '\\n')\n"
+        "time.sleep(3)  # The wrapper looks once a second.\n"
+    )
+    p = starter.start(HOST_A, [sys.executable, "-c", code], env,
+                      capture=True)
+    started.append(p)
+    wait_for(lambda: not p.running(), 60, p)
+    assert p.returncode == 0, p.output()
+    assert json.loads(local.read_text()) == facts
+    assert kd.launch.protocol.heartbeat_says_finished(local.read_text())
+
+
 def test_reachable(server, starter, tmp_path):
     # Generous: a loaded machine may take seconds to fork sshd's session.
     assert starter.reachable(HOST_A, timeout=30) is None
@@ -408,6 +430,11 @@ def test_kerasdist_run_over_ssh_saves_on_sigterm_and_resumes(server,
     assert second.returncode == 0 and reference.returncode == 0, text[-6000:]
     assert "[worker-1@127.0.0.22]" in text
     assert "kerasdist: preempted (SIGTERM); saved at epoch" in text
+    # The workers' goodput facts reach the launcher over ssh (the wrapper
+    # relays the heartbeat's JSON): every summary, ssh runs included, has
+    # a measured goodput line.
+    assert text.count("[launcher] goodput ") == 3, text[-6000:]
+    assert "goodput not measured" not in text, text[-6000:]
     records = fault_worker.read_steps(tmp_path / "ssh" / "steps-0.jsonl")
     assert {r["attempt"] for r in records} == {0}  # A new run each time.
     assert fault_worker.retrained(records) == 0  # SIGTERM loses nothing.

@@ -283,7 +283,9 @@ class Facts:
         rank: int. The worker's rank.
         train_begin: float. When `fit` started (before the restore).
         first_step: float or None. When the first step of this attempt
-            ended (start-up, restore and tracing are before it).
+            ended (start-up and restore are before it).
+        first_step_seconds: float. The time of that first step (its
+            tracing included): it began `first_step - first_step_seconds`.
         restored_step: int. The global step restored (0: a fresh start).
         global_step: int. Steps of the run trained so far.
         steps: int. Steps trained in this attempt.
@@ -304,6 +306,7 @@ class Facts:
     rank: int = 0
     train_begin: float = 0.0
     first_step: float | None = None
+    first_step_seconds: float = 0.0
     restored_step: int = 0
     global_step: int = 0
     steps: int = 0
@@ -316,12 +319,15 @@ class Facts:
     finished: bool = False
     updated: float = 0.0
     high_water: int = dataclasses.field(default=0, repr=False)
+    # The chief's last facts of each earlier attempt of the run.
+    earlier: list = dataclasses.field(default_factory=list, repr=False)
 
     def record_step(self, global_step: int, steps: int,
                     seconds: float) -> None:
         """Counts an execution of `steps` steps ending at `global_step`."""
         if self.first_step is None:
             self.first_step = time.time()
+            self.first_step_seconds = seconds
         self.steps += steps
         self.step_seconds += seconds
         redone = min(max(self.high_water - (global_step - steps), 0), steps)
@@ -337,13 +343,21 @@ class Facts:
 
     def progress_json(self) -> str:
         """The furthest step trained, for the next attempt's
-        `read_high_water` (never lower than what earlier attempts did)."""
-        return json.dumps(
-            {"global_step": max(self.global_step, self.high_water)})
+        `read_progress` (never lower than what earlier attempts did), and
+        the facts of every attempt so far (goodput without a launcher)."""
+        return json.dumps({
+            "global_step": max(self.global_step, self.high_water),
+            "attempts": self.attempts(),
+        })
+
+    def attempts(self) -> list[dict]:
+        """The facts of every attempt of the run so far, in order."""
+        return [*self.earlier, self.as_dict()]
 
     def as_dict(self) -> dict:
         fields = dataclasses.asdict(self)
         fields.pop("high_water")
+        fields.pop("earlier")
         return fields
 
     def to_json(self) -> str:
@@ -352,14 +366,19 @@ class Facts:
         return json.dumps(self.as_dict())
 
 
-def read_high_water(backup_dir: str) -> int:
-    """The furthest global step any earlier attempt trained (the chief's
-    progress file, written about once a second), or 0."""
+def read_progress(backup_dir: str) -> tuple[int, list[dict]]:
+    """The furthest global step any earlier attempt trained, and the
+    chief's facts of each earlier attempt (the chief's progress file,
+    written about once a second), or (0, [])."""
     try:
         with open(os.path.join(backup_dir, PROGRESS_FILE)) as f:
-            return int(json.load(f).get("global_step", 0))
-    except (OSError, ValueError, AttributeError):
-        return 0
+            progress = json.load(f)
+        attempts = progress.get("attempts", [])
+        return int(progress.get("global_step", 0)), [
+            a for a in attempts if isinstance(a, dict)
+            and "train_begin" in a and "updated" in a]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0, []
 
 
 def progress_path(backup_dir: str) -> str:

@@ -57,6 +57,7 @@ from kerasdist.callbacks._backup_store import (
     BackupConfigError,
     BackupMismatchError,
 )
+from kerasdist.launch import goodput as goodput_lib
 from kerasdist.launch import protocol
 
 __all__ = [
@@ -322,10 +323,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         """This worker's time facts of the current (or last) `fit`.
 
         The fields the heartbeat file holds: `attempt`, `rank`,
-        `train_begin`, `first_step`, `restored_step`, `global_step`,
-        `steps`, `step_seconds`, `retrained_steps`, `retrained_seconds`,
-        `saves`, `save_seconds`, `saved_step`, `finished`, `updated` (see
-        the "Running at scale" guide).
+        `train_begin`, `first_step`, `first_step_seconds`, `restored_step`,
+        `global_step`, `steps`, `step_seconds`, `retrained_steps`,
+        `retrained_seconds`, `saves`, `save_seconds`, `saved_step`,
+        `finished`, `updated` (see the "Running at scale" guide). Without
+        a launcher, the chief logs the run's goodput from them when `fit`
+        ends.
         """
         return self._run.facts.as_dict()
 
@@ -418,7 +421,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             store.delete_all(self.backup_dir)
             os.makedirs(self.backup_dir, exist_ok=True)
         if not new_run:
-            self._run.facts.high_water = interval_lib.read_high_water(
+            facts = self._run.facts
+            facts.high_water, facts.earlier = interval_lib.read_progress(
                 self.backup_dir)
         saved = self._run.restored if meta is not None else None
         if epoch_iterator is not None:
@@ -539,6 +543,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         restore_lib.record_finished(self.backup_dir)
         self._run.facts.finished = True
         self._run.heartbeat.beat(now=True)
+        self._log_goodput()
         if self.delete_on_finish and self._run.task.is_chief:
             store.delete_all(self.backup_dir)
         if self._run.preemption.requested:
@@ -787,6 +792,18 @@ class BackupAndRestore(keras.callbacks.Callback):
         """`values` averaged over the workers (a collective)."""
         return restore_lib.all_reduce_mean(
             self.model, self._run.task.num_workers, values)
+
+    def _log_goodput(self) -> None:
+        """Without a launcher to report it (SLURM, Ray Train, a plain
+        script), the chief logs the run's goodput from its own facts of
+        every attempt (kept in the progress file)."""
+        if not self._run.task.is_chief or os.environ.get(
+            protocol.ENV_HEARTBEAT_FILE
+        ):
+            return
+        report = goodput_lib.from_facts(self._run.facts.attempts())
+        # WARNING, so that it shows without absl flags (INFO does not).
+        logging.warning("kerasdist: %s", report.line())
 
     def _send_facts(self) -> None:
         """Writes the goodput facts into the launcher's heartbeat file,

@@ -38,7 +38,8 @@ _NAMES = {
 _RENAMED = {"read_events": "read"}
 
 _SUBMODULES = frozenset({
-    "agent", "cli", "events", "group", "hosts", "membership", "policy",
+    "agent", "cli", "events", "goodput", "group", "hosts", "membership",
+    "policy",
     "protocol", "results", "spec", "ssh", "supervisor",
 })
 

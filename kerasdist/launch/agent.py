@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from kerasdist.launch import events, policy, protocol, quiet
+from kerasdist.launch import events, goodput, policy, protocol, quiet
 from kerasdist.launch import hosts as hostlib
 from kerasdist.launch.group import Group, StartFailed
 from kerasdist.launch.membership import Membership
@@ -149,6 +149,7 @@ class Agent:
         self.budget = policy.Budget(spec.max_restarts, spec.max_preemptions)
         self.failures: list[Failure] = []
         self.sizes: list[int] = []
+        self.timeline = goodput.Timeline()
         # Hosts an elastic run goes on without for good (their workers
         # never got going): {host: why}.
         self.excluded: dict[hostlib.Host, str] = {}
@@ -164,6 +165,7 @@ class Agent:
         """
         spec = self.spec
         start = time.monotonic()
+        self.timeline = goodput.Timeline()
         check_command(spec)
         if spec.log_dir:
             check_log_dir(spec.log_dir)
@@ -182,6 +184,9 @@ class Agent:
                 attempt=self.attempt, reason=end.reason,
                 returncode=end.returncode,
             ))
+        wall_time = time.monotonic() - start
+        spent = self.timeline.account(wall_time)
+        self.bus.publish(events.GoodputMeasured.of(self.attempt, spent))
         result = RunResult(
             returncode=0 if isinstance(end, policy.Finish)
             else end.returncode,
@@ -189,12 +194,13 @@ class Agent:
             restarts=self.budget.restarts,
             preemptions=self.budget.preemptions,
             failures=self.failures,
-            wall_time=time.monotonic() - start,
+            wall_time=wall_time,
             interrupted_by=(
                 signal_name(end.signum) if isinstance(end, policy.Stop)
                 else None
             ),
             sizes=self.sizes,
+            goodput=spent,
         )
         self.bus.publish(events.RunEnded(result=result))
         return result
@@ -222,7 +228,10 @@ class Agent:
                     description=failure.describe(),
                 ))
                 self._exclude_failing_at_start()
+            placing = time.time()
             placed = self._place(failure)
+            if self.spec.multi_host:  # Probing and --host_wait.
+                self.timeline.waited(time.time() - placing)
             if isinstance(placed, _END):
                 return placed
             self._announce_size(hosts, placed)
@@ -373,6 +382,7 @@ class Agent:
         self.attempt += 1
         self.sizes.append(_size(hosts))
         self.members.new_attempt()
+        self.timeline.start()
         group = Group(
             spec, self.attempt, hosts, self._starter_for, beat_dir,
             self.worker_output,
@@ -389,6 +399,8 @@ class Agent:
         try:
             group.start()
         except StartFailed as e:
+            self.timeline.end(detection=0.0)
+            self.timeline.stop(None)
             self.bus.publish(events.for_failure(e.failure))
             return e.failure
         try:
@@ -399,7 +411,9 @@ class Agent:
             raise
         if self.interrupted is not None:
             outcome = policy.Interrupted(self.interrupted)
+        self.timeline.end(detection=_silence(group, outcome))
         self.stop_group(group, outcome)
+        self.timeline.stop(self._chief_facts(group))
         if isinstance(outcome, Failure):
             if spec.multi_host:
                 outcome = policy.blame(
@@ -408,6 +422,13 @@ class Agent:
                 )
             self.bus.publish(events.for_failure(outcome))
         return outcome
+
+    def _chief_facts(self, group: Group) -> dict | None:
+        """Worker 0's goodput facts of this attempt, or None."""
+        facts = group.workers[0].goodput_facts() if group.workers else None
+        if facts is None or facts.get("attempt") != self.attempt - 1:
+            return None  # None written, or not by this attempt.
+        return facts
 
     def _monitor(self, group: Group, missing: list[hostlib.Host]):
         """Waits for success, a failure, returned hosts or an interruption.
@@ -459,6 +480,20 @@ class Agent:
                 # Probe while the survivors stop; host_wait counts from now.
                 self.members.failure_seen()
             group.stop(spec.restart_grace_period)
+
+
+def _silence(group: Group, outcome: policy.Outcome) -> float:
+    """Seconds a hung worker was silent before the launcher acted (the
+    failure's detection time); 0 for anything else (an exit is seen
+    within one poll)."""
+    if not isinstance(outcome, Failure) or (
+        outcome.state != WorkerState.HUNG
+    ):
+        return 0.0
+    for w in group.workers:
+        if w.index == outcome.worker:
+            return max(time.monotonic() - w.last_progress(), 0.0)
+    return 0.0
 
 
 def run(

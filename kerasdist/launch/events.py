@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any, ClassVar
 
-from kerasdist.launch import results
+from kerasdist.launch import goodput, results
 
 __all__ = [
     "AttemptStarted",
@@ -30,6 +30,7 @@ __all__ = [
     "Event",
     "EventBus",
     "GaveUp",
+    "GoodputMeasured",
     "HostExcluded",
     "HostUnreachable",
     "HostsReturned",
@@ -288,6 +289,26 @@ class GaveUp(Event):
 
     def console(self) -> str:
         return self.reason
+
+
+@dataclasses.dataclass(frozen=True)
+class GoodputMeasured(Event, goodput.Goodput):
+    """The run's wall time split into steps that count and badput by
+    cause: the fields of `goodput.Goodput` (seconds; None: not measured)
+    and `goodput`, their ratio `counted / wall_time`."""
+
+    name: ClassVar[str] = "goodput"
+    attempt: int
+
+    def to_json(self) -> dict[str, Any]:
+        record = super().to_json()
+        record["goodput"] = self.goodput
+        return record
+
+    @classmethod
+    def of(cls, attempt: int, report: goodput.Goodput) -> GoodputMeasured:
+        """The event for `report`, after attempt `attempt`."""
+        return cls(attempt=attempt, **dataclasses.asdict(report))
 
 
 @dataclasses.dataclass(frozen=True)

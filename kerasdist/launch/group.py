@@ -87,14 +87,24 @@ class Worker:
         mtime = _mtime(self.heartbeat)
         if mtime is not None and mtime != self._read_at:
             self._read_at = mtime  # Read only when it changed.
-            try:
-                with open(self.heartbeat) as f:
-                    text = f.read(1 << 16)
-            except OSError:
-                text = ""
             # Once said, it stays said for this attempt.
-            self._finished = protocol.heartbeat_says_finished(text)
+            self._finished = protocol.heartbeat_says_finished(
+                self.heartbeat_text())
         return self._finished
+
+    def heartbeat_text(self) -> str:
+        """The heartbeat file's content ("" if it cannot be read)."""
+        try:
+            with open(self.heartbeat) as f:
+                return f.read(1 << 16)
+        except OSError:
+            return ""
+
+    def goodput_facts(self) -> dict | None:
+        """The worker's last goodput facts (`BackupAndRestore` writes them
+        into its heartbeat file), or None."""
+        record = protocol.read_heartbeat(self.heartbeat_text())
+        return record if record and "step_seconds" in record else None
 
     def is_stopped(self) -> bool:
         """True when the process is stopped (SIGSTOP) or traced."""

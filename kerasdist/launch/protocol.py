@@ -60,6 +60,7 @@ __all__ = [
     "slurm_requeue",
     "TRAINING_FINISHED",
     "heartbeat_says_finished",
+    "read_heartbeat",
     "report_training_finished",
     "touch_heartbeat",
 ]
@@ -75,7 +76,7 @@ ENV_HEARTBEAT_FILE = "KERASDIST_HEARTBEAT_FILE"
 ENV_MIN_WORKERS = "KERASDIST_MIN_WORKERS"  # smallest group size allowed
 ENV_MAX_WORKERS = "KERASDIST_MAX_WORKERS"  # largest group size allowed
 ENV_HOST = "KERASDIST_HOST"  # this worker's host address
-# Written to the heartbeat file by `report_training_finished`.
+# The heartbeat's JSON field saying training is done (`{"finished": true}`).
 TRAINING_FINISHED = "finished"
 
 
@@ -99,10 +100,11 @@ def restart_count() -> int:
 def report_training_finished() -> None:
     """Tells the launcher this worker's training is done (no-op outside it).
 
-    Writes `TRAINING_FINISHED` to `KERASDIST_HEARTBEAT_FILE`. An elastic
-    `kerasdist-run` does not resize a group once one of its workers said
-    so (a grow would stop workers in their post-`fit` code). It also
-    counts as progress. Call it when `fit` returns.
+    Writes `{"finished": true}` to `KERASDIST_HEARTBEAT_FILE` (the format
+    `kd.callbacks.BackupAndRestore` writes its goodput facts in). An
+    elastic `kerasdist-run` does not resize a group once one of its
+    workers said so (a grow would stop workers in their post-`fit` code).
+    It also counts as progress. Call it when `fit` returns.
 
     Example:
 
@@ -113,33 +115,50 @@ def report_training_finished() -> None:
         return
     try:
         with open(path, "w") as f:
-            f.write(f"{TRAINING_FINISHED}\n")
+            f.write(json.dumps({TRAINING_FINISHED: True}) + "\n")
     except OSError:
         pass
 
 
-def heartbeat_says_finished(text: str) -> bool:
-    """True when a heartbeat file's text says training is done.
+def read_heartbeat(text: str) -> dict | None:
+    """The JSON object a heartbeat file holds, or None.
 
-    The file holds either the word `TRAINING_FINISHED` (written by
-    `report_training_finished`) or one JSON object, the goodput facts of
-    `kd.callbacks.BackupAndRestore`, whose `"finished"` is true once `fit`
-    has returned.
+    The file is empty (only touched) or holds one JSON object: the goodput
+    facts of `kd.callbacks.BackupAndRestore`, or `{"finished": true}` from
+    `report_training_finished`.
+
+    Args:
+        text: str. The file's content.
+
+    Returns:
+        dict or None (empty, or not a JSON object).
+
+    Example:
+
+    >>> read_heartbeat('{"steps": 3}')
+    {'steps': 3}
+    """
+    text = text.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def heartbeat_says_finished(text: str) -> bool:
+    """True when a heartbeat file's text says training is done: its JSON
+    object (see `read_heartbeat`) has `"finished": true`.
 
     Example:
 
     >>> heartbeat_says_finished('{"steps": 3, "finished": true}')
     True
     """
-    text = text.strip()
-    if text == TRAINING_FINISHED:
-        return True
-    if not text.startswith("{"):
-        return False
-    try:
-        return json.loads(text).get("finished") is True
-    except (ValueError, AttributeError):
-        return False
+    record = read_heartbeat(text)
+    return record is not None and record.get(TRAINING_FINISHED) is True
 
 
 def touch_heartbeat() -> None:

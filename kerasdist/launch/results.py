@@ -12,6 +12,7 @@ import signal
 import time
 
 from kerasdist.launch import protocol
+from kerasdist.launch.goodput import Goodput
 
 __all__ = [
     "Failure",
@@ -106,6 +107,8 @@ class RunResult:
             was stopped.
         sizes: list of int. Workers started in each attempt (they differ
             when an elastic run shrank or grew).
+        goodput: `Goodput` or None. The wall time split into steps that
+            count and badput by cause (see the "Running at scale" guide).
 
     Example:
 
@@ -121,6 +124,7 @@ class RunResult:
     wall_time: float
     interrupted_by: str | None = None
     sizes: list[int] = dataclasses.field(default_factory=list)
+    goodput: Goodput | None = None
 
     @property
     def ok(self) -> bool:
@@ -154,6 +158,8 @@ class RunResult:
                 "[launcher] workers per attempt: "
                 + " -> ".join(map(str, self.sizes))
             )
+        if self.goodput is not None:
+            lines.append(f"[launcher] {self.goodput.line()}")
         for f in self.failures:
             lines.append(f"[launcher]   attempt {f.attempt}: {f.describe()}")
         if self.failures and not self.ok:

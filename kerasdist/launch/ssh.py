@@ -32,9 +32,11 @@ What travels, and how:
   launcher's keepalive lines stop: after `alive_timeout` seconds (30)
   without one, the wrapper kills the group too.
 - **Heartbeat**: the worker's `KERASDIST_HEARTBEAT_FILE` is a private file
-  on the host; the wrapper relays each touch of it, and the launcher's own
-  heartbeat file is touched, so `--timeout` sees a quiet remote worker's
-  progress without a shared heartbeat directory.
+  on the host; the wrapper relays each change of it (its JSON object, e.g.
+  the goodput facts, as written; else a touch) to the launcher's own
+  heartbeat file, so `--timeout` sees a quiet remote worker's progress,
+  and the launcher its goodput facts, without a shared heartbeat
+  directory.
 
 The hosts need a POSIX `sh`, `setsid` (util-linux), and GNU `env` (with
 `--default-signal`, coreutils >= 8.31), `stat` and `mktemp`: any current
@@ -150,7 +152,8 @@ class SshProcess(supervisor.Process):
             the local ssh if it has not ended. Defaults to 5.
         heartbeat: str or None. The launcher's heartbeat file for this
             worker: touched whenever the worker touches its own (a private
-            file on the host). Defaults to None.
+            file on the host), and given its JSON object when it writes
+            one. Defaults to None.
         alive_interval: float. Seconds between keepalive lines to the
             wrapper. Defaults to 5.
         **process: passed to `supervisor.Process` (`log_path`,
@@ -211,7 +214,7 @@ class SshProcess(supervisor.Process):
             for line in iter(self.stderr.readline, b""):
                 if line.startswith(beat):
                     self._beat(line[len(beat):].strip().decode(
-                        "ascii", "replace"))
+                        "utf-8", "replace"))
                     continue
                 if line.startswith(state):
                     self._remote_state = line[len(state):].strip().decode(
@@ -232,31 +235,26 @@ class SshProcess(supervisor.Process):
             if log:
                 log.close()
 
-    def _beat(self, word: str) -> None:
-        # The launcher owns the file; once it removed it (stopping), the
-        # beat has nowhere to go.
+    def _beat(self, record: str) -> None:
+        # The worker's heartbeat changed: `record` is its JSON object (the
+        # goodput facts, or {"finished": true}) as written, or "" when it
+        # was only touched. The launcher owns the file; once it removed it
+        # (stopping), the beat has nowhere to go.
         if not self._heartbeat:
             return
         try:
-            if word == protocol.TRAINING_FINISHED:
+            if protocol.read_heartbeat(record) is not None:
                 with open(self._heartbeat, "w") as f:
-                    f.write(f"{word}\n")
+                    f.write(f"{record}\n")
             else:
                 os.utime(self._heartbeat)
         except OSError:
             pass
 
     def _emit(self, line: bytes, log) -> None:
-        # ssh ends its own messages with "\r\n".
-        line = line.rstrip(b"\r\n") + b"\n"
-        self.last_output = time.monotonic()
-        if log:
-            log.write(line)
-            log.flush()
-        if self._chunks is not None:
-            self._chunks.append(line)
-        if self._sink is not None:
-            self._sink(self._prefix + line.decode("utf-8", "replace"))
+        # ssh ends its own messages with "\r\n". A whole line: nothing is
+        # left pending.
+        self._route(line.rstrip(b"\r\n") + b"\n", log)
 
     def _explain_failure(self, log) -> None:
         # stderr closed without the wrapper's status: ssh itself ended
@@ -302,16 +300,20 @@ class SshProcess(supervisor.Process):
 
     @property
     def returncode(self) -> int | None:
-        """Exit status (see the class docstring); None while running."""
-        code = supervisor.Process.returncode.fget(self)
-        if (code is None and self._kill_deadline is not None
-                and time.monotonic() >= self._kill_deadline):
-            # The remote side did not confirm in time (e.g. the network
-            # is cut): kill the local ssh; sshd ends the remote worker once
-            # it notices the lost connection.
+        """Exit status (see the class docstring); None while running.
+        Only looks: the kill after `kill_timeout` is `reap`'s."""
+        return supervisor.Process.returncode.fget(self)
+
+    def _kill_if_overdue(self) -> None:
+        """After `signal(SIGKILL)`, once `kill_timeout` passed and ssh still
+        runs (the remote side did not confirm, e.g. the network is cut):
+        kills the local ssh; sshd ends the remote worker once it notices
+        the lost connection."""
+        if (self._kill_deadline is not None
+                and time.monotonic() >= self._kill_deadline
+                and self.returncode is None):
             supervisor.Leader.signal(self, signal.SIGKILL)
             self._kill_deadline = None
-        return code
 
     def state(self) -> str | None:
         """The remote worker's `/proc` state letter (`"T"`: stopped), as
@@ -376,10 +378,11 @@ class SshProcess(supervisor.Process):
         Returns:
             int. The exit status (see the class docstring).
         """
-        # Like Leader.reap, this waits for the end (the returncode property
-        # enforces the kill deadline); then stdin is closed under the lock
-        # the keepalive thread writes under, never while ssh still runs.
+        # Like Leader.reap, this waits for the end (killing the local ssh
+        # once the kill deadline passed); then stdin is closed under the
+        # lock the keepalive thread writes under, never while ssh runs.
         while not self._reaped and self.returncode is None:
+            self._kill_if_overdue()
             time.sleep(0.05)
         self._close_stdin()
         code = super().reap(output_timeout)

@@ -13,8 +13,8 @@
 #   keepalive) write the time to a file. The monitor, every second, kills
 #   the group when that time is older than ALIVE seconds (0: never), and
 #   relays the worker's heartbeat file (a private file on this host) as
-#   `BEAT [WORD]` lines, which touch the launcher's own heartbeat file (or
-#   write WORD, e.g. "finished", to it), and the
+#   `BEAT [JSON]` lines, which touch the launcher's own heartbeat file (or
+#   write the worker's JSON object, e.g. its goodput facts, to it), and the
 #   worker's /proc state letter when it changes (`T`: stopped), for
 #   `SshProcess.state()`.
 # - After the worker ends, the rest of its group is killed, as the local
@@ -71,13 +71,11 @@ main=$$
     fi
     now=$(stat -c %y "$tmp/beat" 2>/dev/null)
     if [ "$now" != "$last" ]; then
-      # "finished" once training is done: the word itself, or the
-      # backup callback's JSON facts with "finished": true.
-      word=
-      case $(cat -- "$tmp/beat" 2>/dev/null) in
-        finished*|*'"finished": true'*) word=finished ;;
-      esac
-      echo "kerasdist-ssh-beat $word" >&2; last=$now
+      # The file's JSON object (the backup callback's goodput facts, or
+      # {"finished": true}) goes through as one line; a touch as nothing.
+      record=$(head -c 65536 -- "$tmp/beat" 2>/dev/null | tr -d '\n')
+      case $record in '{'*) ;; *) record= ;; esac
+      printf 'kerasdist-ssh-beat %s\n' "$record" >&2; last=$now
     fi
     line=; { read -r line </proc/"$pid"/stat; } 2>/dev/null
     line=${line##*) }; ws=${line%% *}

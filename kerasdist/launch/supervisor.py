@@ -347,6 +347,26 @@ class Process(Leader):
         )
         self._reader.start()
 
+    def _route(self, data: bytes, log, pending: bytes = b"") -> bytes:
+        """Copies output to the log file, the capture and (whole lines,
+        prefixed) the sink; returns the unfinished line left after
+        `pending + data`."""
+        self.last_output = time.monotonic()
+        if log:
+            log.write(data)
+            log.flush()
+        if self._chunks is not None:
+            self._chunks.append(data)
+        if self._sink is None:
+            return b""
+        *lines, pending = (pending + data).split(b"\n")
+        if lines:
+            self._sink("".join(
+                self._prefix + ln.decode("utf-8", "replace") + "\n"
+                for ln in lines
+            ))
+        return pending
+
     def _pump(self, log) -> None:
         pending = b""
         try:
@@ -354,21 +374,7 @@ class Process(Leader):
                 chunk = self._proc.stdout.read1(65536)
                 if not chunk:
                     break
-                self.last_output = time.monotonic()
-                if log:
-                    log.write(chunk)
-                    log.flush()
-                if self._chunks is not None:
-                    self._chunks.append(chunk)
-                if self._sink is None:
-                    continue
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                if lines:
-                    self._sink("".join(
-                        self._prefix + ln.decode("utf-8", "replace") + "\n"
-                        for ln in lines
-                    ))
+                pending = self._route(chunk, log, pending)
             if pending and self._sink is not None:
                 self._sink(
                     self._prefix + pending.decode("utf-8", "replace") + "\n"
