@@ -143,8 +143,8 @@ def test_events_jsonl_tells_a_sigkilled_worker_and_its_restart(tmp_path):
     got = kd.launch.read_events(tmp_path)
     assert [e["event"] for e in got] == [
         "attempt_started", "worker_exited", "restarting", "attempt_started",
-        "run_ended"], got
-    started, exited, restarting, again, ended = got
+        "goodput", "run_ended"], got
+    started, exited, restarting, again, _, ended = got
     assert (started["attempt"], started["size"]) == (1, 2)
     assert (exited["attempt"], exited["rank"], exited["signal"],
             exited["exit_code"]) == (1, 1, "SIGKILL", -9), exited

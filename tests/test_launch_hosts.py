@@ -357,7 +357,7 @@ _FINISHES_THEN_WORKS_ON = """
 import os, sys, time
 # What protocol.report_training_finished() does when fit returns.
 with open(os.environ["KERASDIST_HEARTBEAT_FILE"], "w") as f:
-    f.write("finished\\n")
+    f.write('{"finished": true}\\n')
 open(os.path.join(sys.argv[1], "reported"), "w").close()
 time.sleep(8)  # Post-fit work (export, evaluation) a grow would cut short.
 open(os.path.join(sys.argv[1], "post-fit-done"), "w").close()

@@ -435,7 +435,7 @@ def test_report_training_finished_writes_the_heartbeat(tmp_path, monkeypatch):
     beat.write_text("")
     monkeypatch.setenv(protocol.ENV_HEARTBEAT_FILE, str(beat))
     protocol.report_training_finished()
-    assert beat.read_text() == f"{protocol.TRAINING_FINISHED}\n"
+    assert beat.read_text() == '{"finished": true}\n'
     monkeypatch.delenv(protocol.ENV_HEARTBEAT_FILE)
     protocol.report_training_finished()  # Outside the launcher: no-op.
 
