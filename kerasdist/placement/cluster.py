@@ -17,6 +17,11 @@ Python interpreter exits normally, or "failed" after an uncaught exception.
 A server exits 0 on "done"; it exits 1 on "failed" or when the heartbeats
 stop for `liveness` seconds (the chief was killed), so the launcher restarts
 the group per the recovery contract.
+
+A server under a memory limit (a cgroup v1 or v2 memory group with a limit)
+also starts a small watchdog process: if the kernel kills the server past
+its limit, which the server cannot report itself (SIGKILL), the watchdog
+writes so, with the limit, to the worker's log.
 """
 
 from __future__ import annotations
