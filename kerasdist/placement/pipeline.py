@@ -565,7 +565,7 @@ def _updates_on_variable_devices(optimizer):
         # temporaries the size of its variable (Adam: 3-4), and the
         # executor would otherwise run several at once on a stage worker.
         device = _device_of(variable)
-        with tf.device(device), tf.control_dependencies(last.get(device)):
+        with tf.device(device), tf.control_dependencies(last.get(device, [])):
             result = original(gradient, variable, learning_rate)
             if tf.inside_function():
                 last[device] = [tf.convert_to_tensor(variable)]
