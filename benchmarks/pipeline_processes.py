@@ -19,7 +19,9 @@ their gradients backward) and the bytes of the batch sent from the chief
 time those transfers take on their own (the same messages sent between the
 two stage workers one after another, no computation), per M; and the CPU
 time per step of each process (stage workers, chief, reference), which
-shows where the work runs and that each stage worker uses one thread.
+shows where the work runs and that each stage worker uses one thread;
+`stage_cpu_ratio` is the two stage workers' CPU time per step over the
+unsplit model's (1.0: splitting added no work).
 
 The model is compute-bound: 8 Dense(1024, relu) layers (4 per stage), a
 batch of 2048, SGD and mean squared error; steps are timed through Keras's
@@ -322,6 +324,10 @@ def main(full: bool = False) -> dict:
             "pipeline_seconds_per_step": raw["pipeline_seconds"][m],
             "reference_seconds_per_step": raw["reference_seconds"][m],
             "cpu_seconds_per_step": raw["stage_cpu"][m],
+            "stage_cpu_ratio": statistics.median(
+                (c["stage_1"] + c["stage_2"]) / c["reference"]
+                for c in raw["stage_cpu"][m]
+            ),
             "bytes_per_step": cut_bytes(m),
             "transfer_seconds_per_step": raw["transfer_seconds"][m],
             "transfer_share": raw["transfer_seconds"][m] / pipe_median,

@@ -17,6 +17,11 @@ Python interpreter exits normally, or "failed" after an uncaught exception.
 A server exits 0 on "done"; it exits 1 on "failed" or when the heartbeats
 stop for `liveness` seconds (the chief was killed), so the launcher restarts
 the group per the recovery contract.
+
+A server under a memory limit (a cgroup v1 or v2 memory group with a limit)
+also starts a small watchdog process: if the kernel kills the server past
+its limit, which the server cannot report itself (SIGKILL), the watchdog
+writes so, with the limit, to the worker's log.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import atexit
 import dataclasses
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -259,6 +265,7 @@ def _serve(spec, me: _Task, chief: _Task, timeout: float,
         "kerasdist: %s %d serves model parallelism at %s",
         me.job, me.index, me.address,
     )
+    _watch_memory_limit(f"{me.job} {me.index}")
     code, why = _listen(sock, timeout, liveness)
     if code == 0:
         # The chief's runtime still talks to this server while it shuts
@@ -266,6 +273,85 @@ def _serve(spec, me: _Task, chief: _Task, timeout: float,
         _wait_closed(chief.host_port, liveness)
     del server
     _exit(code, why)
+
+
+# Run by a watchdog next to each server (no TensorFlow import: a few MiB).
+# When the server's process ends (the watchdog is re-parented), it compares
+# the memory cgroup's kill counter with its value at start: a kill means the
+# kernel ended the server past its memory limit, which nothing else reports
+# (the server dies by SIGKILL, mid-operation, without a word).
+_WATCHDOG = r"""
+import os, sys, time
+parent, events, name = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def kills():
+    try:
+        with open(events) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except OSError:
+        pass
+    return 0
+start = kills()
+while os.getppid() == parent:
+    time.sleep(0.1)
+if kills() > start:
+    sys.stderr.write(
+        "kerasdist: %s (pid %d) was killed by the kernel past its memory "
+        "limit of %s MiB (%s): its stages' weights, optimizer state and "
+        "activations need more memory than that. Split the model over more "
+        "workers (more stages), keep fewer activations (recompute=True), "
+        "or raise the limit.\n" % (name, parent, sys.argv[4], events))
+"""
+
+
+def _memory_events() -> tuple[str, int] | None:
+    """This process's memory-cgroup file counting OOM kills, and its limit.
+
+    Returns:
+        (path of the file, limit in bytes), or None without a limit.
+    """
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):  # cgroup v1
+            base = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
+            limit, events = "memory.limit_in_bytes", "memory.oom_control"
+            break
+    else:
+        path = next((ln[3:] for ln in lines if ln.startswith("0::")), None)
+        if path is None:
+            return None
+        base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+        limit, events = "memory.max", "memory.events"
+    try:
+        with open(os.path.join(base, limit)) as f:
+            value = f.read().strip()
+    except OSError:
+        return None
+    if value == "max" or int(value) >= 1 << 60:  # no limit
+        return None
+    return os.path.join(base, events), int(value)
+
+
+def _watch_memory_limit(name: str) -> None:
+    """Starts the watchdog that reports a kill past the memory limit."""
+    found = _memory_events()
+    if found is None:
+        return
+    events, limit = found
+    # Its own session: the launcher's SIGTERM to the worker's process
+    # group must not end it before it has looked.
+    subprocess.Popen(
+        [sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), events,
+         name, str(limit >> 20)],
+        start_new_session=True, stdin=subprocess.DEVNULL,
+    )
 
 
 def _wait_closed(host_port: tuple[str, int], seconds: float) -> None:

@@ -275,6 +275,7 @@ class PipelineModel(keras.Model):
         stage_vars = [v for v in pipe.variables[s] if v.trainable]
         ins = pipe.float_inputs[s]
         with tf.device(pipe.devices[s]):
+            done = []  # ops the next micro-batch's backward waits on
             for i in reversed(range(self.num_microbatches)):
                 vals = values[i]
                 outs = [t for t in stage.outputs if _is_float(vals[t])]
@@ -289,16 +290,19 @@ class PipelineModel(keras.Model):
                     tape, local = self._recompute(stage, vals, out_grads)
                 else:
                     tape, local = tapes[s, i], vals
-                g = tape.gradient(
-                    [local[t] for t in outs],
-                    stage_vars + [local[t] for t in ins],
-                    output_gradients=out_grads,
-                    unconnected_gradients=tf.UnconnectedGradients.NONE,
-                )
-                for v, gv in zip(stage_vars, g[: len(stage_vars)],
-                                 strict=False):
-                    if gv is not None:
-                        var_grads.setdefault(id(v), []).append(gv)
+                with tf.control_dependencies(done):
+                    g = tape.gradient(
+                        [local[t] for t in outs],
+                        stage_vars + [local[t] for t in ins],
+                        output_gradients=out_grads,
+                        unconnected_gradients=tf.UnconnectedGradients.NONE,
+                    )
+                done = [
+                    _accumulate(var_grads, id(v), gv)
+                    for v, gv in zip(stage_vars, g[: len(stage_vars)],
+                                     strict=False)
+                    if gv is not None
+                ]
                 for t, gi in zip(ins, g[len(stage_vars) :], strict=False):
                     _add_grad(grad_values[i], t, gi)
 
@@ -554,10 +558,18 @@ def _updates_on_variable_devices(optimizer):
     """
     original = optimizer.update_step
     clipnorm, clipvalue = optimizer.clipnorm, optimizer.clipvalue
+    last = {}  # device -> the previous update's result on it
 
     def update_step(gradient, variable, learning_rate):
-        with tf.device(_device_of(variable)):
-            return original(gradient, variable, learning_rate)
+        # One variable's update at a time per device: each update makes
+        # temporaries the size of its variable (Adam: 3-4), and the
+        # executor would otherwise run several at once on a stage worker.
+        device = _device_of(variable)
+        with tf.device(device), tf.control_dependencies(last.get(device, [])):
+            result = original(gradient, variable, learning_rate)
+            if tf.inside_function():
+                last[device] = [tf.convert_to_tensor(variable)]
+            return result
 
     optimizer.update_step = update_step
     try:
@@ -624,6 +636,30 @@ def _add_grad(grads: dict, key, g) -> None:
     if g is None:
         return
     grads[key] = g if key not in grads else grads[key] + g
+
+
+def _accumulate(var_grads: dict, key, g):
+    """Adds a micro-batch's gradient `g` to the running sum at `key`.
+
+    Summing as each micro-batch's backward pass ends (rather than after
+    the last) keeps two gradients of a variable alive instead of M + 1;
+    the next micro-batch's backward waits on the returned sum (a control
+    dependency), so TensorFlow's executor cannot run ahead of it. The
+    order of the additions is unchanged. Sparse gradients are kept as
+    parts (`_sum_grads` concatenates them).
+
+    Returns:
+        The tensor the next backward pass waits on.
+    """
+    parts = var_grads.setdefault(key, [])
+    dense = not isinstance(g, tf.IndexedSlices)
+    if parts and dense and not isinstance(parts[-1], tf.IndexedSlices):
+        parts[-1] = parts[-1] + g
+    else:
+        parts.append(g)
+    return parts[-1].values if isinstance(parts[-1], tf.IndexedSlices) else (
+        parts[-1]
+    )
 
 
 def _sum_grads(parts, variable):
