@@ -99,6 +99,9 @@ class HostBedRun:
             imports). Defaults to none.
         cwd: str, path or None. The launcher's working directory.
             Defaults to `workdir`.
+        launcher_args: list of str. More launcher options, e.g.
+            `["--num_workers", "2"]` (with `hosts`: 2 slots on each host;
+            with no hosts: 2 workers on 127.0.0.1). Defaults to none.
 
     Raises:
         ValueError: if a host address is not in 127.0.0.0/8.
@@ -135,6 +138,7 @@ class HostBedRun:
         env: Mapping[str, str] | None = None,
         python_path: Sequence[str] = (),
         cwd: str | os.PathLike | None = None,
+        launcher_args: Sequence[str] = (),
     ):
         for host in hosts:
             if not isinstance(host, testbed.EmulatedHost):
@@ -153,13 +157,14 @@ class HostBedRun:
             p for p in (*python_path, *_kerasdist_path(),
                         os.environ.get("PYTHONPATH"))
             if p)
-        argv = [
-            sys.executable, "-m", "kerasdist.launch",
-            "--hosts", ",".join(_address(h) for h in hosts),
+        argv = [sys.executable, "-m", "kerasdist.launch"]
+        if hosts:
+            argv += ["--hosts", ",".join(_address(h) for h in hosts)]
+        argv += [
             "--host_wait", f"{host_wait:g}", "--timeout", f"{timeout:g}",
             "--start_timeout", f"{start_timeout:g}",
             "--max_restarts", str(max_restarts),
-            "--log_dir", str(self.workdir / "logs"),
+            "--log_dir", str(self.workdir / "logs"), *launcher_args,
         ]
         if min_workers is not None:
             argv += ["--min_workers", str(min_workers)]
