@@ -34,6 +34,7 @@ import time
 STARTED = time.time()  # Before any other import: the phases' origin.
 
 import argparse  # noqa: E402
+import faulthandler  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -45,9 +46,8 @@ import fault_worker  # noqa: E402
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--backup_dir", required=True)
-    parser.add_argument("--pid_dir", required=True)
+    for directory in ("out", "backup_dir", "pid_dir"):
+        parser.add_argument(f"--{directory}", required=True)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--global_batch", type=int, default=1680)
     parser.add_argument("--num_examples", type=int, default=1680 * 4)
@@ -87,6 +87,9 @@ def _collective_seconds(strategy, model, rounds: int) -> float:
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    # `kill -USR2 PID` prints every thread's Python stack (to the worker's
+    # log): what a hung worker waits for.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     fault_worker.write_pid(args.pid_dir)
 
     import keras

@@ -45,7 +45,7 @@ GLOBAL_BATCH = 1680  # lcm(14, 15, 16)
 EXAMPLES = 4 * GLOBAL_BATCH  # 4 steps per epoch
 EPOCHS = 2
 HOSTS = testbed.emulated_hosts(8)  # 127.0.0.2 - 127.0.0.9, 2 slots each
-RUN_TIMEOUT = 420  # Seconds for one launcher run (3 group start-ups).
+RUN_TIMEOUT = 600  # Seconds for one launcher run (3 group start-ups).
 RTOL, ATOL = 1e-5, 1e-6
 
 pytestmark = [pytest.mark.real_component, pytest.mark.slow,
