@@ -63,7 +63,8 @@ class HostBedRun:
 
     The launcher runs as `python -m kerasdist.launch --hosts A,B,...
     --host_wait W --timeout T --start_timeout S --max_restarts R
-    [--min_workers M] --log_dir WORKDIR/logs -- *command`, with the
+    --log_dir WORKDIR/logs *launcher_args [--min_workers M] -- *command`
+    (without `--hosts` when `hosts` is empty), with the
     kerasdist this process imported (an installed package, or a source tree
     put on `PYTHONPATH`) and no inherited `TF_CONFIG`; its output goes to
     `WORKDIR/launcher.log`. Use it as a context manager (or call `stop`) so
@@ -73,7 +74,9 @@ class HostBedRun:
     Args:
         command: list of str. The worker command, e.g.
             `[sys.executable, "worker.py", "--pid_dir", ...]`.
-        hosts: list of `EmulatedHost` or loopback address strings.
+        hosts: list of `EmulatedHost` or loopback address strings; empty
+            for a one-host run (then give `--num_workers` in
+            `launcher_args`).
         workdir: str or path. Directory for `launcher.log` and `logs/`.
         pid_dir: str, path or None. Where the workers write their
             `<address>-*.pid` files. Defaults to `WORKDIR/pids`.
