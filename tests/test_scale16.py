@@ -82,8 +82,11 @@ def start_run(tmp, hosts=(), kill=None, hold=None, **kwargs):
         command, hosts, tmp, pid_dir=tmp / "pids",
         step_log=out / "steps-0.jsonl", host_wait=3,
         # A step takes well under a second, but sixteen start-ups on two
-        # loaded cores take minutes.
-        timeout=60, start_timeout=300, max_restarts=3,
+        # loaded cores take minutes, and so does the first step of the
+        # epoch after a mid-epoch resume (a new step function to build
+        # and optimize in every worker: 30 s measured under load, once
+        # over 60 s, which the launcher then took for a hang).
+        timeout=180, start_timeout=300, max_restarts=3,
         run_timeout=RUN_TIMEOUT, python_path=[HERE], cwd=HERE,
         launcher_args=["--num_workers", str(slots)], **kwargs)
 
@@ -116,8 +119,10 @@ def _check_weights(r, reference, summary):
     """The run succeeded (its summary says `summary`), trained every step
     of the run once (after rollbacks) and ended with the reference
     weights."""
-    log = r.finish()
-    print(_start_up_report(r))
+    try:
+        log = r.finish()
+    finally:  # Where the time went, also when the run failed.
+        print(_start_up_report(r))
     assert summary in log, log[-4000:]
     steps = fw.lineage(r.steps())
     assert [(s["epoch"], s["step"]) for s in steps] == [
