@@ -82,10 +82,9 @@ def start_run(tmp, hosts=(), kill=None, hold=None, **kwargs):
         command, hosts, tmp, pid_dir=tmp / "pids",
         step_log=out / "steps-0.jsonl", host_wait=3,
         # A step takes well under a second, but sixteen start-ups on two
-        # loaded cores take minutes, and so does the first step of the
-        # epoch after a mid-epoch resume (every worker inside the step
-        # function: 30 s measured under load, once over 60 s, which the
-        # launcher then took for a hang).
+        # loaded cores take minutes, and the first step of a new epoch
+        # took 30 s (every worker inside the step function), once over
+        # 60 s, which the launcher then took for a hang.
         timeout=180, start_timeout=300, max_restarts=3,
         run_timeout=RUN_TIMEOUT, python_path=[HERE], cwd=HERE,
         launcher_args=["--num_workers", str(slots)], **kwargs)
