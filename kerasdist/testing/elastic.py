@@ -63,7 +63,8 @@ class HostBedRun:
 
     The launcher runs as `python -m kerasdist.launch --hosts A,B,...
     --host_wait W --timeout T --start_timeout S --max_restarts R
-    [--min_workers M] --log_dir WORKDIR/logs -- *command`, with the
+    --log_dir WORKDIR/logs *launcher_args [--min_workers M] -- *command`
+    (without `--hosts` when `hosts` is empty), with the
     kerasdist this process imported (an installed package, or a source tree
     put on `PYTHONPATH`) and no inherited `TF_CONFIG`; its output goes to
     `WORKDIR/launcher.log`. Use it as a context manager (or call `stop`) so
@@ -73,7 +74,9 @@ class HostBedRun:
     Args:
         command: list of str. The worker command, e.g.
             `[sys.executable, "worker.py", "--pid_dir", ...]`.
-        hosts: list of `EmulatedHost` or loopback address strings.
+        hosts: list of `EmulatedHost` or loopback address strings; empty
+            for a one-host run (then give `--num_workers` in
+            `launcher_args`).
         workdir: str or path. Directory for `launcher.log` and `logs/`.
         pid_dir: str, path or None. Where the workers write their
             `<address>-*.pid` files. Defaults to `WORKDIR/pids`.
@@ -99,6 +102,9 @@ class HostBedRun:
             imports). Defaults to none.
         cwd: str, path or None. The launcher's working directory.
             Defaults to `workdir`.
+        launcher_args: list of str. More launcher options, e.g.
+            `["--num_workers", "2"]` (with `hosts`: 2 slots on each host;
+            with no hosts: 2 workers on 127.0.0.1). Defaults to none.
 
     Raises:
         ValueError: if a host address is not in 127.0.0.0/8.
@@ -135,6 +141,7 @@ class HostBedRun:
         env: Mapping[str, str] | None = None,
         python_path: Sequence[str] = (),
         cwd: str | os.PathLike | None = None,
+        launcher_args: Sequence[str] = (),
     ):
         for host in hosts:
             if not isinstance(host, testbed.EmulatedHost):
@@ -153,13 +160,14 @@ class HostBedRun:
             p for p in (*python_path, *_kerasdist_path(),
                         os.environ.get("PYTHONPATH"))
             if p)
-        argv = [
-            sys.executable, "-m", "kerasdist.launch",
-            "--hosts", ",".join(_address(h) for h in hosts),
+        argv = [sys.executable, "-m", "kerasdist.launch"]
+        if hosts:
+            argv += ["--hosts", ",".join(_address(h) for h in hosts)]
+        argv += [
             "--host_wait", f"{host_wait:g}", "--timeout", f"{timeout:g}",
             "--start_timeout", f"{start_timeout:g}",
             "--max_restarts", str(max_restarts),
-            "--log_dir", str(self.workdir / "logs"),
+            "--log_dir", str(self.workdir / "logs"), *launcher_args,
         ]
         if min_workers is not None:
             argv += ["--min_workers", str(min_workers)]
