@@ -31,15 +31,16 @@ WORKER = os.path.join(HERE, "placement_worker.py")
 GROUP_TIMEOUT = 300
 
 
-def launch(out, *args, max_restarts=0, env=None):
-    """Runs the worker script as 3 workers under kerasdist-run.
+def launch(out, *args, max_restarts=0, env=None, num_workers=3):
+    """Runs the worker script as `num_workers` workers under kerasdist-run.
 
     Returns:
         (exit status, output); fails the test on timeout.
     """
     os.makedirs(out, exist_ok=True)
     argv = [
-        sys.executable, "-m", "kerasdist.launch", "--num_workers", "3",
+        sys.executable, "-m", "kerasdist.launch",
+        "--num_workers", str(num_workers),
         "--max_restarts", str(max_restarts), "--",
         sys.executable, WORKER, "--out", str(out), *args,
     ]
