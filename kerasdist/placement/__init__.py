@@ -14,9 +14,15 @@ from kerasdist.placement.hybrid import HybridPipelineModel
 from kerasdist.placement.pipeline import PipelineModel
 from kerasdist.placement.place import place
 from kerasdist.placement.planning import Plan, Stage, plan
+from kerasdist.placement.transfer import measure_bandwidth
 
 __all__ = [
     "HybridPipelineModel",
-    "Plan",
     "PipelineModel",
-    "Stage", "join_cluster", "place", "plan"]
+    "Plan",
+    "Stage",
+    "join_cluster",
+    "measure_bandwidth",
+    "place",
+    "plan",
+]

@@ -31,7 +31,7 @@ def check_devices(devices: list[str]) -> list[str]:
             tf.DeviceSpec.from_string(device)
             if isinstance(device, str) else None
         )
-        if spec is None or spec.job is None:
+        if spec is None or spec.job in (None, "localhost"):
             out.extend(devices_lib.check_devices([device]))
             continue
         name = (
