@@ -103,3 +103,9 @@ def test_bad_device_grid_is_refused_before_anything(devices, message):
     model, _, _ = placement_worker.build("hybrid")
     with pytest.raises(ValueError, match=message):
         kd.placement.HybridPipelineModel(model, devices)
+
+
+def test_pipeline_model_points_a_device_grid_to_the_hybrid_model():
+    model, _, _ = placement_worker.build("hybrid")
+    with pytest.raises(ValueError, match="use kd.placement.HybridPipeline"):
+        kd.placement.PipelineModel(model, [["/cpu:0"], ["/cpu:1"]])
