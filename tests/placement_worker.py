@@ -268,6 +268,7 @@ def run_hybrid(devices, args):
         "eval_loss": float(loss),
         "pred_sum": float(np.sum(pred)),
         "steps": [first_steps, steps],
+        "addresses": json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"],
         "bad_batch": bad_batch,
     }
     with open(os.path.join(args.out, "hybrid.json"), "w") as f:

@@ -1,7 +1,8 @@
 """Hybrid data × pipeline parallelism across worker processes.
 
-One real group of 5 processes under `kerasdist-run`: the chief trains 2
-pipeline replicas × 2 stages of a 4-layer MLP on workers 1-4
+One real group of 5 processes under `kerasdist-run`, on 3 emulated hosts
+(127.0.0.1-3): the chief trains 2 pipeline replicas × 2 stages of a
+4-layer MLP on workers 1-4 (replica r on host 127.0.0.(r+2))
 (tests/placement_worker.py, scenario `hybrid`) under BackupAndRestore,
 stops at step 5, and resumes in a new model from the backup of step 4.
 The final weights equal the unsplit model trained in this process on the
@@ -21,6 +22,7 @@ import kerasdist as kd
 
 pytestmark = pytest.mark.slow
 
+HOSTS = "127.0.0.1:1,127.0.0.2:2,127.0.0.3:2"
 STAGES = [["/job:worker/task:1", "/job:worker/task:2"],
           ["/job:worker/task:3", "/job:worker/task:4"]]
 
@@ -28,9 +30,10 @@ STAGES = [["/job:worker/task:1", "/job:worker/task:2"],
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
     out = tmp_path_factory.mktemp("hybrid")
+    # Emulated hosts: the chief on 127.0.0.1, replica r on 127.0.0.(r+2).
     code, output = launch(
         out, "--scenarios", "hybrid", "--backup", str(out / "backup"),
-        num_workers=5,
+        hosts=HOSTS,
     )
     assert code == 0, output[-6000:]
     assert "SUCCEEDED after 1 attempt(s)" in output, output[-4000:]
@@ -74,6 +77,12 @@ def test_each_replica_on_its_own_stage_workers(hybrid):
     assert set(res["optimizer"]) == {
         w for row in STAGES for w in row
     }, res["optimizer"]
+
+
+def test_replicas_on_their_own_emulated_hosts(hybrid):
+    res, _ = hybrid
+    hosts = [address.rsplit(":", 1)[0] for address in res["addresses"]]
+    assert hosts == ["127.0.0.1"] + ["127.0.0.2"] * 2 + ["127.0.0.3"] * 2
 
 
 def test_evaluate_and_predict(hybrid):
