@@ -255,7 +255,7 @@ def run_hybrid(devices, args):
         bad_batch = "no error"
     except ValueError as e:
         bad_batch = str(e)
-    pipes = hybrid.pipelines
+    pipes = hybrid.pipelines()
     copies = [p.inner_model for p in pipes]
     slots = _slots(hybrid)
     np.savez(os.path.join(args.out, "hybrid.npz"), *copies[0].get_weights())

@@ -118,3 +118,26 @@ def test_pipeline_model_points_a_device_grid_to_the_hybrid_model():
     model, _, _ = placement_worker.build("hybrid")
     with pytest.raises(ValueError, match="use kd.placement.HybridPipeline"):
         kd.placement.PipelineModel(model, [["/cpu:0"], ["/cpu:1"]])
+
+
+def test_local_hybrid_trains_saves_and_loads(tmp_path):
+    # The same 2 × 2 hybrid on this process's virtual CPUs, then its
+    # weights file loaded into a new hybrid model started from zeros.
+    grid = [["/cpu:0", "/cpu:1"], ["/cpu:2", "/cpu:3"]]
+    model, opt, m = placement_worker.build("hybrid")
+    hybrid = kd.placement.HybridPipelineModel(model, grid, m)
+    hybrid.compile(optimizer=opt, loss="mse")
+    x, y = placement_worker.data()
+    hybrid.fit(x, y, batch_size=placement_worker.BATCH,
+               epochs=placement_worker.EPOCHS, shuffle=False, verbose=0)
+    assert_weights_equal(
+        model.get_weights(), placement_worker.reference("hybrid")
+    )
+    path = str(tmp_path / "hybrid.weights.h5")
+    hybrid.save_weights(path)
+    fresh, opt, m = placement_worker.build("hybrid")
+    fresh.set_weights([0 * w for w in fresh.get_weights()])
+    loaded = kd.placement.HybridPipelineModel(fresh, grid, m)
+    loaded.load_weights(path)
+    assert_weights_equal(loaded.get_weights(), hybrid.get_weights())
+    assert len(loaded.get_weights()) == 2 * len(model.get_weights())

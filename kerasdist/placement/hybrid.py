@@ -48,12 +48,13 @@ class HybridPipelineModel(pipeline.PipelineModel):
     applies the same update, so the copies stay equal and training equals
     the unsplit model's on the same global batch.
 
-    `evaluate` and `predict` run on replica 0. `save_weights`,
-    `load_weights` and `kd.callbacks.BackupAndRestore` save and restore
-    every replica's variables and optimizer slots (the weights of
-    `model.get_weights()` are replica 0's). BatchNormalization statistics
-    are per micro-batch and per replica (each replica keeps its own moving
-    statistics; evaluation uses replica 0's). `global_clipnorm` is not
+    `evaluate` and `predict` run on replica 0. `save_weights` and
+    `load_weights` cover every replica's weights, and
+    `kd.callbacks.BackupAndRestore` every replica's variables and
+    optimizer slots (`model.get_weights()` are replica 0's).
+    BatchNormalization statistics are per micro-batch and per replica
+    (each replica keeps its own moving statistics; evaluation uses
+    replica 0's). `global_clipnorm` is not
     supported (use `clipnorm` or `clipvalue`).
 
     Args:
@@ -121,13 +122,17 @@ class HybridPipelineModel(pipeline.PipelineModel):
     @property
     def device_grid(self) -> list[list[str]]:
         """Stage devices of each replica (`devices[r][k]`)."""
-        return [p.devices for p in self.pipelines]
+        return [p.devices for p in self.pipelines()]
 
-    @property
     def pipelines(self) -> list[pipeline.PipelineModel]:
         """The R pipelines: this model (replica 0), then its copies.
 
-        Each one's `inner_model` holds that replica's layers and weights.
+        A method, not a property: Keras's weight files walk a model's
+        attributes, and a list holding the model itself would never end.
+
+        Returns:
+            list of PipelineModel. Each one's `inner_model` holds that
+            replica's layers and weights.
         """
         return [self, *self.replicas]
 
@@ -156,7 +161,7 @@ class HybridPipelineModel(pipeline.PipelineModel):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        pipes = self.pipelines
+        pipes = self.pipelines()
         # Each replica's stages (kerasdist's own PipelineModel internals).
         stages = [p._pipe for p in pipes]  # noqa: SLF001
         m = self.num_microbatches
