@@ -245,6 +245,8 @@ def run_hybrid(devices, args):
     """2 replicas × 2 stages on workers 1-4; interrupted, then resumed."""
     import keras
 
+    import kerasdist as kd
+
     _, first_steps = _hybrid_fit(devices, args, resume=False)
     hybrid, steps = _hybrid_fit(devices, args, resume=True)
     x, y = data()
@@ -255,6 +257,9 @@ def run_hybrid(devices, args):
         bad_batch = "no error"
     except ValueError as e:
         bad_batch = str(e)
+    # A time-balanced plan over two stage workers measures their link.
+    timed = kd.placement.plan(hybrid.inner_model, 2, cost="time",
+                              devices=devices[1:3], batch_size=BATCH)
     pipes = hybrid.pipelines()
     copies = [p.inner_model for p in pipes]
     slots = _slots(hybrid)
@@ -270,6 +275,8 @@ def run_hybrid(devices, args):
         "steps": [first_steps, steps],
         "addresses": json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"],
         "bad_batch": bad_batch,
+        "timed_plan": str(timed),
+        "bandwidth": timed.bandwidth,
     }
     with open(os.path.join(args.out, "hybrid.json"), "w") as f:
         json.dump(result, f, indent=1)

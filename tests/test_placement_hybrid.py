@@ -85,6 +85,17 @@ def test_replicas_on_their_own_emulated_hosts(hybrid):
     assert hosts == ["127.0.0.1"] + ["127.0.0.2"] * 2 + ["127.0.0.3"] * 2
 
 
+def test_time_plan_measures_the_link_between_workers(hybrid):
+    # cost="time" over two workers' devices: the link is measured and the
+    # table shows each stage's transfer time.
+    res, _ = hybrid
+    assert res["bandwidth"] > 0, res
+    lines = res["timed_plan"].splitlines()
+    assert "counted in the balance" in lines[0], lines
+    assert lines[1].endswith("transfer/batch"), lines
+    assert "worker:1/CPU:0" in lines[3] and "worker:2/CPU:0" in lines[4]
+
+
 def test_evaluate_and_predict(hybrid):
     res, _ = hybrid
     assert np.isfinite(res["eval_loss"]) and res["eval_loss"] > 0

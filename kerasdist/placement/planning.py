@@ -187,6 +187,8 @@ def format_bytes(n: float) -> str:
 
 
 def _seconds(t: float) -> str:
+    if 0 < t < 1e-3:
+        return f"{t * 1e6:.1f} us"
     return f"{t * 1e3:.2f} ms"
 
 
