@@ -9,6 +9,10 @@ writes `DIR/<scenario>.npz` (final weights, in `model.get_weights()` order)
 and `DIR/<scenario>.json` (the device of every model and optimizer
 variable, the evaluation loss, the sum of the predictions).
 
+Scenario `hybrid` (5 workers): the chief trains 2 pipeline replicas × 2
+stages on workers 1-4 under BackupAndRestore(`--backup`), stops it at step
+`KILL_STEP`, and resumes it in a new model (`DIR/hybrid.json`, `.npz`).
+
 With `--backup DIR2` the scenario trains under
 `kd.callbacks.BackupAndRestore(DIR2, save_freq=2)`; `--kill chief|stage`
 makes the chief, on the first attempt, SIGKILL itself or worker 2 at step
@@ -54,6 +58,9 @@ def build(scenario):
         d = layers.Dense(4, name="d")(layers.Add(name="skip")([a, c]))
         model = keras.Model(inputs, d, name="skip_model")
         return model, keras.optimizers.Adam(1e-2, epsilon=1e-3), 2
+    if scenario == "hybrid":  # 2 replicas × 2 micro-batches of 4
+        model, opt, _ = build("pipeline")
+        return model, opt, 2
     if scenario == "place":
         model = keras.Sequential([
             keras.Input((8,)),
@@ -86,33 +93,56 @@ def reference(scenario):
     return model.get_weights()
 
 
-def _device_table(pipe):
+def _short(v):
     import tensorflow as tf
 
-    def short(v):
-        spec = tf.DeviceSpec.from_string(v.value.device)
-        return f"/job:{spec.job}/task:{spec.task}"
+    spec = tf.DeviceSpec.from_string(v.value.device)
+    return f"/job:{spec.job}/task:{spec.task}"
 
+
+def _device_table(pipe, slots=None):
+    """Devices of `pipe`'s model variables, optimizer variables and slots.
+
+    `slots`: id(variable) -> its slots; default `_slots(pipe)`.
+    """
+    slots = _slots(pipe) if slots is None else slots
+    variables = pipe.inner_model.trainable_variables
+    optimizer = getattr(pipe, "optimizer", None)  # None: a hybrid's copy
     return {
-        "model": {v.path: short(v) for v in pipe.inner_model.variables},
-        "optimizer": {v.path: short(v) for v in pipe.optimizer.variables},
-        "slots": {
-            v.path: [short(s) for s in slots]
-            for v, slots in _slots(pipe.optimizer, pipe.trainable_variables)
-        },
+        "model": {v.path: _short(v) for v in pipe.inner_model.variables},
+        "optimizer": {
+            v.path: _short(v) for v in optimizer.variables
+        } if optimizer else {},
+        "slots": {v.path: [_short(s) for s in slots[id(v)]] for v in variables},
     }
 
 
-def _slots(optimizer, variables):
-    """(variable, its slot variables) pairs, by Keras's slot naming."""
-    out = []
-    for v in variables:
-        key = v.path.replace("/", "_")
-        out.append((v, [
-            s for s in optimizer.variables if s.path.split("/")[-1]
-            .startswith(key + "_")
-        ]))
+def _slots(model):
+    """id(variable) -> its slot variables, for every trainable variable.
+
+    Keras builds the slots variable by variable, in `trainable_variables`
+    order, each named `<variable path>_<slot>` (names checked here: a
+    hybrid model's replicas have equal paths, so names alone cannot tell).
+    """
+    variables = model.trainable_variables
+    slots = [
+        s for s in model.optimizer.variables
+        if any(s.path.split("/")[-1].startswith(_key(v) + "_")
+               for v in variables)
+    ]
+    n = len(slots) // len(variables)
+    out = {}
+    for i, v in enumerate(variables):
+        mine = slots[i * n:(i + 1) * n]
+        assert all(
+            s.path.split("/")[-1].startswith(_key(v) + "_") for s in mine
+        ), (v.path, [s.path for s in mine])
+        out[id(v)] = mine
     return out
+
+
+def _key(variable):
+    return variable.path.replace("/", "_")
 
 
 class _Killer:
@@ -168,6 +198,91 @@ def run(scenario, devices, args):
     keras.backend.clear_session()
 
 
+class _Interrupt(Exception):
+    """Ends the first hybrid `fit` at step KILL_STEP, after a backup."""
+
+
+def _hybrid_fit(devices, args, resume):
+    """Builds, compiles and fits the 2 × 2 hybrid model.
+
+    Without `resume`, `fit` ends at step KILL_STEP (after the backup of
+    step KILL_STEP - 1); with it, the weights start from zeros and
+    BackupAndRestore must restore them and train the remaining steps.
+
+    Returns:
+        (hybrid model, number of training steps it ran).
+    """
+    import keras
+
+    import kerasdist as kd
+
+    model, opt, m = build("hybrid")
+    if resume:
+        model.set_weights([0 * w for w in model.get_weights()])
+    hybrid = kd.placement.HybridPipelineModel(
+        model, [devices[1:3], devices[3:5]], num_microbatches=m
+    )
+    hybrid.compile(optimizer=opt, loss="mse")
+    steps = []
+
+    class Steps(keras.callbacks.Callback):
+        def on_train_batch_end(cb, batch, logs=None):
+            steps.append(batch)
+            if not resume and len(steps) == KILL_STEP:
+                raise _Interrupt
+
+    x, y = data()
+    backup = kd.callbacks.BackupAndRestore(args.backup, save_freq=2)
+    try:
+        hybrid.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False,
+                   verbose=0, callbacks=[backup, Steps()])
+    except _Interrupt:
+        pass
+    return hybrid, len(steps)
+
+
+def run_hybrid(devices, args):
+    """2 replicas × 2 stages on workers 1-4; interrupted, then resumed."""
+    import keras
+
+    import kerasdist as kd
+
+    _, first_steps = _hybrid_fit(devices, args, resume=False)
+    hybrid, steps = _hybrid_fit(devices, args, resume=True)
+    x, y = data()
+    loss = hybrid.evaluate(x, y, batch_size=BATCH, verbose=0)
+    pred = hybrid.predict(x, batch_size=BATCH, verbose=0)
+    try:
+        hybrid.fit(x, y, batch_size=6, epochs=1, verbose=0)
+        bad_batch = "no error"
+    except ValueError as e:
+        bad_batch = str(e)
+    # A time-balanced plan over two stage workers measures their link.
+    timed = kd.placement.plan(hybrid.inner_model, 2, cost="time",
+                              devices=devices[1:3], batch_size=BATCH)
+    pipes = hybrid.pipelines()
+    copies = [p.inner_model for p in pipes]
+    slots = _slots(hybrid)
+    np.savez(os.path.join(args.out, "hybrid.npz"), *copies[0].get_weights())
+    np.savez(os.path.join(args.out, "hybrid_copy.npz"),
+             *copies[1].get_weights())
+    result = {
+        "devices": hybrid.device_grid,
+        "placement": [_device_table(p, slots) for p in pipes],
+        "optimizer": sorted({_short(v) for v in hybrid.optimizer.variables}),
+        "eval_loss": float(loss),
+        "pred_sum": float(np.sum(pred)),
+        "steps": [first_steps, steps],
+        "addresses": json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"],
+        "bad_batch": bad_batch,
+        "timed_plan": str(timed),
+        "bandwidth": timed.bandwidth,
+    }
+    with open(os.path.join(args.out, "hybrid.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    keras.backend.clear_session()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -197,7 +312,10 @@ def main():
     with open(os.path.join(args.out, "second_call.txt"), "w") as f:
         f.write(second)
     for scenario in args.scenarios.split(","):
-        run(scenario, devices, args)
+        if scenario == "hybrid":
+            run_hybrid(devices, args)
+        else:
+            run(scenario, devices, args)
 
 
 if __name__ == "__main__":

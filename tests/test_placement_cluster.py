@@ -31,15 +31,21 @@ WORKER = os.path.join(HERE, "placement_worker.py")
 GROUP_TIMEOUT = 300
 
 
-def launch(out, *args, max_restarts=0, env=None):
-    """Runs the worker script as 3 workers under kerasdist-run.
+def launch(out, *args, max_restarts=0, env=None, num_workers=3,
+           hosts=None):
+    """Runs the worker script as `num_workers` workers under kerasdist-run.
+
+    With `hosts` (`--hosts` of kerasdist-run, e.g. emulated hosts on
+    127.0.0.x), the workers are spread over those hosts instead.
 
     Returns:
         (exit status, output); fails the test on timeout.
     """
     os.makedirs(out, exist_ok=True)
+    where = (["--hosts", hosts] if hosts
+             else ["--num_workers", str(num_workers)])
     argv = [
-        sys.executable, "-m", "kerasdist.launch", "--num_workers", "3",
+        sys.executable, "-m", "kerasdist.launch", *where,
         "--max_restarts", str(max_restarts), "--",
         sys.executable, WORKER, "--out", str(out), *args,
     ]

@@ -1,4 +1,5 @@
-"""Tests for kd.placement.plan: balance, memory estimate, manual plans."""
+"""Tests for kd.placement.plan: balance, memory estimate, manual plans,
+transfer time at the cuts."""
 
 import itertools
 
@@ -267,3 +268,88 @@ def test_plan_shows_the_bytes_crossing_each_cut():
     table = str(p)
     assert "to next stages/micro-batch" in table.splitlines()[1]
     assert table.splitlines()[3].endswith("3.0 KiB")
+
+
+def wide_middle():
+    """d0 -> d1 -> d2 -> d3; d1's output (1024 floats) is 64× d0's."""
+    return mlp([16, 1024, 16, 4], name="wide_middle")
+
+
+def test_slow_link_moves_the_cut_off_the_wide_activation():
+    model = wide_middle()
+    same = kd.placement.plan(model, 2, cost=lambda layer: 1.0)
+    assert [s.layers for s in same.stages] == [("d0", "d1"), ("d2", "d3")]
+    assert same.bandwidth is None
+    # 32 examples × 1024 floats × 4 bytes at 64 KiB/s: 2 s after d1, as
+    # much as two layers; 16 floats after d0 or d2: 1/32 s.
+    slow = kd.placement.plan(model, 2, cost=lambda layer: 1.0,
+                             bandwidth=64 * 1024, batch_size=32)
+    assert slow.assignment["d1"] == slow.assignment["d2"], slow
+    moved = 32 * 16 * 4 / (64 * 1024)
+    assert [s.transfer_seconds for s in slow.stages] == [moved, moved]
+    assert sorted(s.cost for s in slow.stages) == [1 + moved, 3 + moved]
+    # A fast link changes nothing.
+    fast = kd.placement.plan(model, 2, cost=lambda layer: 1.0,
+                             bandwidth=1e12)
+    assert fast.assignment == same.assignment
+
+
+def test_transfer_counts_what_a_stage_receives_and_sends():
+    # Stage 1 of 3 receives d0's output twice over (main path and skip:
+    # one tensor, counted once) and sends d2's output to the last stage.
+    model = skip_model()
+    p = kd.placement.plan(
+        model, 3, cost=lambda layer: 1.0, bandwidth=1000.0, batch_size=10
+    )
+    spans = [s.layers for s in p.stages]
+    receive_send = []
+    for s in p.stages:
+        graph = graph_lib.LayerGraph(model)
+        sg = graph.stages(p.assignment)[s.index]
+        received = sum(
+            16 * 4 for t in sg.inputs if t not in graph.input_ids
+        )
+        receive_send.append(received + s.cut_bytes // p.microbatch_size)
+    assert [s.transfer_seconds for s in p.stages] == pytest.approx(
+        [b * 10 / 1000.0 for b in receive_send]
+    ), spans
+
+
+def test_plan_table_shows_transfer_time():
+    p = kd.placement.plan(wide_middle(), 2, cost=lambda layer: 1.0,
+                          bandwidth=64 * 1024, batch_size=32)
+    lines = str(p).splitlines()
+    assert "transfers at 64.0 KiB/s counted in the balance" in lines[0]
+    assert lines[1].endswith("transfer/batch")
+    assert lines[3].endswith("31.25 ms") and lines[4].endswith("31.25 ms")
+    assert "transfer" not in str(kd.placement.plan(wide_middle(), 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bandwidth=1e6), "cannot be added to parameter counts"),
+        (dict(cost="time", bandwidth=0), "Received: bandwidth=0"),
+        (dict(cost="time", bandwidth=-5.0), "Received: bandwidth=-5.0"),
+        (dict(cost="time", bandwidth=True), "Received: bandwidth=True"),
+        (dict(cost="time", bandwidth="fast"), "Received: bandwidth='fast'"),
+        (dict(cost="time", bandwidth=float("inf")), "positive finite"),
+    ],
+)
+def test_bad_bandwidth(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kd.placement.plan(wide_middle(), 2, batch_size=4, **kwargs)
+
+
+def test_measured_bandwidth():
+    bandwidth = kd.placement.measure_bandwidth(CPUS[0], CPUS[1])
+    assert 0 < bandwidth < float("inf")
+    p = kd.placement.plan(wide_middle(), 2, cost="time", batch_size=4,
+                          devices=CPUS[:2], bandwidth="measure")
+    assert p.bandwidth > 0
+    assert all(s.transfer_seconds > 0 for s in p.stages)
+    # Local devices by default: no transfer charged.
+    local = kd.placement.plan(wide_middle(), 2, cost="time", batch_size=4,
+                              devices=CPUS[:2])
+    assert local.bandwidth is None
+    assert all(s.transfer_seconds == 0 for s in local.stages)

@@ -218,7 +218,8 @@ class PipelineModel(keras.Model):
             variable id, the list of its gradient parts so far (the
             regularization losses').
         """
-        pipe, m = self._pipe, self.num_microbatches
+        # len(values): HybridPipelineModel passes every replica's parts.
+        pipe, m = self._pipe, len(values)
         with tf.device(pipe.devices[-1]):
             with tf.GradientTape() as loss_tape:
                 parts = [

@@ -23,7 +23,7 @@ import tensorflow as tf
 from kerasdist import devices as devices_lib
 from kerasdist._validate import check_int
 from kerasdist.placement import graph as graph_lib
-from kerasdist.placement import stage_devices
+from kerasdist.placement import stage_devices, transfer
 
 __all__ = ["Plan", "Stage", "plan"]
 
@@ -52,6 +52,10 @@ class Stage:
             micro-batch (its outputs they read; the same again comes back
             as gradients). With stages on other workers
             (`kd.placement.join_cluster()`) this crosses the network.
+        transfer_seconds: float. With a plan's `bandwidth`: seconds per
+            batch the stage spends moving activations, received from
+            earlier stages plus sent to later ones (bytes / bandwidth);
+            included in `cost`. 0.0 without a bandwidth.
 
     Example:
 
@@ -71,6 +75,7 @@ class Stage:
     slot_bytes: int
     activation_bytes: int
     cut_bytes: int = 0
+    transfer_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +92,8 @@ class Plan:
             activation estimate.
         optimizer_slots: int. Optimizer slot variables per trainable
             variable used for the slot estimate.
+        bandwidth: float or None. Bytes per second between stages that
+            the balancing charged for activation transfers (None: none).
 
     Example:
 
@@ -102,6 +109,7 @@ class Plan:
     stages: tuple[Stage, ...]
     microbatch_size: int
     optimizer_slots: int
+    bandwidth: float | None = None
 
     @property
     def num_stages(self) -> int:
@@ -129,20 +137,22 @@ class Plan:
             "activations/micro-batch",
             "to next stages/micro-batch",
         )
+        timed = self.bandwidth is not None
+        if timed:
+            head = (*head, "transfer/batch")
         rows = []
         for s in self.stages:
-            rows.append(
-                (
-                    str(s.index),
-                    _short_device(s.device),
-                    _layer_summary(s.layers),
-                    f"{s.params:,}",
-                    format_bytes(s.param_bytes),
-                    format_bytes(s.slot_bytes),
-                    format_bytes(s.activation_bytes),
-                    format_bytes(s.cut_bytes),
-                )
+            row = (
+                str(s.index),
+                _short_device(s.device),
+                _layer_summary(s.layers),
+                f"{s.params:,}",
+                format_bytes(s.param_bytes),
+                format_bytes(s.slot_bytes),
+                format_bytes(s.activation_bytes),
+                format_bytes(s.cut_bytes),
             )
+            rows.append((*row, _seconds(s.transfer_seconds)) if timed else row)
         widths = [
             max(len(r[c]) for r in [head, *rows]) for c in range(len(head))
         ]
@@ -159,6 +169,11 @@ class Plan:
             f"stage(s), micro-batch of {self.microbatch_size}, "
             f"{self.optimizer_slots} optimizer slot(s) per variable"
         )
+        if timed:
+            title += (
+                f", transfers at {format_bytes(self.bandwidth)}/s "
+                "counted in the balance"
+            )
         return "\n".join([title, fmt(head), line, *map(fmt, rows)])
 
 
@@ -169,6 +184,12 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def _seconds(t: float) -> str:
+    if 0 < t < 1e-3:
+        return f"{t * 1e6:.1f} us"
+    return f"{t * 1e3:.2f} ms"
 
 
 def _short_device(device):
@@ -200,6 +221,7 @@ def plan(
     num_microbatches: int = 1,
     optimizer: str | keras.optimizers.Optimizer = "adam",
     sample_inputs=None,
+    bandwidth: float | str | None = None,
 ) -> Plan:
     """Splits a model's layers into a chain of balanced stages.
 
@@ -208,6 +230,15 @@ def plan(
     costs at most (total cost / `num_stages`) + (largest single layer's
     cost). Tensors crossing a cut (there may be several, e.g. a skip
     connection) are sent to the next stage that needs them.
+
+    With `cost="time"`, each stage's cost also counts the time to move
+    activations across its cuts: the bytes it receives from earlier stages
+    plus the bytes it sends to later ones, for `batch_size` examples,
+    divided by `bandwidth` (bytes/s). The forward pass is measured and
+    balanced; the backward pass mirrors it (the same bytes come back as
+    gradients). So a cut after a wide layer costs more than one after a
+    narrow layer, and the split moves towards narrow cuts when the link
+    is slow.
 
     For a manual plan, pass a mapping of layer-name regular expressions
     (matched with `re.fullmatch`) to devices in place of `num_stages`:
@@ -238,13 +269,22 @@ def plan(
         sample_inputs: array or structure of arrays, or None. Inputs for
             `cost="time"`; default: random data of `batch_size` examples
             shaped like the model's inputs.
+        bandwidth: float, "measure" or None. Bytes per second between
+            stages, charged for the activations at each cut (with
+            `cost="time"` or a callable cost in seconds). `"measure"`:
+            measured from the first to the second stage device
+            (`kd.placement.measure_bandwidth`). Default None: measured
+            when `cost="time"` and the devices belong to different
+            workers of a joined cluster, else no transfer cost (local
+            devices share memory).
 
     Returns:
         A `Plan`; `print(plan)` shows its table.
 
     Raises:
         ValueError: for a model whose graph cannot be split, a bad
-            `num_stages`, `cost`, `batch_size` or `num_microbatches`, a
+            `num_stages`, `cost`, `batch_size`, `num_microbatches` or
+            `bandwidth` (or one with `cost="params"`), a
             layer matched by two patterns or by none, or a manual plan
             whose stages are not a chain.
 
@@ -266,28 +306,85 @@ def plan(
                                                    num_microbatches)
     slots = optimizer_slots(optimizer)
     costs = _costs(graph, cost, batch_size, sample_inputs)
-    if isinstance(num_stages, Mapping):
+    manual = isinstance(num_stages, Mapping)
+    if manual:
         assignment, stage_devices = _manual_assignment(graph, num_stages)
     else:
-        assignment = _balanced_assignment(graph, costs, num_stages)
+        _check_num_stages(graph, num_stages)
         stage_devices = _default_devices(devices, num_stages)
+    bandwidth = _bandwidth(bandwidth, cost, stage_devices)
+    extra = None
+    if bandwidth is not None:
+        extra = transfer.transfer_cost(graph, batch_size, bandwidth)
+    if not manual:
+        assignment = _balanced_assignment(graph, costs, num_stages, extra)
     micro = batch_size // num_microbatches
     stage_graphs = graph.stages(assignment)
-    stages = [
-        dataclasses.replace(
-            _stage_of(sg, stage_devices[sg.index], costs, micro, slots),
+    stages = []
+    for sg in stage_graphs:
+        stage = _stage_of(sg, stage_devices[sg.index], costs, micro, slots)
+        moved = 0.0 if extra is None else extra(*_op_span(graph, sg))
+        stages.append(dataclasses.replace(
+            stage, cost=stage.cost + moved, transfer_seconds=moved,
             cut_bytes=_cut_bytes(graph, stage_graphs, sg, micro),
+        ))
+    return Plan(model.name, tuple(stages), micro, slots, bandwidth)
+
+
+def _op_span(graph, sg) -> tuple[int, int]:
+    """[i, j): the operation indices of stage graph `sg` (contiguous)."""
+    index = {id(op): k for k, op in enumerate(graph.operations)}
+    ks = [index[id(op)] for op in sg.operations]
+    return min(ks), max(ks) + 1
+
+
+def _bandwidth(bandwidth, cost, devices) -> float | None:
+    """Bytes/s charged for transfers at cuts, or None (no charge)."""
+    if bandwidth is None:
+        tasks = {
+            (spec.job, spec.task or 0)
+            for spec in (tf.DeviceSpec.from_string(d) for d in devices if d)
+            if spec.job not in (None, "localhost")
+        }
+        if cost != "time" or len(tasks) < 2:
+            return None
+        bandwidth = "measure"
+    if cost == "params":
+        raise ValueError(
+            "Invalid value for argument `bandwidth`: transfer time cannot "
+            f"be added to parameter counts. Received: bandwidth={bandwidth!r}"
+            " with cost='params'. Expected cost='time' (or a cost function "
+            "in seconds), or bandwidth=None."
         )
-        for sg in stage_graphs
-    ]
-    return Plan(model.name, tuple(stages), micro, slots)
+    if bandwidth == "measure":
+        named = [d for d in devices if d]
+        if len(named) < 2:
+            raise ValueError(
+                "Invalid value for argument `bandwidth`. Received: "
+                "bandwidth='measure' without two stage devices "
+                f"(devices={devices}). Expected `devices` to measure "
+                "between, or a number of bytes per second."
+            )
+        return transfer.measure_bandwidth(named[0], named[1])
+    if (
+        isinstance(bandwidth, bool)
+        or not isinstance(bandwidth, int | float)
+        or not bandwidth > 0
+        or math.isinf(bandwidth)
+    ):
+        raise ValueError(
+            "Invalid value for argument `bandwidth`. Received: "
+            f"bandwidth={bandwidth!r}. Expected a positive finite number "
+            "of bytes per second, 'measure' or None."
+        )
+    return float(bandwidth)
 
 
 def _cut_bytes(graph, stage_graphs, sg, micro) -> int:
     """Bytes of `sg`'s outputs that later stages read, per micro-batch."""
     later = {t for other in stage_graphs[sg.index + 1:] for t in other.inputs}
     return sum(
-        micro * _example_bytes(graph.tensors[t])
+        micro * transfer.example_bytes(graph.tensors[t])
         for t in sg.outputs if t in later
     )
 
@@ -305,8 +402,24 @@ def _check_batching(batch_size, num_microbatches) -> tuple[int, int]:
     return batch_size, num_microbatches
 
 
-def _balanced_assignment(graph, costs, num_stages) -> dict[str, int]:
+def _balanced_assignment(
+    graph, costs, num_stages, extra=None
+) -> dict[str, int]:
     """{operation name: stage} for `num_stages` cost-balanced stages."""
+    num_ops = len(graph.operations)
+    cuts = partition(
+        [costs[op.name] for op in graph.operations], num_stages, extra
+    )
+    assignment = {}
+    for s, (lo, hi) in enumerate(
+        zip([0, *cuts], [*cuts, num_ops], strict=False)
+    ):
+        for op in graph.operations[lo:hi]:
+            assignment[op.name] = s
+    return assignment
+
+
+def _check_num_stages(graph, num_stages) -> None:
     num_ops = len(graph.operations)
     if (
         isinstance(num_stages, bool)
@@ -320,14 +433,6 @@ def _balanced_assignment(graph, costs, num_stages) -> dict[str, int]:
             f"of model {graph.model.name!r}), or a dict of layer-name regex "
             "to device."
         )
-    cuts = partition([costs[op.name] for op in graph.operations], num_stages)
-    assignment = {}
-    for s, (lo, hi) in enumerate(
-        zip([0, *cuts], [*cuts, num_ops], strict=False)
-    ):
-        for op in graph.operations[lo:hi]:
-            assignment[op.name] = s
-    return assignment
 
 
 def _stage_of(sg, device, costs, micro, slots) -> Stage:
@@ -340,7 +445,8 @@ def _stage_of(sg, device, costs, micro, slots) -> Stage:
          for w in getattr(op, "trainable_weights", [])]
     )
     activation = sum(
-        micro * _example_bytes(t) for node in sg.nodes for t in node.outputs
+        micro * transfer.example_bytes(t)
+        for node in sg.nodes for t in node.outputs
     )
     return Stage(
         index=sg.index,
@@ -354,7 +460,11 @@ def _stage_of(sg, device, costs, micro, slots) -> Stage:
     )
 
 
-def partition(costs: Sequence[float], num_parts: int) -> list[int]:
+def partition(
+    costs: Sequence[float],
+    num_parts: int,
+    extra: Callable[[int, int], float] | None = None,
+) -> list[int]:
     """Splits `costs` into contiguous non-empty parts minimising the max sum.
 
     Ties are broken towards fewer items in the largest part.
@@ -362,6 +472,8 @@ def partition(costs: Sequence[float], num_parts: int) -> list[int]:
     Args:
         costs: sequence of float, non-negative.
         num_parts: int, 1 ≤ num_parts ≤ len(costs).
+        extra: function or None. `extra(i, j)` is added to the cost of
+            the part `costs[i:j]` (e.g. its transfer time). Default none.
 
     Returns:
         list of int: the `num_parts - 1` cut indices.
@@ -387,8 +499,11 @@ def partition(costs: Sequence[float], num_parts: int) -> list[int]:
                 prev = best[k - 1][i]
                 if prev == inf:
                     continue
+                part = prefix[j] - prefix[i]
+                if extra is not None:
+                    part += extra(i, j)
                 value = (
-                    max(prev[0], prefix[j] - prefix[i]),
+                    max(prev[0], part),
                     max(prev[1], j - i),
                 )
                 if value < best[k][j]:
@@ -603,8 +718,3 @@ def _bytes(variable):
     return _size(variable) * tf.as_dtype(variable.dtype).size
 
 
-def _example_bytes(tensor):
-    elements = 1
-    for d in tensor.shape[1:]:
-        elements *= 1 if d is None else d
-    return elements * tf.as_dtype(tensor.dtype).size

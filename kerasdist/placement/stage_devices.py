@@ -27,11 +27,18 @@ def check_devices(devices: list[str]) -> list[str]:
     """
     out = []
     for device in devices:
+        if isinstance(device, list | tuple):
+            raise ValueError(
+                f"Invalid device {device!r}: a list, in devices={devices!r}. "
+                "Expected one device name per stage; for R pipeline "
+                "replicas (a list of device lists), use "
+                "kd.placement.HybridPipelineModel."
+            )
         spec = (
             tf.DeviceSpec.from_string(device)
             if isinstance(device, str) else None
         )
-        if spec is None or spec.job is None:
+        if spec is None or spec.job in (None, "localhost"):
             out.extend(devices_lib.check_devices([device]))
             continue
         name = (
