@@ -467,6 +467,63 @@ def position_embedding_adam(strategy, epochs=EPOCHS):
     return _result(model, history.history)
 
 
+class RandomDraws(keras.Model):
+    """Dropout in the model and latents drawn in `train_step` (issue 23.3).
+
+    Each replica keeps its last draws in variables with
+    `aggregation="none"` (one copy per replica, never all-reduced), so a
+    test can read what every replica drew.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = keras.layers.Dropout(0.5, seed=3)
+        self.dense = keras.layers.Dense(1)
+        self.latents = keras.random.SeedGenerator(5)
+        self.z = self.add_weight(shape=(4,), initializer="zeros",
+                                 trainable=False, aggregation="none",
+                                 name="z")
+        self.mask = self.add_weight(shape=(16,), initializer="zeros",
+                                    trainable=False, aggregation="none",
+                                    name="mask")
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+
+    def call(self, x, training=False):
+        return self.dense(self.dropout(x, training=training))
+
+    def train_step(self, data):
+        self.z.assign(keras.random.normal((4,), seed=self.latents))
+        self.mask.assign(self.dropout(ops.ones((16,)), training=True))
+        return super().train_step(data)
+
+
+def _local_values(strategy, variable):
+    if strategy is None:
+        return [np.asarray(variable.numpy())]
+    return [np.asarray(v.numpy())
+            for v in strategy.experimental_local_results(variable.value)]
+
+
+def random_streams(strategy):
+    """What each local replica drew at the last step, and the weights."""
+    x, y = _xy(7)
+    with kd.strategies.scope_or_null(strategy):
+        model = RandomDraws()
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        model.build((None, 4))
+        _init(model)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    extra = {}
+    for name in ("z", "mask"):
+        for i, value in enumerate(_local_values(strategy,
+                                                getattr(model, name))):
+            extra[f"{name}{i}"] = value
+    return {**{f"w{i}": np.asarray(w) for i, w in
+               enumerate(model.dense.get_weights())}, **extra}
+
+
 EXACT = {
     "position_embedding_adam": position_embedding_adam,
     "hand_loss": hand_loss,
