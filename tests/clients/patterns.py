@@ -692,10 +692,10 @@ def run_training(make_strategy, checkpoint_dir, epochs=1):
     return out
 
 
-def shuffled_fit(strategy, seed):
+def shuffled_fit(strategy, seed, callbacks=None):
     """TF's multi-worker tutorial input: `shuffle(n)`, seeded or not."""
     x, y = _xy(14)
     with kd.strategies.scope_or_null(strategy):
         model = _small_model()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(N, seed=seed)
-    model.fit(ds.batch(BATCH), epochs=1, verbose=0)
+    model.fit(ds.batch(BATCH), epochs=1, verbose=0, callbacks=callbacks)
