@@ -506,7 +506,7 @@ def _local_values(strategy, variable):
             for v in strategy.experimental_local_results(variable.value)]
 
 
-def random_streams(strategy):
+def random_streams(strategy, epochs=1, callbacks=None):
     """What each local replica drew at the last step, and the weights."""
     x, y = _xy(7)
     with kd.strategies.scope_or_null(strategy):
@@ -514,7 +514,8 @@ def random_streams(strategy):
         model.compile(keras.optimizers.SGD(0.1), "mse")
         model.build((None, 4))
         _init(model)
-    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH),
+              epochs=epochs, verbose=0, callbacks=callbacks)
     extra = {}
     for name in ("z", "mask"):
         for i, value in enumerate(_local_values(strategy,

@@ -50,3 +50,53 @@ def test_draws_outside_a_kd_strategy_are_unchanged(strategy):
     np.testing.assert_array_equal(
         local[0], keras.random.normal((3,), seed=generator))
     assert not np.array_equal(local[0], local[1])
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _InterruptAt(keras.callbacks.Callback):
+    """A crash as `fit` sees it: an exception after one step."""
+
+    def __init__(self, epoch, step):
+        super().__init__()
+        self.at = (epoch, step)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise _Interrupted()
+
+
+@pytest.mark.timeout(300)
+def test_resume_after_a_restart_draws_as_the_unfailed_run(
+        strategy, tmp_path, monkeypatch):
+    # 2 epochs of 4 steps; the crash after step 1 of epoch 1 (global step
+    # 6) loses 2 steps since the backup at step 4.
+    reference = patterns.random_streams(strategy, epochs=2)
+    backup_dir = tmp_path / "backup"
+    with pytest.raises(_Interrupted):
+        patterns.random_streams(strategy, epochs=2, callbacks=[
+            kd.callbacks.BackupAndRestore(backup_dir, save_freq=2),
+            _InterruptAt(1, 1)])
+    monkeypatch.setenv("KERASDIST_RESTART_COUNT", "1")
+    steps = _Steps()
+    resumed = patterns.random_streams(strategy, epochs=2, callbacks=[
+        kd.callbacks.BackupAndRestore(backup_dir, save_freq=2), steps])
+    # Resumed from the backup at global step 4, not from scratch: the
+    # seed state was restored with the weights.
+    assert steps.count == 4
+    patterns.assert_same(resumed, reference, rtol=0, atol=1e-7)
+
+
+class _Steps(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.count += 1
