@@ -322,11 +322,16 @@ def bn_dropout(strategy):
         _init(model)
     # Dropout draws differ from run to run, so two epochs (8 steps) can end
     # with a loss no lower than the first; 8 epochs always make progress.
-    history = model.fit(x, y, batch_size=BATCH, epochs=8, verbose=0,
-                        shuffle=False).history
-    evaluation = model.evaluate(x, y, batch_size=BATCH, verbose=0,
+    return fit_evaluate(model, x, y, epochs=8)
+
+
+def fit_evaluate(model, x, y, epochs, batch_size=BATCH, result_of=None):
+    """`fit` without shuffling, `evaluate` on the same data, the results."""
+    history = model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                        verbose=0, shuffle=False).history
+    evaluation = model.evaluate(x, y, batch_size=batch_size, verbose=0,
                                 return_dict=True)
-    return _result(model, history, evaluation)
+    return _result(result_of or model, history, evaluation)
 
 
 def multi_io(strategy):
