@@ -1365,6 +1365,57 @@ CANARIES += [
            "unscale_loss_for_distribution"),
 ]
 
+# ---------------------------------------------------------------------------
+# Section: Keras random numbers (strategies.py: per-replica streams).
+# ---------------------------------------------------------------------------
+
+_SEED_GENERATOR = "keras.src.random.seed_generator:SeedGenerator"
+_SEED_TRANSFORMS: list[Callable[[Any], Any]] = []
+
+
+def transform_seed_draws(transform: Callable[[Any], Any]) -> None:
+    """Pass every seed a Keras `SeedGenerator` hands out through `transform`.
+
+    Every Keras random op (`keras.random.*`, Dropout, the augmentation
+    layers) draws its stateless seed with `SeedGenerator.next`
+    (keras/src/random/seed_generator.py, via `draw_seed`); the generator's
+    state is a variable with `aggregation="none"`, so under a strategy each
+    replica holds an identical copy and every replica draws the same
+    numbers. Wrapping `next` (once per process; later calls replace the
+    transform) changes what is drawn, never the state, so checkpoints keep
+    their format.
+
+    Args:
+        transform: callable taking the drawn seed (a `[2]` int tensor) and
+            returning the seed to use.
+
+    Example:
+
+    ```python
+    transform_seed_draws(lambda seed: seed)
+    ```
+    """
+    from keras.src.random import seed_generator
+
+    _SEED_TRANSFORMS[:] = [transform]
+    cls = seed_generator.SeedGenerator
+    if getattr(cls.next, "_kd_original", None) is not None:
+        return
+    original = cls.next
+
+    def next_seed(self, ordered=True):
+        return _SEED_TRANSFORMS[0](original(self, ordered=ordered))
+
+    next_seed._kd_original = original
+    cls.next = next_seed
+
+
+CANARIES += [
+    Canary(_SEED_GENERATOR, "next", "transform_seed_draws"),
+    Canary(_SEED_GENERATOR, "state", "transform_seed_draws"),
+    Canary("keras.src.random.seed_generator", "draw_seed",
+           "transform_seed_draws"),
+]
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import tensorflow as tf
 
@@ -29,6 +30,7 @@ __all__ = [
     "distribute",
     "batch_sizes_of",
     "per_replica_batch_size",
+    "shuffles_differently",
     "unseeded_shuffles",
     "warn_if_unseeded_shuffle",
 ]
@@ -362,6 +364,37 @@ def unseeded_shuffles(dataset: tf.data.Dataset) -> int:
     return count
 
 
+def shuffles_differently(dataset: Any, workers: int) -> bool:
+    """Whether `workers` workers would each shuffle `dataset` their own way.
+
+    True for a `tf.data.Dataset` with an unseeded `shuffle` that more than
+    one worker shards by data (TF's `AUTO` falls back to `DATA` for
+    datasets that do not read files): each worker then draws its own
+    order, so the workers' parts of a global batch overlap and a resumed
+    run reads other batches.
+
+    Args:
+        dataset: the `fit` input; anything but a `tf.data.Dataset` is
+            False (unknown).
+        workers: int. Number of workers.
+
+    Returns:
+        bool.
+
+    Example:
+
+    >>> shuffles_differently(tf.data.Dataset.range(4).shuffle(4), 2)
+    True
+    """
+    if workers < 2 or not isinstance(dataset, tf.data.Dataset):
+        return False
+    policy = dataset.options().experimental_distribute.auto_shard_policy
+    if policy in (tf.data.experimental.AutoShardPolicy.FILE,
+                  tf.data.experimental.AutoShardPolicy.OFF):
+        return False
+    return unseeded_shuffles(dataset) > 0
+
+
 def warn_if_unseeded_shuffle(
     dataset: tf.data.Dataset, strategy: tf.distribute.Strategy
 ) -> bool:
@@ -388,11 +421,7 @@ def warn_if_unseeded_shuffle(
     ```
     """
     workers = _internals.num_workers(strategy)
-    policy = dataset.options().experimental_distribute.auto_shard_policy
-    if workers < 2 or policy in (tf.data.experimental.AutoShardPolicy.FILE,
-                                 tf.data.experimental.AutoShardPolicy.OFF):
-        return False
-    if not unseeded_shuffles(dataset):
+    if not shuffles_differently(dataset, workers):
         return False
     warnings.warn(
         "The training dataset shuffles without a seed and is sharded by "

@@ -495,6 +495,30 @@ def _merge_sparse_gradients(strategy) -> None:
             value, strategy.num_replicas_in_sync))
 
 
+# Keras's `SeedGenerator` state is mirrored (aggregation="none", the same
+# on every replica: keras/src/random/seed_generator.py), so Dropout masks,
+# augmentations and a GAN's latents were identical on all replicas (issue
+# 23.3). Under a kd strategy each replica's draw adds its global replica id
+# times a large odd constant to the seed's first half: replica 0 draws what
+# one device draws, the others independent streams; the state (and so every
+# checkpoint) is unchanged, so runs and resumes reproduce the same draws.
+_REPLICA_SEED_STRIDE = 0x9E3779B1
+
+
+def _per_replica_seed(seed):
+    """`seed` folded with the global replica id under a kd strategy."""
+    if not tf.is_tensor(seed):
+        return seed  # A generator on another backend (numpy).
+    context = tf.distribute.get_replica_context()
+    if (context is None
+            or not isinstance(context.strategy, _KerasCompatibleReduce)
+            or context.strategy.num_replicas_in_sync == 1):
+        return seed
+    replica = tf.cast(context.replica_id_in_sync_group, seed.dtype)
+    return seed + tf.stack([replica * _REPLICA_SEED_STRIDE,
+                            tf.zeros_like(replica)])
+
+
 # Collective group/instance keys of every MirroredStrategy in a process start
 # at 1 + `_collective_key_base` (0 upstream), so a second strategy over a
 # different device set reuses group key 1 and aborts with "Device ... is
@@ -540,6 +564,7 @@ class MirroredStrategy(_KerasCompatibleReduce, tf.distribute.MirroredStrategy):
         )
         super().__init__(devices=devices, cross_device_ops=cross_device_ops)
         _merge_sparse_gradients(self)
+        _internals.transform_seed_draws(_per_replica_seed)
         if compression is not None:
             compression_lib.enable(self, compression)
 
@@ -650,6 +675,7 @@ class MultiWorkerMirroredStrategy(
                 "`strategy.scope()`."
             ) from e
         _merge_sparse_gradients(self)
+        _internals.transform_seed_draws(_per_replica_seed)
         if compression is not None:
             compression_lib.enable(self, compression)
         self._kd_key = key

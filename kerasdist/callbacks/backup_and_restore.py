@@ -406,6 +406,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 optimizer.build(model.trainable_variables)
         epoch_iterator = _internals.find_epoch_iterator(model)
         shared_validation = self._check_validation_data(epoch_iterator)
+        self._check_shuffle_seeded()
         self._record_world(model, epoch_iterator)
         self._run.callbacks = run_last(self, EpochLogs(self))
         new_run = self._is_new_run_in_this_process()
@@ -574,6 +575,25 @@ class BackupAndRestore(keras.callbacks.Callback):
             "a restart, so a resumed run would train on other batches. Pass "
             "a separate validation dataset (e.g. built by the same function "
             "with another seed, or without shuffle)."
+        )
+
+    def _check_shuffle_seeded(self) -> None:
+        """Refuses an unseeded shuffle that workers shard by data (issue
+        23.7): each worker draws its own order, so no resume can read the
+        same batches again."""
+        x, _ = _internals.fit_inputs(self.model)
+        workers = self._run.task.num_workers
+        if not data_lib.shuffles_differently(x, workers):
+            return
+        raise BackupConfigError(
+            "Invalid value for argument `x` of `fit`: the dataset shuffles "
+            f"without a seed and is sharded by data over {workers} workers, "
+            "so each worker reads every example in its own random order "
+            "and kd.callbacks.BackupAndRestore cannot resume on the same "
+            "batches (nor do the workers split the examples). Expected a "
+            "seeded shuffle: dataset.shuffle(buffer_size, seed=1) (the "
+            "order still changes every epoch, the same on every worker), "
+            "or tf.random.set_seed(...) before building the dataset."
         )
 
     def _record_world(self, model, epoch_iterator) -> None:

@@ -89,6 +89,16 @@ def main(out):
             str(w.message) for w in caught
             if "shuffles without a seed" in str(w.message)]
 
+    # Issue 23.7: BackupAndRestore refuses a resume it cannot make exact.
+    for seed in (None, 1):
+        backup = kd.callbacks.BackupAndRestore(
+            os.path.join(out, f"backup_shuffle_{seed}"))
+        checks[f"backup_shuffle_seed_{seed}"] = _error(
+            lambda backup=backup, seed=seed: patterns.shuffled_fit(
+                strategy(), seed, callbacks=[backup]))
+    # Issue 23.3: each replica draws its own random numbers.
+    save("random_streams", patterns.random_streams(strategy()))
+
     # Issue 16.3: jit_compile=True on CPU falls back with a warning.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -322,11 +322,16 @@ def bn_dropout(strategy):
         _init(model)
     # Dropout draws differ from run to run, so two epochs (8 steps) can end
     # with a loss no lower than the first; 8 epochs always make progress.
-    history = model.fit(x, y, batch_size=BATCH, epochs=8, verbose=0,
-                        shuffle=False).history
-    evaluation = model.evaluate(x, y, batch_size=BATCH, verbose=0,
+    return fit_evaluate(model, x, y, epochs=8)
+
+
+def fit_evaluate(model, x, y, epochs, batch_size=BATCH, result_of=None):
+    """`fit` without shuffling, `evaluate` on the same data, the results."""
+    history = model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                        verbose=0, shuffle=False).history
+    evaluation = model.evaluate(x, y, batch_size=batch_size, verbose=0,
                                 return_dict=True)
-    return _result(model, history, evaluation)
+    return _result(result_of or model, history, evaluation)
 
 
 def multi_io(strategy):
@@ -465,6 +470,64 @@ def position_embedding_adam(strategy, epochs=EPOCHS):
     history = model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0,
                         shuffle=False)
     return _result(model, history.history)
+
+
+class RandomDraws(keras.Model):
+    """Dropout in the model and latents drawn in `train_step` (issue 23.3).
+
+    Each replica keeps its last draws in variables with
+    `aggregation="none"` (one copy per replica, never all-reduced), so a
+    test can read what every replica drew.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = keras.layers.Dropout(0.5, seed=3)
+        self.dense = keras.layers.Dense(1)
+        self.latents = keras.random.SeedGenerator(5)
+        self.z = self.add_weight(shape=(4,), initializer="zeros",
+                                 trainable=False, aggregation="none",
+                                 name="z")
+        self.mask = self.add_weight(shape=(16,), initializer="zeros",
+                                    trainable=False, aggregation="none",
+                                    name="mask")
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+
+    def call(self, x, training=False):
+        return self.dense(self.dropout(x, training=training))
+
+    def train_step(self, data):
+        self.z.assign(keras.random.normal((4,), seed=self.latents))
+        self.mask.assign(self.dropout(ops.ones((16,)), training=True))
+        return super().train_step(data)
+
+
+def _local_values(strategy, variable):
+    if strategy is None:
+        return [np.asarray(variable.numpy())]
+    return [np.asarray(v.numpy())
+            for v in strategy.experimental_local_results(variable.value)]
+
+
+def random_streams(strategy, epochs=1, callbacks=None):
+    """What each local replica drew at the last step, and the weights."""
+    x, y = _xy(7)
+    with kd.strategies.scope_or_null(strategy):
+        model = RandomDraws()
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        model.build((None, 4))
+        _init(model)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH),
+              epochs=epochs, verbose=0, callbacks=callbacks)
+    extra = {}
+    for name in ("z", "mask"):
+        for i, value in enumerate(_local_values(strategy,
+                                                getattr(model, name))):
+            extra[f"{name}{i}"] = value
+    return {**{f"w{i}": np.asarray(w) for i, w in
+               enumerate(model.dense.get_weights())}, **extra}
 
 
 EXACT = {
@@ -635,10 +698,10 @@ def run_training(make_strategy, checkpoint_dir, epochs=1):
     return out
 
 
-def shuffled_fit(strategy, seed):
+def shuffled_fit(strategy, seed, callbacks=None):
     """TF's multi-worker tutorial input: `shuffle(n)`, seeded or not."""
     x, y = _xy(14)
     with kd.strategies.scope_or_null(strategy):
         model = _small_model()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(N, seed=seed)
-    model.fit(ds.batch(BATCH), epochs=1, verbose=0)
+    model.fit(ds.batch(BATCH), epochs=1, verbose=0, callbacks=callbacks)

@@ -15,6 +15,7 @@ import patterns
 import processes
 import pytest
 
+import kerasdist as kd
 from kerasdist import cluster
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -197,3 +198,41 @@ def test_unseeded_shuffle_warned_before_step_1(run):
         assert "sharded by data over 2 workers" in message
         assert "dataset.shuffle(buffer_size, seed=1)" in message
         assert checks["shuffle_warnings_seed_1"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_backup_refuses_an_unseeded_shuffle_before_step_1(run):
+    # Issue 23.7: each worker would shuffle its own way, so no resume can
+    # read the same batches; refused before the first step, naming the fix.
+    for checks in run["checks"]:
+        error = checks["backup_shuffle_seed_None"]
+        assert error["type"] == "BackupConfigError", error
+        assert error["message"].startswith(
+            "Invalid value for argument `x` of `fit`: the dataset shuffles "
+            "without a seed and is sharded by data over 2 workers")
+        assert "dataset.shuffle(buffer_size, seed=1)" in error["message"]
+        assert checks["backup_shuffle_seed_1"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_each_worker_draws_its_own_random_numbers(run):
+    # Issue 23.3: worker 1 is global replica 1; worker 0 draws what one
+    # device draws, and what replica 1 of 2 virtual CPUs draws is what
+    # worker 1 draws (the stream follows the global replica id).
+    w0, w1 = run["load"]("random_streams", 0), run["load"]("random_streams", 1)
+    assert not np.array_equal(w0["z0"], w1["z0"])
+    assert not np.array_equal(w0["mask0"], w1["mask0"])
+    one = patterns.random_streams(None)
+    np.testing.assert_array_equal(w0["z0"], one["z0"])
+    np.testing.assert_array_equal(w0["mask0"], one["mask0"])
+    virtual = patterns.random_streams(
+        kd.MirroredStrategy(devices=["/cpu:0", "/cpu:1"]))
+    np.testing.assert_array_equal(w1["z0"], virtual["z1"])
+    np.testing.assert_array_equal(w1["mask0"], virtual["mask1"])
+    # The all-reduced weights agree across workers and with 2 replicas.
+    for key in ("w0", "w1"):
+        np.testing.assert_array_equal(w1[key], w0[key])
+        np.testing.assert_allclose(w0[key], virtual[key], rtol=1e-5,
+                                   atol=1e-6)
