@@ -6,7 +6,7 @@ reported (target ≤ 1.02) for each input kind, each in its own process:
 
 - `dataset`: a convnet on `kd.data.distribute(...)`, batched without
   `drop_remainder` (no static batch size): the case kerasdist used to
-  check batch by batch (1.13-1.25x on a small MLP, issue 23.9);
+  check batch by batch (1.13-1.25x on a small MLP);
 - `mlp_dataset`: the same input kind with a small MLP, where a per-step
   cost shows most;
 - `mlp_fit_xy`: `fit(x, y, batch_size=64)` on NumPy arrays.

@@ -619,8 +619,8 @@ def keras_call_site(max_depth: int = 8) -> KerasCallSite | None:
     `predict`, before the first step and before `fit` wraps its callbacks.
     Keras gives the strategy no other handle on the `batch_size` the user
     passed, the partial last batch, the model or the callbacks, which
-    kerasdist checks there (uneven batches, issue 16.1; file callbacks,
-    14.2; unscaled custom `train_step`, 14.1; XLA on CPU, 16.3).
+    kerasdist checks there (uneven batches; file callbacks on several
+    workers; an unscaled custom `train_step`; XLA on CPU).
 
     Args:
         max_depth: int. How many callers up to look. Defaults to 8.
@@ -750,7 +750,7 @@ def dataset_batching(dataset: Any, max_depth: int = 32) -> Batching | None:
     `_input_dataset`s, tensorflow/python/data/ops/batch_op.py and
     dataset_ops.py). kerasdist reads them before the first step to know
     the size of a partial last batch, instead of checking every batch as
-    it is read (which cost 13-25 % per step, issue 23.9).
+    it is read (which cost 13-25 % per step on a small MLP).
 
     Args:
         dataset: `tf.data.Dataset`.

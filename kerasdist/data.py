@@ -103,9 +103,9 @@ def _check_partial(
 
     Keras scales each replica's mean loss by `1 / num_replicas_in_sync`,
     exact only for equal shares; evaluation and prediction are exact for
-    any split, so only training data is checked (issues 16.1, 23.1). Under
+    any split, so only training data is checked. Under
     an elastic launcher every allowed group size is checked, so a valid job
-    cannot fail after a resize (issue 25.1).
+    cannot fail after a resize.
     """
     low, high, local = _group_sizes(strategy)
     failing, lcm = elastic.unsplittable_sizes(partial, low, high, local)
@@ -615,7 +615,7 @@ def distribute(
         )
     policy = _choose_policy(dataset, shard_policy, num_workers)
     # Under DATA sharding every worker keeps its part of each global batch,
-    # so any number of batches feeds every worker (issue 21); only FILE
+    # so any number of batches feeds every worker; only FILE
     # sharding can leave a worker without data.
     if policy == tf.data.experimental.AutoShardPolicy.FILE and (
             0 <= batches < num_workers):

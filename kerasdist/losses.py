@@ -26,6 +26,14 @@ _warned: set[type] = set()
 _SCALED_MARKERS = ("scale_loss", "compute_loss(", "compute_average_loss(")
 
 
+def _keras_step_after(cls: type) -> bool:
+    """True if the `train_step` that `cls`'s `super()` reaches is Keras's."""
+    for base in cls.__mro__[1:]:
+        if "train_step" in vars(base):
+            return base.__module__.startswith("keras.")
+    return False
+
+
 def scale_loss(loss: Any) -> Any:
     """Scales a hand-computed mean loss for the replicas in sync.
 
@@ -147,6 +155,8 @@ def warn_if_custom_train_step(model: Any, strategy: Any) -> bool:
         return _warn_scaled_report(cls, held, source, strategy)
     if any(marker in source for marker in _SCALED_MARKERS):
         return False
+    if "super().train_step(" in source and _keras_step_after(cls):
+        return False  # Keras's own step computes and scales the loss
     _warned.add(cls)
     warnings.warn(
         f"{cls.__name__}.train_step is a custom training step running on "

@@ -18,7 +18,8 @@ multi-worker collectives:
 
 Both are fixed by a `reduce` that maps over structures and treats `axis=0` on
 a rank-0 value as the mean over replicas, which is what Keras means there.
-That `reduce` also never all-reduces strings or booleans (issues 15.1, 16.2).
+That `reduce` also never all-reduces strings or booleans (TextVectorization's vocabulary,
+bool inputs).
 
 Where Keras's `fit`/`evaluate`/`predict` distributes its input
 (`experimental_distribute_dataset`), kerasdist checks, before the first
@@ -161,8 +162,8 @@ class _KerasCompatibleReduce:
         is traced (TF's custom-loop tutorial), a Keras 3 optimizer that
         `fn` uses but that is not built yet would create its variables
         inside the replica function and fail at the first step with
-        "You must feed a value for placeholder tensor" (issue 14.4, with
-        TensorFlow's strategies too). That is refused here, before the
+        "You must feed a value for placeholder tensor" (with TensorFlow's
+        own strategies too). That is refused here, before the
         step runs, with the fix.
 
         Args:
@@ -284,7 +285,7 @@ def _check_keras_call(strategy, dataset, site):
         # Evaluation, validation and prediction are exact for any split,
         # on one machine and across workers: Keras's metrics weight each
         # replica by its examples and `predict` gathers every replica's
-        # rows in order (issue 23.1, 23.2; tests/clients).
+        # rows in order (tests/clients compare them with one device).
         return dataset
     return _check_keras_input(strategy, dataset, site.adapter)
 
@@ -476,7 +477,8 @@ def _merged_sparse(value: Any, replicas: int) -> Any:
     `TokenAndPositionEmbedding`, ViT's `PatchEncoder`) appears once per
     replica, where one device has it once. Keras's Adam squares each piece
     before adding them (a^2 + b^2 instead of (a + b)^2): its first update
-    was 0.014 instead of one device's 0.100 on 2 replicas (issue 23.4).
+    was 0.014 instead of one device's 0.100 on 2 replicas
+    (tests/test_sparse_gradients.py).
     """
     if replicas < 2:
         return value
@@ -618,7 +620,7 @@ class MultiWorkerMirroredStrategy(
         # process: a second strategy re-enables collective ops and aborts
         # ("Delete called on non-empty BufRendezvous"). The keras.io guide
         # calls `run_training()`, which creates the strategy, twice. Hand
-        # back the process's strategy when nothing differs (issue 15.2).
+        # back the process's strategy when nothing differs.
         existing = _PROCESS_MULTI_WORKER.get("strategy")
         if existing is None:
             return super().__new__(cls)
