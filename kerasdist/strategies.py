@@ -18,8 +18,8 @@ multi-worker collectives:
 
 Both are fixed by a `reduce` that maps over structures and treats `axis=0` on
 a rank-0 value as the mean over replicas, which is what Keras means there.
-That `reduce` also never all-reduces strings or booleans (TextVectorization's vocabulary,
-bool inputs).
+That `reduce` also never all-reduces strings or booleans (a
+TextVectorization vocabulary, bool inputs).
 
 Where Keras's `fit`/`evaluate`/`predict` distributes its input
 (`experimental_distribute_dataset`), kerasdist checks, before the first
