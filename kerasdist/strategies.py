@@ -499,8 +499,8 @@ def _merge_sparse_gradients(strategy) -> None:
 
 # Keras's `SeedGenerator` state is mirrored (aggregation="none", the same
 # on every replica: keras/src/random/seed_generator.py), so Dropout masks,
-# augmentations and a GAN's latents were identical on all replicas (issue
-# 23.3). Under a kd strategy each replica's draw adds its global replica id
+# augmentations and a GAN's latents were identical on all replicas. Under
+# a kd strategy each replica's draw adds its global replica id
 # times a large odd constant to the seed's first half: replica 0 draws what
 # one device draws, the others independent streams; the state (and so every
 # checkpoint) is unchanged, so runs and resumes reproduce the same draws.
