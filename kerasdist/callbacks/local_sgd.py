@@ -28,6 +28,10 @@ variable, the stacked per-replica values (gathered from all replicas when
 read) are attached to the model's optimizer, so `kd.callbacks.
 BackupAndRestore` saves and restores them with the optimizer and a run
 interrupted mid-round resumes exactly.
+
+`dynamic_steps=True` makes a round a wall-time budget instead of H steps
+(see `_local_sgd_rounds`): a slow worker runs fewer steps and its
+pseudo-gradient weighs less, instead of holding the others at each sync.
 """
 
 from __future__ import annotations
@@ -753,7 +757,8 @@ class LocalSGD(keras.callbacks.Callback):
         """JSON-able state for backups (the arrays live in the optimizer).
 
         Returns:
-            dict with `sync_every`, `round_step` and `syncs`.
+            dict with `sync_every`, `round_step`, `syncs` and
+            `local_steps` (this worker's steps in each round).
 
         Example:
 
