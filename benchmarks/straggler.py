@@ -3,7 +3,8 @@
 4 workers (`kd.MultiWorkerMirroredStrategy` on 127.0.0.1, one replica and
 one intra-op / inter-op thread each), each in its own cgroup v1 cpu cgroup
 (`kerasdist.testing.cgroups`: `cpu.cfs_quota_us` of `cpu.cfs_period_us`)
-joined once connected, so that the quota, not the other jobs on the
+joined after the first step (start-up and tracing are not measured), so
+that the quota, not the other jobs on the
 machine, sets each worker's pace: `share` of a core each (`--full`: its
 share of the cores, 0.5 on 2 cores; the short check: 0.1, below what each
 worker gets on a loaded machine), and in the straggler conditions the last
@@ -20,7 +21,8 @@ method:
   the sync weights each by its steps.
 
 Each method runs without and with the straggler. Worker 0 (never the
-straggler) evaluates the test set after every sync (every 8 steps for
+straggler; the others wait for it at the next collective) evaluates the
+test set after every sync (every 8 steps for
 `sync`) and stamps it with its training wall time (from the end of its
 first step, tracing excluded, minus evaluation time). The target accuracy
 is `sync`'s final accuracy without straggler minus 1 pp; the ratio is a
@@ -117,6 +119,8 @@ def run_worker(config_path: str) -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+
     import kerasdist as kd
     from kerasdist.testing import cgroups
 
@@ -130,13 +134,18 @@ def run_worker(config_path: str) -> None:
         model = _build()
     local_sgd = None if dynamic is None else kd.callbacks.LocalSGD(
         8, dynamic_steps=dynamic)
-    clock = _clock(xt, yt, local_sgd)
-    # Once connected: start-up is not what is measured.
-    cgroups.Cgroup(config["cgroups"][rank], ("cpu",)).add(os.getpid())
+    # Only worker 0 evaluates (the others wait for it at the next
+    # collective, in every method alike).
+    clock = _clock(xt, yt, local_sgd) if rank == 0 else None
+    group = cgroups.Cgroup(config["cgroups"][rank], ("cpu",))
+    join = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs=None: (
+            batch == 0 and group.add(os.getpid())))
+    # After the first step: start-up and tracing are not what is measured.
     model.fit(ds, epochs=1, steps_per_epoch=config["steps"], verbose=0,
-              callbacks=[c for c in (local_sgd, clock) if c is not None])
+              callbacks=[c for c in (join, local_sgd, clock) if c])
     result = {
-        "curve": clock.curve if rank == 0 else [],
+        "curve": clock.curve if clock else [],
         "local_steps": local_sgd.local_steps if local_sgd else None,
     }
     with open(os.path.join(config["out"], f"worker{rank}.json"), "w") as f:
@@ -255,8 +264,8 @@ def main(full: bool = False) -> dict:
         "environment": common.environment(
             workers="4 MultiWorkerMirroredStrategy processes on 127.0.0.1, "
                     "1 intra-op and 1 inter-op thread each",
-            pace=f"each worker in its own cpu cgroup joined after "
-                 f"start-up: cpu.cfs_quota_us = {share:g} x "
+            pace=f"each worker in its own cpu cgroup joined after its "
+                 f"first step: cpu.cfs_quota_us = {share:g} x "
                  f"cpu.cfs_period_us ({share:g} core, {cores} cores)",
             straggler=f"the last worker at {share / 2:g} core (half)",
             conditions="short check: 1 round, machine shared with other "
@@ -272,5 +281,9 @@ if __name__ == "__main__":
     ARGS = sys.argv[1:]
     if ARGS[:1] == ["--worker"]:  # started by _run, one per worker
         run_worker(ARGS[1])
+        # At a tenth of a core, tearing TensorFlow down takes a minute:
+        # the results are written, so the worker leaves at once.
+        sys.stdout.flush()
+        os._exit(0)
     else:
         print(json.dumps(main(full="--full" in ARGS), indent=2))

@@ -3,8 +3,8 @@
     python tests/straggler_worker.py OUT_DIR CGROUP STEPS
 
 Worker 1 moves itself (all its threads) into the cpu cgroup CGROUP (made
-by the test, with a CPU quota) once connected, so that its start-up is not
-slowed: it is the straggler. Both train one epoch of STEPS
+by the test, with a CPU quota) after its first step, so that its start-up
+and tracing are not slowed: it is the straggler. Both train one epoch of STEPS
 steps with kd.callbacks.LocalSGD(8, dynamic_steps=True) under
 kd.MultiWorkerMirroredStrategy, and save to OUT_DIR/workerRANK.npz every
 step's weights before and after LocalSGD's sync, the steps of each round,
@@ -23,6 +23,18 @@ import kerasdist as kd
 from kerasdist.testing import cgroups
 
 SYNC_EVERY = 8
+
+
+class JoinAfterFirstStep(keras.callbacks.Callback):
+    """Moves this process into a cpu cgroup after the first step."""
+
+    def __init__(self, cgroup):
+        super().__init__()
+        self.cgroup = cgroup
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0 and self.cgroup:
+            cgroups.Cgroup(self.cgroup, ("cpu",)).add(os.getpid())
 
 
 class Weights(keras.callbacks.Callback):
@@ -56,12 +68,11 @@ def main(out, cgroup, steps):
     before = float(np.mean((model(x).numpy() - y) ** 2))
     start = np.concatenate(
         [v.numpy().ravel() for v in model.trainable_variables])
-    if rank == 1:
-        cgroups.Cgroup(cgroup, ("cpu",)).add(os.getpid())
     local, synced = Weights(), Weights()
+    join = JoinAfterFirstStep(cgroup if rank == 1 else None)
     sgd = kd.callbacks.LocalSGD(SYNC_EVERY, dynamic_steps=True)
     model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0,
-              callbacks=[local, sgd, synced])
+              callbacks=[join, local, sgd, synced])
     after = float(np.mean((model(x).numpy() - y) ** 2))
     np.savez(os.path.join(out, f"worker{rank}.npz"),
              local=np.array(local.rows), synced=np.array(synced.rows),
@@ -73,3 +84,7 @@ def main(out, cgroup, steps):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    # A process at a few % of a core takes a minute to tear TensorFlow
+    # down: its results are written, so it leaves at once.
+    sys.stdout.flush()
+    os._exit(0)

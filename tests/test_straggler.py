@@ -39,9 +39,9 @@ def test_slowed_worker_runs_fewer_steps_and_the_average_weights_them(
     why = cgroups.cgroups_unavailable(("cpu",))
     if why:
         pytest.skip(f"no cpu cgroup here: {why}")
-    # A tenth of a core: clearly slower than the other worker even when
-    # the machine is loaded by other jobs.
-    with cgroups.cgroup(cpu_fraction=0.1) as group:
+    # A twentieth of a core: clearly slower than the other worker even
+    # when the machine is loaded by other jobs.
+    with cgroups.cgroup(cpu_fraction=0.05) as group:
         _launch(tmp_path, group)
     fast, slow = (dict(np.load(tmp_path / f"worker{r}.npz")) for r in (0, 1))
     # The fastest worker ran every step of its epoch, the slowed one fewer,

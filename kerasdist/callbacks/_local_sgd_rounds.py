@@ -3,8 +3,8 @@
 Synchronous training, and local SGD with a fixed H, run at the speed of
 the slowest worker: every worker waits at each collective for the last
 one. With dynamic local updates (Async Local-SGD, Liu et al. 2024) a
-round is a wall-time budget instead of a step count: each worker runs as
-many local steps as fit in it, and the sync weights each worker's
+round is a budget of training time instead of a step count: each worker
+runs as many local steps as fit in it, and the sync weights each worker's
 pseudo-gradient by the samples (steps) it trained on in the round.
 
 The budget is agreed at every sync through one small all-gather beside
@@ -41,6 +41,11 @@ _SLACK = 0.5
 class RoundClock:
     """When this worker ends its round, and what it tells the others.
 
+    Counts the time spent in training steps (from LocalSGD's
+    `on_train_batch_begin` to its `on_train_batch_end`), not what other
+    callbacks do between steps (an evaluation at each sync): the budget is
+    training time, which is what a slower worker has less of.
+
     Args:
         sync_every: int. Steps of the first round, and the fastest worker's
             steps per round afterwards.
@@ -51,44 +56,51 @@ class RoundClock:
         self.budget: float | None = None
         self.steps = 0
         self.rounds: list[int] = []
-        self._start = time.monotonic()
-        self._first_step_end: float | None = None
+        self._busy = 0.0  # seconds in this round's timed steps
+        self._timed = 0  # steps timed this round
+        self._step_start: float | None = None
 
     def restart(self) -> None:
         self.steps = 0
-        self._start = time.monotonic()
+        self._busy = 0.0
+        self._timed = 0
 
-    def tick(self, steps: int) -> None:
-        """Records that the round has run `steps` steps so far."""
+    def begin_step(self) -> None:
+        self._step_start = time.monotonic()
+
+    def end_step(self, steps: int, first: bool) -> None:
+        """Records that the round has run `steps` steps so far.
+
+        Args:
+            steps: int. Steps of this round so far.
+            first: bool. The step was `fit`'s first, which traced the
+                training function: not timed.
+        """
         self.steps = steps
-        if self._first_step_end is None:
-            self._first_step_end = time.monotonic()
+        if not first and self._step_start is not None:
+            self._busy += time.monotonic() - self._step_start
+            self._timed += 1
 
-    def elapsed(self) -> float:
-        return time.monotonic() - self._start
+    def _pace(self) -> float:
+        return self._busy / self._timed if self._timed else 0.0
 
     def due(self) -> bool:
         """Whether the round ends after the step just run."""
         if self.budget is None:
             return self.steps >= self.sync_every
-        elapsed = self.elapsed()
-        return elapsed + _SLACK * elapsed / self.steps >= self.budget
+        return self._busy + _SLACK * self._pace() >= self.budget
 
     def report(self, last: bool) -> np.ndarray:
         """This worker's row of the all-gather."""
-        if not self.rounds and self.steps > 1:
-            # The first step traced the training function: not the pace.
-            pace = (time.monotonic() - self._first_step_end) / (
-                self.steps - 1)
-        else:
-            pace = self.elapsed() / max(self.steps, 1)
-        return np.array(
-            [self.steps, pace * self.sync_every, float(last)], "float32")
+        return np.array([self.steps, self._pace() * self.sync_every,
+                         float(last)], "float32")
 
     def agree(self, rows: np.ndarray) -> bool:
         """Takes the decision of the sync; True when training ends."""
         self.rounds.append(self.steps)
-        self.budget = float(np.min(rows[:, 1]))
+        paces = rows[:, 1][rows[:, 1] > 0]
+        if paces.size:
+            self.budget = float(np.min(paces))
         return bool(np.max(rows[:, 2]) > 0)
 
 

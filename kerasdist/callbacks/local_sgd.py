@@ -694,6 +694,7 @@ class LocalSGD(keras.callbacks.Callback):
         self._batch_begin = batch
         if self._clock is not None:
             self._state.mid_dynamic_round = True
+            self._clock.begin_step()
 
     def on_train_batch_end(self, batch, logs=None):
         state = self._state
@@ -702,7 +703,7 @@ class LocalSGD(keras.callbacks.Callback):
             self._round = int(state.round_step.numpy())
         self._round += batch - self._batch_begin + 1
         if self._clock is not None:
-            self._clock.tick(self._round)
+            self._clock.end_step(self._round, first=batch == 0)
             last = batch + 1 >= self.params["steps"]
             if last or self._clock.due():
                 self._dynamic_sync(last)
