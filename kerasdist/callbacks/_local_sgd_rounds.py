@@ -27,6 +27,7 @@ must be repeated.
 
 from __future__ import annotations
 
+import collections
 import time
 
 import keras
@@ -56,14 +57,16 @@ class RoundClock:
         self.budget: float | None = None
         self.steps = 0
         self.rounds: list[int] = []
-        self._busy = 0.0  # seconds in this round's timed steps
-        self._timed = 0  # steps timed this round
+        self._busy = 0.0  # seconds in this round's steps
+        # The pace is the median of the recent steps: on a loaded machine
+        # single steps vary several-fold, and the first ones retrace.
+        self._recent: collections.deque = collections.deque(
+            maxlen=max(16, 4 * sync_every))
         self._step_start: float | None = None
 
     def restart(self) -> None:
         self.steps = 0
         self._busy = 0.0
-        self._timed = 0
 
     def begin_step(self) -> None:
         self._step_start = time.monotonic()
@@ -77,12 +80,15 @@ class RoundClock:
                 training function: not timed.
         """
         self.steps = steps
-        if not first and self._step_start is not None:
-            self._busy += time.monotonic() - self._step_start
-            self._timed += 1
+        if self._step_start is None:
+            return
+        seconds = time.monotonic() - self._step_start
+        self._busy += seconds
+        if not first:
+            self._recent.append(seconds)
 
     def _pace(self) -> float:
-        return self._busy / self._timed if self._timed else 0.0
+        return float(np.median(self._recent)) if self._recent else 0.0
 
     def due(self) -> bool:
         """Whether the round ends after the step just run."""
