@@ -58,8 +58,11 @@ class RoundClock:
         self.steps = 0
         self.rounds: list[int] = []
         self._busy = 0.0  # seconds in this round's steps
-        # The pace is the median of the recent steps: on a loaded machine
-        # single steps vary several-fold, and the first ones retrace.
+        # The pace is the mean of the recent steps: single steps vary
+        # several-fold on a loaded machine, and a CPU quota makes them
+        # bimodal (full speed until the quota is spent, then throttled
+        # until the next period), so one round's few steps, or a median,
+        # would mistake a burst for the pace.
         self._recent: collections.deque = collections.deque(
             maxlen=max(16, 4 * sync_every))
         self._step_start: float | None = None
@@ -88,7 +91,7 @@ class RoundClock:
             self._recent.append(seconds)
 
     def _pace(self) -> float:
-        return float(np.median(self._recent)) if self._recent else 0.0
+        return float(np.mean(self._recent)) if self._recent else 0.0
 
     def due(self) -> bool:
         """Whether the round ends after the step just run."""
