@@ -4,15 +4,15 @@
 one intra-op / inter-op thread each), each in its own cgroup v1 cpu cgroup
 (`kerasdist.testing.cgroups`: `cpu.cfs_quota_us` of `cpu.cfs_period_us`)
 joined after the first step (start-up and tracing are not measured), so
-that the quota, not the other jobs on the
-machine, sets each worker's pace: `share` of a core each (`--full`: its
-share of the cores, 0.5 on 2 cores; the short check: 0.1, below what each
-worker gets on a loaded machine), and in the straggler conditions the last
-worker half of that. Same data (10-class
-Gaussian mixture, 256 features, each worker its own quarter), model (MLP
-256-512-10), initial weights for every method, and the same steps of the fastest
-worker (1.5x for `dynamic_h8`, whose slower workers add fewer samples per
-step, so that it can reach the target: the time to it is compared):
+that the quota, not the other jobs on the machine, sets each worker's
+pace: `share` of a core each (`--full`: its share of the cores, 0.5 on 2
+cores; the short check: 0.1, below what each worker gets on a loaded
+machine), and in the straggler conditions the last worker half of that.
+Same data (10-class Gaussian mixture, 256 features, each worker its own
+quarter), model (MLP 256-512-10), initial weights for every method, and
+the same steps of the fastest worker (1.5x for `dynamic_h8`, whose slower
+workers add fewer samples per step, so that it can reach the target: the
+time to it is compared):
 
 - `sync`: synchronous SGD (a gradient all-reduce every step: every step
   waits for the slowest worker);
