@@ -28,6 +28,10 @@ variable, the stacked per-replica values (gathered from all replicas when
 read) are attached to the model's optimizer, so `kd.callbacks.
 BackupAndRestore` saves and restores them with the optimizer and a run
 interrupted mid-round resumes exactly.
+
+`dynamic_steps=True` makes a round a wall-time budget instead of H steps
+(see `_local_sgd_rounds`): a slow worker runs fewer steps and its
+pseudo-gradient weighs less, instead of holding the others at each sync.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from kerasdist import _internals
 from kerasdist import cluster as cluster_lib
 from kerasdist import compression as compression_lib
 from kerasdist._validate import check_int
+from kerasdist.callbacks import _local_sgd_rounds as rounds_lib
 
 __all__ = ["AllReduceCounter", "LocalSGD", "diloco_risks"]
 
@@ -234,6 +239,8 @@ class _State:
             _internals.track_optimizer_state(
                 optimizer, _ReplicaStack(self, i, v))
         self._cache: list | None = None
+        # Set by LocalSGD(dynamic_steps=True) while workers are apart.
+        self.mid_dynamic_round = False
         self._gather = tf.function(self._gather_all, autograph=False)
         self.sync = tf.function(self._sync, autograph=False)
 
@@ -254,20 +261,45 @@ class _State:
     def stacked_values(self) -> list:
         """Every stacked variable's per-replica values (cached)."""
         if self._cache is None:
+            if self.mid_dynamic_round:
+                raise ValueError(
+                    "kd.callbacks.LocalSGD(dynamic_steps=True) cannot save "
+                    "or read per-replica state mid-round: the workers are "
+                    "at different steps and would not meet at the "
+                    "collective. Back up with BackupAndRestore("
+                    "save_freq='epoch'); an epoch ends on a common sync."
+                )
             self._cache = [np.asarray(t) for t in self._gather()]
         return self._cache
 
     def invalidate(self) -> None:
         self._cache = None
 
-    def _sync(self, compression):
+    def _sync(self, compression, report=None):
+        """All-reduces the pseudo-gradients and moves every replica on.
+
+        Args:
+            compression: str or None.
+            report: float32 tensor [steps, seconds, last] or None. With
+                dynamic steps, this worker's row: it is all-gathered and
+                each pseudo-gradient is weighted by its steps.
+
+        Returns:
+            The all-gathered rows (one per replica), or an empty tensor.
+        """
         def replica_fn():
             ctx = tf.distribute.get_replica_context()
+            rows = tf.zeros((0, 3))
             deltas = [
                 tf.convert_to_tensor(_internals.tf_variable(a))
                 - tf.convert_to_tensor(_internals.tf_variable(w))
                 for a, w in zip(self.anchor, self.trainable, strict=True)
             ]
+            if report is not None:
+                # Weighted by samples: steps / mean steps over replicas.
+                rows = ctx.all_gather(report[None], axis=0)
+                weight = report[0] / tf.reduce_mean(rows[:, 0])
+                deltas = [d * tf.cast(weight, d.dtype) for d in deltas]
             # Reads of non-trainable weights carry no device; all values
             # of one batch all-reduce must sit on the replica's device.
             device = deltas[0].device if deltas else ""
@@ -294,8 +326,10 @@ class _State:
             ]
             ctx.merge_call(_assign_all, args=(
                 targets, new + reduced[n:] + residuals))
+            return rows
 
-        self.strategy.run(replica_fn)
+        return self.strategy.experimental_local_results(
+            self.strategy.run(replica_fn))[0]
 
     def _int8_mean(self, ctx, deltas):
         """Mean of `deltas` over replicas, one byte per value on the wire.
@@ -481,13 +515,27 @@ class LocalSGD(keras.callbacks.Callback):
             feedback (what rounding lost is sent at the next sync; see
             `kerasdist.compression`). Defaults to None (the strategy's own
             setting applies).
+        dynamic_steps: bool. Straggler-tolerant rounds (dynamic local
+            updates, Liu et al. 2024): after a first round of `sync_every`
+            steps, a round lasts the time the fastest worker needs for
+            `sync_every` steps; each worker runs as many steps as fit in
+            it, and the sync weights each worker's pseudo-gradient by its
+            steps (samples), so a slow worker no longer holds the others.
+            Training ends at the sync where the fastest worker has run
+            `steps_per_epoch` steps. Needs `fit(dataset.repeat(), epochs=1,
+            steps_per_epoch=N)` and `steps_per_execution=1`; a rerun does
+            not repeat the same rounds (they follow wall time), and backups
+            are only possible at the end of the epoch
+            (`BackupAndRestore(save_freq="epoch")`). `local_steps` lists
+            this worker's steps in each round. Defaults to False.
 
     Raises:
         ValueError: if `sync_every` is not a positive integer, the outer
-            optimizer is not a Keras optimizer, or `compression` is unknown;
-            when training starts, if `sync_every` is not a multiple of
-            `steps_per_execution` or the model's optimizer cannot train
-            locally.
+            optimizer is not a Keras optimizer, `compression` is unknown
+            or `dynamic_steps` not a bool; when training starts, if
+            `sync_every` is not a multiple of `steps_per_execution`, the
+            model's optimizer cannot train locally, or (`dynamic_steps`)
+            `fit` is not one epoch of known steps.
 
     Example:
 
@@ -507,9 +555,17 @@ class LocalSGD(keras.callbacks.Callback):
         sync_every: int,
         outer_optimizer: keras.optimizers.Optimizer | None = None,
         compression: str | None = None,
+        dynamic_steps: bool = False,
     ):
         super().__init__()
         self.sync_every = check_int("sync_every", sync_every)
+        if not isinstance(dynamic_steps, bool):
+            raise ValueError(
+                "Invalid value for argument `dynamic_steps`. Received: "
+                f"dynamic_steps={dynamic_steps!r}. Expected True or False."
+            )
+        self.dynamic_steps = dynamic_steps
+        self._clock: rounds_lib.RoundClock | None = None
         if outer_optimizer is None:
             outer_optimizer = keras.optimizers.SGD(learning_rate=1.0)
         if not isinstance(outer_optimizer, keras.optimizers.Optimizer):
@@ -601,6 +657,8 @@ class LocalSGD(keras.callbacks.Callback):
                 f"steps_per_execution={spe}. Expected a multiple of "
                 "steps_per_execution (callbacks run once per execution)."
             )
+        if self.dynamic_steps:
+            rounds_lib.check_fit(self.params or {}, spe)
         state = self._attach()
         self._warn_risks()
         _internals.set_gradient_all_reduce(
@@ -608,6 +666,9 @@ class LocalSGD(keras.callbacks.Callback):
         # Functions traced before run the synchronous update.
         model.make_train_function(force=True)
         self._round = None
+        if self.dynamic_steps:
+            model.train_function = rounds_lib.local_train_function(model)
+            self._clock = rounds_lib.RoundClock(self.sync_every)
         if int(state.round_step.numpy()) == 0:
             # A fresh round: the anchor is the current (identical) weights.
             for a, v in zip(state.anchor, state.trainable, strict=True):
@@ -631,6 +692,9 @@ class LocalSGD(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self._batch_begin = batch
+        if self._clock is not None:
+            self._state.mid_dynamic_round = True
+            self._clock.begin_step()
 
     def on_train_batch_end(self, batch, logs=None):
         state = self._state
@@ -638,9 +702,15 @@ class LocalSGD(keras.callbacks.Callback):
         if self._round is None:  # Possibly restored by BackupAndRestore.
             self._round = int(state.round_step.numpy())
         self._round += batch - self._batch_begin + 1
-        if self._round >= self.sync_every:
+        if self._clock is not None:
+            self._clock.end_step(self._round, first=batch == 0)
+            last = batch + 1 >= self.params["steps"]
+            if last or self._clock.due():
+                self._dynamic_sync(last)
+        elif self._round >= self.sync_every:
             self._sync()
         state.round_step.assign(self._round)
+        state.mid_dynamic_round = self._clock is not None and self._round > 0
 
     def on_train_end(self, logs=None):
         if self._state is None:
@@ -657,11 +727,39 @@ class LocalSGD(keras.callbacks.Callback):
         self._round = 0
         self.syncs += 1
 
+    def _dynamic_sync(self, last: bool) -> None:
+        clock = self._clock
+        rows = self._state.sync(
+            self.compression, tf.constant(clock.report(last)))
+        if clock.agree(np.asarray(rows)):
+            self.model.stop_training = True
+        self._state.invalidate()
+        self._round = 0
+        self.syncs += 1
+        clock.restart()
+
+    @property
+    def local_steps(self) -> list[int]:
+        """This worker's local steps in each round of the last `fit`.
+
+        Every round is `sync_every` steps, except with `dynamic_steps`,
+        where a slower worker runs fewer.
+        """
+        if self._clock is not None:
+            return list(self._clock.rounds)
+        return [self.sync_every] * self.syncs
+
+    @property
+    def round_seconds(self) -> float | None:
+        """With `dynamic_steps`: the agreed wall-time budget of a round."""
+        return None if self._clock is None else self._clock.budget
+
     def get_state(self) -> dict[str, Any]:
         """JSON-able state for backups (the arrays live in the optimizer).
 
         Returns:
-            dict with `sync_every`, `round_step` and `syncs`.
+            dict with `sync_every`, `round_step`, `syncs` and
+            `local_steps` (this worker's steps in each round).
 
         Example:
 
@@ -675,6 +773,7 @@ class LocalSGD(keras.callbacks.Callback):
             "sync_every": self.sync_every,
             "round_step": int(round_step or 0),
             "syncs": self.syncs,
+            "local_steps": self.local_steps,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
