@@ -136,6 +136,7 @@ def main(argv=None) -> int:
             f.write(json.dumps({"attempt": restart_count(), **phases})
                     + "\n")
     model.fit(dataset, epochs=args.epochs, verbose=0, callbacks=callbacks)
+    print(f"worker {task.worker_rank} done", flush=True)
     if task.is_chief:
         np.savez(os.path.join(args.out, "final.npz"),
                  *[np.asarray(w) for w in model.get_weights()])

@@ -387,6 +387,7 @@ def main(argv=None) -> int:
         validation_data=validation,
         callbacks=callbacks,
     )
+    print(f"worker {task.worker_rank} done", flush=True)
     weights = [np.asarray(w) for w in model.get_weights()]
     if task.is_chief:
         np.savez(os.path.join(args.out, "final.npz"), *weights)

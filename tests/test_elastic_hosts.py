@@ -186,4 +186,4 @@ def test_chief_host_lost(run, reference):
         r.kill_host(HOSTS[0])
         log = _check_same_training(r, reference, "3 -> 2")
     assert "going on without 127.0.0.2" in log
-    assert "[worker-0@127.0.0.3]" in log  # The new chief.
+    assert "[worker-0@127.0.0.3] worker 0 done" in log  # The new chief.

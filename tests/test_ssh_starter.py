@@ -428,7 +428,7 @@ def test_kerasdist_run_over_ssh_saves_on_sigterm_and_resumes(server,
             kill_group(reference)
     text = logs.read_text()
     assert second.returncode == 0 and reference.returncode == 0, text[-6000:]
-    assert "[worker-1@127.0.0.22]" in text
+    assert "[worker-1@127.0.0.22] worker 1 done" in text
     assert "kerasdist: preempted (SIGTERM); saved at epoch" in text
     # The workers' goodput facts reach the launcher over ssh (the wrapper
     # relays the heartbeat's JSON): every summary, ssh runs included, has
