@@ -60,7 +60,7 @@ engines:
 test: install engines
 	$(PY) -m ruff check kerasdist tests benchmarks examples
 	shellcheck -s sh kerasdist/launch/ssh_wrapper.sh
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 # The launcher, elastic, ssh, hosts and recovery tests STRESS_ROUNDS times
 # in a row while one busy-loop process per core loads the machine (started
