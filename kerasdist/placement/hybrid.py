@@ -23,11 +23,10 @@ import tensorflow as tf
 from kerasdist.placement import pipeline
 from kerasdist.placement import planning as plan_lib
 from kerasdist.placement.pipeline import (
-    _clip_on_devices,
+    _apply_on_devices,
     _device_of,
     _split_all,
     _sum_grads,
-    _updates_on_variable_devices,
 )
 
 __all__ = ["HybridPipelineModel"]
@@ -216,12 +215,7 @@ class HybridPipelineModel(pipeline.PipelineModel):
                 with tf.device(_device_of(v)):
                     summed.append(_sum_grads(shares, v))
                 variables.append(v)
-        if not variables:
-            return
-        optimizer = self.optimizer
-        with _updates_on_variable_devices(optimizer):
-            summed = _clip_on_devices(optimizer, summed, variables)
-            optimizer.apply_gradients(zip(summed, variables, strict=True))
+        _apply_on_devices(self.optimizer, summed, variables)
 
     def _check_batches(self, x, batch_size, validation_split, steps_per_epoch):
         """Every training batch must split into R·M equal micro-batches."""

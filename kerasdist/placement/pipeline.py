@@ -315,12 +315,7 @@ class PipelineModel(keras.Model):
         for v in trainable:
             with tf.device(pipe.device_of_variable.get(id(v))):
                 summed.append(_sum_grads(var_grads.get(id(v)), v))
-        if trainable:
-            with _updates_on_variable_devices(self.optimizer):
-                summed = _clip_on_devices(self.optimizer, summed, trainable)
-                self.optimizer.apply_gradients(
-                    zip(summed, trainable, strict=False)
-                )
+        _apply_on_devices(self.optimizer, summed, trainable)
 
     def _recompute(self, stage, vals, out_grads):
         """Re-runs a stage's forward pass once its output gradients exist."""
@@ -578,6 +573,19 @@ def _updates_on_variable_devices(optimizer):
     finally:
         del optimizer.update_step
         optimizer.clipnorm, optimizer.clipvalue = clipnorm, clipvalue
+
+
+def _apply_on_devices(optimizer, grads, variables) -> None:
+    """Clips and applies `grads`, each variable's math on its device.
+
+    The one update of a step, for `PipelineModel` and
+    `HybridPipelineModel` alike (no-op without variables).
+    """
+    if not variables:
+        return
+    with _updates_on_variable_devices(optimizer):
+        grads = _clip_on_devices(optimizer, grads, variables)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
 
 
 def _clip_on_devices(optimizer, grads, variables):
