@@ -255,24 +255,7 @@ def batch_reduce(reduce, compression, reduce_op, pairs, options):
     )
     scales = None  # per replica: a vector with one scale per tensor
     if compression == "fp16" and same_devices:
-        bounds = []
-        for j, device in enumerate(devices):
-            with tf.device(device):
-                bounds.append(tf.stack([
-                    tf.cast(
-                        tf.reduce_max(tf.abs(_components(pairs[i][0])[j])),
-                        tf.float32,
-                    )
-                    for i in index
-                ]))
-        bounds = _internals.make_per_replica(bounds)
-        summed = reduce(
-            tf.distribute.ReduceOp.SUM, [(bounds, bounds)], options
-        )[0]
-        scales = {}
-        for c in getattr(summed, "values", (summed,)):
-            with tf.device(c.device):
-                scales[c.device] = _pow2_scales(c)
+        scales = _fp16_scales(reduce, pairs, index, devices, options)
     elif compression == "fp16":
         # Mixed placements (not produced by Keras): fall back to 32 bits.
         return reduce(reduce_op, pairs, options)
@@ -290,25 +273,52 @@ def batch_reduce(reduce, compression, reduce_op, pairs, options):
         new_pairs[i] = (packed, packed if destination is value else
                         destination)
     reduced = reduce(reduce_op, new_pairs, options)
-
     for k, i in enumerate(index):
         dtype = _components(pairs[i][0])[0].dtype
-        result = reduced[i]
-        parts = []
-        for c in getattr(result, "values", (result,)):
-            with tf.device(c.device):
-                c = tf.cast(c, dtype)
-                if scales is not None:
-                    scale = scales.get(c.device)
-                    if scale is None:
-                        scale = next(iter(scales.values()))
-                    c = c / tf.cast(scale[k], dtype)
-                parts.append(c)
-        if isinstance(result, tf.distribute.DistributedValues):
-            reduced[i] = _internals.make_mirrored(tuple(parts))
-        else:
-            reduced[i] = parts[0]
+        reduced[i] = _unpack(reduced[i], dtype, scales, k)
     return reduced
+
+
+def _fp16_scales(reduce, pairs, index, devices, options) -> dict:
+    """Per device, a power-of-two scale for each compressed tensor.
+
+    Each replica's largest magnitude per tensor is summed over replicas
+    (one small all-reduce), so every replica scales by the same factor.
+    """
+    bounds = []
+    for j, device in enumerate(devices):
+        with tf.device(device):
+            bounds.append(tf.stack([
+                tf.cast(
+                    tf.reduce_max(tf.abs(_components(pairs[i][0])[j])),
+                    tf.float32,
+                )
+                for i in index
+            ]))
+    bounds = _internals.make_per_replica(bounds)
+    summed = reduce(tf.distribute.ReduceOp.SUM, [(bounds, bounds)], options)[0]
+    scales = {}
+    for c in getattr(summed, "values", (summed,)):
+        with tf.device(c.device):
+            scales[c.device] = _pow2_scales(c)
+    return scales
+
+
+def _unpack(result, dtype, scales, k):
+    """A reduced wire-dtype value back in `dtype`, unscaled (tensor k)."""
+    parts = []
+    for c in getattr(result, "values", (result,)):
+        with tf.device(c.device):
+            c = tf.cast(c, dtype)
+            if scales is not None:
+                scale = scales.get(c.device)
+                if scale is None:
+                    scale = next(iter(scales.values()))
+                c = c / tf.cast(scale[k], dtype)
+            parts.append(c)
+    if isinstance(result, tf.distribute.DistributedValues):
+        return _internals.make_mirrored(tuple(parts))
+    return parts[0]
 
 
 def int8_levels(num_replicas: int) -> int:
