@@ -268,6 +268,7 @@ def test_two_concurrent_jobs_on_the_same_nodes_both_finish(
         assert_same_weights(final_weights(out), reference)
 
 
+@pytest.mark.timeout(720)
 def test_pipeline_over_three_tasks_on_two_nodes(slurm, tmp_path):
     """Model parallelism under SLURM: `join_cluster()` in 3 srun tasks.
 

@@ -452,6 +452,7 @@ def test_kerasdist_run_over_ssh_saves_on_sigterm_and_resumes(server,
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.timeout(420)
 def test_pipeline_over_ssh_chief_on_one_host_stages_on_the_other(
     server, tmp_path
 ):
@@ -463,7 +464,7 @@ def test_pipeline_over_ssh_chief_on_one_host_stages_on_the_other(
         [sys.executable, "-m", "kerasdist.launch", "--hosts", hosts,
          "--starter", "ssh", "--ssh_command", server.ssh_command,
          "--env", f"PYTHONPATH={HERE}{os.pathsep}{REPO}",
-         "--max_restarts", "0", "--",
+         "--env", "TF_CPP_MIN_LOG_LEVEL=3", "--max_restarts", "0", "--",
          sys.executable, PLACEMENT_WORKER, "--out", str(tmp_path),
          "--scenarios", "pipeline"],
         GROUP_TIMEOUT,
