@@ -7,7 +7,8 @@ Every worker calls `kd.placement.join_cluster()`; workers 1 and 2 serve,
 the chief trains each scenario with its stages on workers 1 and 2 and
 writes `DIR/<scenario>.npz` (final weights, in `model.get_weights()` order)
 and `DIR/<scenario>.json` (the device of every model and optimizer
-variable, the evaluation loss, the sum of the predictions).
+variable, the evaluation loss, the sum of the predictions, the workers'
+addresses and the source `kd.cluster.resolve()` found them in).
 
 Scenario `hybrid` (5 workers): the chief trains 2 pipeline replicas × 2
 stages on workers 1-4 under BackupAndRestore(`--backup`), stops it at step
@@ -93,6 +94,18 @@ def reference(scenario):
     return model.get_weights()
 
 
+def assert_on_stage_workers(table, stages=("1", "2")):
+    """Asserts a `_device_table`: every model variable on a stage worker,
+    the optimizer's variables too, each slot beside its variable; none on
+    the chief (task 0)."""
+    stage_workers = {f"/job:worker/task:{i}" for i in stages}
+    assert set(table["model"].values()) == stage_workers, table["model"]
+    assert set(table["optimizer"].values()) <= stage_workers, table
+    for path, slots in table["slots"].items():
+        assert slots, f"no optimizer slot found for {path}"
+        assert set(slots) == {table["model"][path]}, (path, slots)
+
+
 def _short(v):
     import tensorflow as tf
 
@@ -161,6 +174,11 @@ class _Killer:
         self.callback = Callback()
 
 
+def _addresses():
+    """The workers' addresses in the cluster this chief joined."""
+    return json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]
+
+
 def run(scenario, devices, args):
     import keras
 
@@ -192,6 +210,8 @@ def run(scenario, devices, args):
         "eval_loss": float(loss),
         "pred_sum": float(np.sum(pred)),
         "attempt": int(os.environ.get("KERASDIST_RESTART_COUNT", "0")),
+        "addresses": _addresses(),
+        "source": kd.cluster.resolve().source,
     }
     with open(os.path.join(args.out, f"{scenario}.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -273,7 +293,7 @@ def run_hybrid(devices, args):
         "eval_loss": float(loss),
         "pred_sum": float(np.sum(pred)),
         "steps": [first_steps, steps],
-        "addresses": json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"],
+        "addresses": _addresses(),
         "bad_batch": bad_batch,
         "timed_plan": str(timed),
         "bandwidth": timed.bandwidth,
@@ -291,7 +311,8 @@ def main():
     parser.add_argument("--kill", choices=("chief", "stage"), default=None)
     args = parser.parse_args()
     # Every worker writes its pid, so the chief can SIGKILL a stage.
-    rank = os.environ.get("KERASDIST_WORKER_INDEX", "0")
+    rank = os.environ.get(
+        "KERASDIST_WORKER_INDEX", os.environ.get("SLURM_PROCID", "0"))
     with open(os.path.join(args.out, f"pid-{rank}"), "w") as f:
         f.write(str(os.getpid()))
 
@@ -301,8 +322,13 @@ def main():
 
     args.stage_pid = stage_pid
 
+    from absl import logging
+
     import kerasdist as kd
 
+    # kerasdist's INFO lines show: a server says where it serves and why it
+    # exits (the tests read them, with the launcher's host prefix).
+    logging.set_verbosity(logging.INFO)
     devices = kd.placement.join_cluster()  # Workers 1 and 2 stay here.
     try:
         kd.placement.join_cluster()

@@ -2,7 +2,8 @@
 
 The job file is `deploy/slurm/train.sbatch`, unchanged; the training script
 is tests/fault_worker.py (deterministic data, a log of which batch each step
-trained) through tests/slurm_worker.py.
+trained) through tests/slurm_worker.py, and, for model parallelism,
+tests/placement_worker.py.
 """
 
 import os
@@ -13,13 +14,16 @@ import sys
 import time
 
 import numpy as np
+import placement_worker
 import pytest
 import slurm_cluster
 from fault_worker import lineage, read_steps, retrained
+from test_placement_cluster import result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "deploy", "slurm", "train.sbatch")
 WORKER = os.path.join(ROOT, "tests", "slurm_worker.py")
+PLACEMENT_WORKER = os.path.join(ROOT, "tests", "placement_worker.py")
 STEPS_PER_EPOCH = 12  # fault_worker: 192 examples, global batch 16
 EPOCHS = 3
 
@@ -56,21 +60,31 @@ def reference(tmp_path_factory):
         return [f[k] for k in f.files]
 
 
-def submit(slurm, tmp_path, *worker_args, max_restarts=3, sbatch_args=()):
-    out, backup = tmp_path / "out", tmp_path / "backup"
+def sbatch(slurm, tmp_path, command, max_restarts=3, sbatch_args=(),
+           srun_wait=20):
+    """Submits `deploy/slurm/train.sbatch COMMAND`; returns the job id."""
     res = slurm.run(
         "sbatch", "--parsable", f"--chdir={tmp_path}", *sbatch_args,
-        f"--output={tmp_path}/job-%j.out", SBATCH,
-        sys.executable, WORKER, "--out", str(out), "--backup_dir",
-        str(backup), "--epochs", str(EPOCHS), "--save_freq", "4",
-        *worker_args,
+        f"--output={tmp_path}/job-%j.out", SBATCH, *command,
         extra_env={
             "PYTHONPATH": ROOT, "KERASDIST_MAX_RESTARTS": str(max_restarts),
             "KERASDIST_COLLECTIVE_TIMEOUT": "120",
-            "KERASDIST_SRUN_WAIT": "20",
+            "KERASDIST_SRUN_WAIT": str(srun_wait),
         },
     )
-    return res.stdout.strip().split(";")[0], out
+    return res.stdout.strip().split(";")[0]
+
+
+def submit(slurm, tmp_path, *worker_args, max_restarts=3, sbatch_args=()):
+    out, backup = tmp_path / "out", tmp_path / "backup"
+    job_id = sbatch(
+        slurm, tmp_path,
+        [sys.executable, WORKER, "--out", str(out), "--backup_dir",
+         str(backup), "--epochs", str(EPOCHS), "--save_freq", "4",
+         *worker_args],
+        max_restarts=max_restarts, sbatch_args=sbatch_args,
+    )
+    return job_id, out
 
 
 def job_log(tmp_path, job_id):
@@ -252,6 +266,50 @@ def test_two_concurrent_jobs_on_the_same_nodes_both_finish(
             job_log(run, got))
         assert every_step_once(read_steps(out / "steps-0.jsonl"))
         assert_same_weights(final_weights(out), reference)
+
+
+@pytest.mark.timeout(720)
+def test_pipeline_over_three_tasks_on_two_nodes(slurm, tmp_path):
+    """Model parallelism under SLURM: `join_cluster()` in 3 srun tasks.
+
+    Task 0 (the chief) pipelines tests/placement_worker.py's MLP over tasks
+    1 and 2, which serve and exit 0 when it is done; two tasks share node9
+    (distinct reserved ports), task 2 runs on node10.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    start = time.monotonic()
+    job_id = sbatch(
+        slurm, tmp_path,
+        [sys.executable, PLACEMENT_WORKER, "--out", str(out),
+         "--scenarios", "pipeline"],
+        max_restarts=0, srun_wait=60,
+        sbatch_args=["--ntasks=3", "--ntasks-per-node=2"],
+    )
+    state = slurm.wait_job(job_id, timeout=600)
+    job_time = time.monotonic() - start
+    log = job_log(tmp_path, job_id)
+    assert state["JobState"] == "COMPLETED", log
+    assert state["NodeList"] == "node[9-10]"
+    res, weights = result(out, "pipeline")
+    assert_same_weights(weights, placement_worker.reference("pipeline"))
+    # The cluster the chief joined is SLURM's: ranks in SLURM's block
+    # order on the nodes' NodeAddr, each with its own port.
+    assert res["source"] == "slurm", res
+    hosts = [a.rsplit(":", 1)[0] for a in res["addresses"]]
+    assert hosts == ["127.0.0.9", "127.0.0.9", "127.0.0.10"], res
+    assert len(set(res["addresses"])) == 3, res
+    placement_worker.assert_on_stage_workers(res["placement"])
+    # Each stage worker served at its SLURM address and exited 0 on its
+    # own when the chief was done (no rerun of srun).
+    for rank in (1, 2):
+        assert (f"kerasdist: worker {rank} serves model parallelism at "
+                f"{res['addresses'][rank]}") in log, log
+    assert log.count("model-parallel server exits 0: the chief finished") \
+        == 2, log
+    assert "kerasdist: step exited" not in log, log
+    print(f"\nSLURM 3-task pipeline job: {job_time:.1f}s (test "
+          f"{time.monotonic() - start:.1f}s)")
 
 
 def test_sbatch_template_is_valid_bash():

@@ -5,8 +5,9 @@ own host key and a fresh client key; workers are `tests/ssh_worker.py` run
 through `SshStarter`, exactly as the launcher runs them. What is checked is
 what a user sees: the variables and directory the worker gets, the exit
 status, the signal the worker receives, that no remote worker is left
-behind (by the PIDs the workers wrote), reachability reasons, and a real
-2-worker MultiWorkerMirroredStrategy fit over ssh with equal weights.
+behind (by the PIDs the workers wrote), reachability reasons, a real
+2-worker MultiWorkerMirroredStrategy fit over ssh with equal weights, and
+a model pipelined over two remote stage workers by `kerasdist-run`.
 """
 
 import json
@@ -17,8 +18,11 @@ import sys
 import time
 
 import numpy as np
+import placement_worker
 import pytest
 import sshd_server
+from test_examples import run
+from test_placement_cluster import GROUP_TIMEOUT, assert_weights_equal, result
 
 import kerasdist as kd
 from kerasdist.launch import supervisor
@@ -32,6 +36,7 @@ pytestmark = pytest.mark.real_component
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "ssh_worker.py")
+PLACEMENT_WORKER = os.path.join(HERE, "placement_worker.py")
 HOST_A = Host("127.0.0.21", 1)
 HOST_B = Host("127.0.0.22", 1)
 # The remote login environment does not have the test's variables; pass
@@ -445,6 +450,45 @@ def test_kerasdist_run_over_ssh_saves_on_sigterm_and_resumes(server,
     want = np.load(tmp_path / "local" / "final.npz")
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(420)
+def test_pipeline_over_ssh_chief_on_one_host_stages_on_the_other(
+    server, tmp_path
+):
+    """`kerasdist-run --starter ssh` with model parallelism: the chief on
+    127.0.0.21 pipelines tests/placement_worker.py's MLP over workers 1 and
+    2 on 127.0.0.22, which serve and exit 0 when the chief is done."""
+    hosts = f"{HOST_A.address}:1,{HOST_B.address}:2"
+    code, output = run(
+        [sys.executable, "-m", "kerasdist.launch", "--hosts", hosts,
+         "--starter", "ssh", "--ssh_command", server.ssh_command,
+         "--env", f"PYTHONPATH={HERE}{os.pathsep}{REPO}",
+         "--env", "TF_CPP_MIN_LOG_LEVEL=3", "--max_restarts", "0", "--",
+         sys.executable, PLACEMENT_WORKER, "--out", str(tmp_path),
+         "--scenarios", "pipeline"],
+        GROUP_TIMEOUT,
+    )
+    assert code == 0, output[-6000:]
+    assert "SUCCEEDED after 1 attempt(s)" in output, output[-6000:]
+    res, weights = result(tmp_path, "pipeline")
+    assert_weights_equal(weights, placement_worker.reference("pipeline"))
+    placement_worker.assert_on_stage_workers(res["placement"])
+    hosts_seen = [a.rsplit(":", 1)[0] for a in res["addresses"]]
+    assert hosts_seen == [HOST_A.address, HOST_B.address, HOST_B.address]
+    # What the user sees: each stage worker's lines, prefixed with its
+    # host, say where it served and that it ended with the chief.
+    for rank in (1, 2):
+        prefix = f"[worker-{rank}@{HOST_B.address}] "
+        lines = [ln for ln in output.splitlines() if ln.startswith(prefix)]
+        assert any(
+            f"kerasdist: worker {rank} serves model parallelism at "
+            f"{res['addresses'][rank]}" in ln for ln in lines
+        ), output[-6000:]
+        assert any(
+            "model-parallel server exits 0: the chief finished" in ln
+            for ln in lines
+        ), output[-6000:]
 
 
 def test_wrapper_script_speaks_this_modules_protocol():
