@@ -85,13 +85,7 @@ def test_weights_equal_the_unsplit_model(trained, scenario):
 @pytest.mark.parametrize("scenario", placement_worker.SCENARIOS)
 def test_model_and_optimizer_state_on_stage_workers(trained, scenario):
     res, _ = result(trained[0], scenario)
-    table = res["placement"]
-    stage_workers = {"/job:worker/task:1", "/job:worker/task:2"}
-    assert set(table["model"].values()) == stage_workers, table["model"]
-    assert set(table["optimizer"].values()) <= stage_workers, table
-    for path, slots in table["slots"].items():
-        assert slots, f"no optimizer slot found for {path}"
-        assert set(slots) == {table["model"][path]}, (path, slots)
+    placement_worker.assert_on_stage_workers(res["placement"])
 
 
 def test_each_layer_on_the_planned_stage(trained):
