@@ -25,12 +25,15 @@ read from the host's interface (`/proc/net/dev` inside its namespace: what
 really crossed the link, gRPC and TCP overhead included) and counted on the
 collective (`AllReduceCounter`, payload only).
 
-Rounds interleave methods (A B C ... A B C ...); ratios are per round,
-median over rounds. The default is a short check (one round, 64 steps);
-`--full` is the measurement (3 rounds, 384 steps, ~1 h): it needs a quiet
-machine. Needs root (network namespaces).
+Rounds interleave methods (A B C ... A B C ...) and link speeds; ratios
+are per round, median over rounds. The default is a short check (one round
+per speed, 64 steps); `--full` is the measurement: 256 steps, 3 rounds at
+100 Mbit/s (where the target is) and 1 at 1 Gbit/s, about 50 min on a quiet
+2-core machine. `--steps N` and `--rounds 1gbit=R1,100mbit=R2` change
+either. Needs root (network namespaces).
 
-Run: `python -m benchmarks.run time_to_accuracy [--full]`.
+Run: `python -m benchmarks.run time_to_accuracy [--full]`, or
+`python -m benchmarks.time_to_accuracy [--full] [--steps N] [--rounds ...]`.
 """
 
 from __future__ import annotations
@@ -280,13 +283,33 @@ def _medians(rounds: list) -> dict:
     return out
 
 
-def main(full: bool = False) -> dict:
-    rounds_n, steps = (3, 384) if full else (1, 64)
+FULL = {"steps": 256, "rounds": {"1gbit": 1, "100mbit": 3}}
+SHORT = {"steps": 64, "rounds": {"1gbit": 1, "100mbit": 1}}
+
+
+def parse_rounds(text: str) -> dict:
+    """`"1gbit=1,100mbit=3"` -> {"1gbit": 1, "100mbit": 3}."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        rate, _, n = part.partition("=")
+        if rate not in RATES or not n.isdigit() or int(n) < 1:
+            raise ValueError(
+                f"--rounds: {part!r} is not RATE=N with RATE in {RATES} "
+                "and N >= 1; e.g. --rounds 1gbit=1,100mbit=3")
+        out[rate] = int(n)
+    return out
+
+
+def main(full: bool = False, steps: int | None = None,
+         per_rate: dict | None = None) -> dict:
+    plan = FULL if full else SHORT
+    steps = steps or plan["steps"]
+    per_rate = {r: (per_rate or {}).get(r, plan["rounds"][r]) for r in RATES}
     timeout = 3600 if full else 1200
     rounds = {rate: [] for rate in RATES}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(rounds_n):
-            for rate in RATES:
+        for i in range(max(per_rate.values())):
+            for rate in (r for r in RATES if i < per_rate[r]):
                 rounds[rate].append(
                     _round(rate, steps, list(METHODS), tmp, timeout))
     summary = {rate: _medians(r) for rate, r in rounds.items()}
@@ -316,7 +339,7 @@ def main(full: bool = False) -> dict:
             model="MLP 256-2048-512-10 (1.58 M parameters)",
             data=f"{TRAIN_PER_WORKER} examples per worker, {TEST} test, "
                  "10-class Gaussian mixture",
-            per_worker_batch=BATCH, steps=steps, rounds=rounds_n),
+            per_worker_batch=BATCH, steps=steps, rounds=per_rate),
     }
 
 
@@ -324,4 +347,12 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         run_worker(sys.argv[2])
     else:
-        print(json.dumps(main("--full" in sys.argv), indent=2))
+        import argparse
+
+        parser = argparse.ArgumentParser(description=__doc__)
+        parser.add_argument("--full", action="store_true")
+        parser.add_argument("--steps", type=int, default=None)
+        parser.add_argument("--rounds", type=parse_rounds, default=None)
+        args = parser.parse_args()
+        result = main(args.full, args.steps, args.rounds)
+        print(common.write_result("time_to_accuracy", result))
