@@ -306,10 +306,16 @@ class PipelineModel(keras.Model):
                         output_gradients=out_grads,
                         unconnected_gradients=tf.UnconnectedGradients.NONE,
                     )
+                # Also the B part's gradients: without a weight gradient to
+                # sum, nothing else keeps the micro-batches in order.
                 done = [
                     _accumulate(var_grads, id(v), gv)
                     for v, gv in zip(stage_vars, g, strict=False)
                     if gv is not None
+                ] + [
+                    _dense_part(gi)
+                    for gi in g[len(stage_vars) :]
+                    if gi is not None
                 ]
                 g = g[len(stage_vars) :]
                 last = [gi for gi in g[: len(ins)] if gi is not None]
@@ -696,6 +702,11 @@ def _add_grad(grads: dict, key, g) -> None:
     if g is None:
         return
     grads[key] = g if key not in grads else grads[key] + g
+
+
+def _dense_part(g):
+    """A tensor of gradient `g` to wait on."""
+    return g.values if isinstance(g, tf.IndexedSlices) else g
 
 
 def _defer(deferred: dict, nodes, local: dict, dzs) -> None:
