@@ -11,7 +11,9 @@ out of the dataflow. Gradients are summed over micro-batches and applied
 once per batch, so training equals the unpipelined model's (up to float
 rounding): the loss is computed on the whole batch's predictions, exactly as
 Keras does, and its gradient with respect to each micro-batch's predictions
-starts that micro-batch's backward pass.
+starts that micro-batch's backward pass. The weight gradients of plain
+Dense layers are computed once over all micro-batches, after each stage's
+last backward pass (`weight_grads`: the backward split into B and W).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class PipelineModel(keras.Model):
     to its device (check with `variable.value.device`). `compile`, `fit`,
     `evaluate`, `predict`, `save_weights` and `load_weights` work as for any
     Keras model (`model.save` does not: save the wrapped model instead).
+
+    In training, each micro-batch's backward pass computes the gradients
+    the previous stage needs; plain `Dense` layers' weight gradients are
+    then computed once over all micro-batches (one product per layer),
+    other layers' per micro-batch.
 
     In training, a batch whose size `num_microbatches` does not divide is an
     error; `evaluate` and `predict` accept any batch (the last micro-batch
