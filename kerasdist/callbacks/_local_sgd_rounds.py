@@ -25,8 +25,10 @@ core, one at 0.05): a sync costs ~14 ms of CPU, about 4 steps' worth, so
 at H = 8 it took ~0.14 s of a 0.3 s budget without the straggler and
 0.4-0.6 s with it: the slowed sync, not the steps, made the rounds 2x
 longer. The sync's time is the smallest of the workers' (the last to
-arrive waits for nobody), and it is what the floor bounds: a sync takes
-at most 1 / (1 + `_SYNC_SHARE`) of a round whatever pace it runs at.
+arrive waits for nobody), and the floor grows the round with it. It is
+not enough on its own: in the same benchmark the syncs with the
+straggler still took about as long as the steps (the waits at each sync
+and the sync function's first run included).
 
 Between syncs nothing else may join workers: Keras's training function
 averages the logs across workers at every step under

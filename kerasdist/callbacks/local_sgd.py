@@ -522,8 +522,9 @@ class LocalSGD(keras.callbacks.Callback):
             steps, a round lasts the time the fastest worker needs for
             `sync_every` steps, or 3 times the last syncs' time if longer
             (a sync runs at the slowest worker's pace); each worker runs
-            as many steps as fit in it, and the sync weights each worker's pseudo-gradient by its
-            steps (samples), so a slow worker no longer holds the others.
+            as many steps as fit in it, and the sync weights each
+            worker's pseudo-gradient by its steps (samples), so a slow
+            worker no longer holds the others.
             Training ends at the sync where the fastest worker has run
             `steps_per_epoch` steps. Needs `fit(dataset.repeat(), epochs=1,
             steps_per_epoch=N)` and `steps_per_execution=1`; a rerun does
@@ -669,14 +670,14 @@ class LocalSGD(keras.callbacks.Callback):
         # Functions traced before run the synchronous update.
         model.make_train_function(force=True)
         self._round = None
-        report = ()
         if self.dynamic_steps:
             model.train_function = rounds_lib.local_train_function(model)
             self._clock = rounds_lib.RoundClock(self.sync_every)
-            report = (tf.TensorSpec((rounds_lib.ROW,), tf.float32),)
-        # Traced now rather than at the first sync, where every worker
-        # would wait for the slowest one to trace it.
-        state.sync.get_concrete_function(self.compression, *report)
+            # Traced now rather than at the first sync, where every worker
+            # would wait for the slowest one to trace it.
+            state.sync.get_concrete_function(
+                self.compression,
+                tf.TensorSpec((rounds_lib.ROW,), tf.float32))
         if int(state.round_step.numpy()) == 0:
             # A fresh round: the anchor is the current (identical) weights.
             for a, v in zip(state.anchor, state.trainable, strict=True):
