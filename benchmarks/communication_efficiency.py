@@ -27,8 +27,12 @@ Federated part (Flower simulation engine, 4 clients): FedAvg with 5 local
 epochs (batch 32) against FedSGD (one full-batch gradient step per client
 and round), rounds until the server-side test accuracy reaches the target.
 
-Run: `python -m benchmarks.run communication_efficiency` (~3-5 min on a
-loaded 2-core machine; `--full` runs more FedSGD rounds).
+Run: `python -m benchmarks.run communication_efficiency` (~10 min on a
+quiet 2-core machine, 30+ on a loaded one; `--full` runs more FedSGD
+rounds). `python -m benchmarks.communication_efficiency --worker OUT`
+runs only the 4-replica part (OUT written after every run), and
+`--from-local OUT` then writes the results from it, keeping the
+committed federated section (marked with its run's date).
 """
 
 from __future__ import annotations
@@ -377,9 +381,24 @@ def _child(mode: str, timeout: float):
             return json.load(f)
 
 
-def main(full: bool = False) -> dict:
-    # 16 runs: ~10 min on a quiet machine, 30+ on a loaded one.
-    local = _child("--worker", 3600)
+def _previous_federated() -> dict:
+    """The federated section of the committed results, with its date."""
+    with open(common.RESULTS / "communication_efficiency.json") as f:
+        previous = json.load(f)
+    return {**previous["federated"],
+            "from_run_of": previous["environment"]["date"]}
+
+
+def main(full: bool = False, local_path: str | None = None) -> dict:
+    """Runs the benchmark; with `local_path` (the `--worker` child's JSON)
+    it uses those 4-replica runs and the committed federated results
+    instead of running them again."""
+    if local_path is None:
+        # 16 runs: ~10 min on a quiet machine, 30+ on a loaded one.
+        local = _child("--worker", 3600)
+    else:
+        with open(local_path) as f:
+            local = json.load(f)
     summary = {}
     for split, runs in local.items():
         sync = runs["sync"]
@@ -400,7 +419,8 @@ def main(full: bool = False) -> dict:
             - summary[split][a]["accuracy"] * 100, 2)
             for d, a in DOCUMENTED_VS_AVERAGING}
         for split in summary}
-    federated = run_federated(120 if full else 60)
+    federated = (run_federated(120 if full else 60) if local_path is None
+                 else _previous_federated())
     png = common.RESULTS / "communication_efficiency.png"
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(local, png)
@@ -472,5 +492,8 @@ if __name__ == "__main__":
         run_local(sys.argv[2])
     elif len(sys.argv) == 3 and sys.argv[1] == "--sweep-worker":
         run_sweep(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--from-local":
+        common.write_result("communication_efficiency",
+                            main(local_path=sys.argv[2]))
     else:
         print(json.dumps(main("--full" in sys.argv), indent=2))
