@@ -44,6 +44,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks import common, communication_efficiency
@@ -139,15 +140,24 @@ def run_worker(config_path: str) -> None:
     # collective, in every method alike).
     clock = _clock(xt, yt, local_sgd) if rank == 0 else None
     group = cgroups.Cgroup(config["cgroups"][rank], ("cpu",))
-    join = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda batch, logs=None: (
-            batch == 0 and group.add(os.getpid())))
+    first_step_end = []
+
+    def join(batch, logs=None):
+        if batch == 0:
+            first_step_end.append(time.perf_counter())
+            group.add(os.getpid())
+
+    join = keras.callbacks.LambdaCallback(on_train_batch_end=join)
     # After the first step: start-up and tracing are not what is measured.
     model.fit(ds, epochs=1, steps_per_epoch=config["steps"], verbose=0,
               callbacks=[c for c in (join, local_sgd, clock) if c])
     result = {
         "curve": clock.curve if clock else [],
+        # perf_counter is the machine's monotonic clock: comparable
+        # between the workers (all on this machine).
+        "first_step_end": first_step_end[0],
         "local_steps": local_sgd.local_steps if local_sgd else None,
+        "round_timings": local_sgd.round_timings if local_sgd else None,
     }
     with open(os.path.join(config["out"], f"worker{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -195,7 +205,12 @@ def _round(steps, share, tmp, timeout) -> dict:
     target = raw["sync"][0]["curve"][-1][2] - 0.01
     runs = {}
     for name, workers in raw.items():
-        curve = workers[0]["curve"]
+        # Worker 0's clock starts at the end of its own first step; the
+        # run starts when the last worker's first step (tracing) ends.
+        late = (max(w["first_step_end"] for w in workers)
+                - workers[0]["first_step_end"])
+        curve = [(max(0.0, t - late), s, a)
+                 for t, s, a in workers[0]["curve"]]
         steps_by_worker = [
             sum(w["local_steps"]) if w["local_steps"] else None
             for w in workers]
@@ -205,6 +220,9 @@ def _round(steps, share, tmp, timeout) -> dict:
             "final_accuracy": curve[-1][2],
             "train_seconds": curve[-1][0],
             "steps_by_worker": steps_by_worker,
+            "start_offset_seconds": late,
+            "round_timings_by_worker": [w["round_timings"]
+                                        for w in workers],
             "curve": curve,
         }
     return {"target_accuracy": target, "runs": runs}
@@ -244,7 +262,7 @@ def plot(round_: dict, path) -> None:
 
 
 def main(full: bool = False) -> dict:
-    rounds_n, steps = (5, 480) if full else (1, 160)
+    rounds_n, steps = (5, 480) if full else (3, 160)
     cores = os.cpu_count() or 1
     share = min(1.0, cores / WORKERS) if full else 0.1
     rounds = []
@@ -274,8 +292,10 @@ def main(full: bool = False) -> dict:
                  f"first step: cpu.cfs_quota_us = {share:g} x "
                  f"cpu.cfs_period_us ({share:g} core, {cores} cores)",
             straggler=f"the last worker at {share / 2:g} core (half)",
-            conditions="short check: 1 round, machine shared with other "
-                       "jobs (loaded)" if not full else "full: 5 rounds",
+            conditions=f"short check: {rounds_n} rounds, machine shared "
+                       "with other jobs (loaded)" if not full
+                       else "full: 5 rounds",
+            load_average_at_end=os.getloadavg(),
             model="MLP 256-512-10",
             per_worker_batch=BATCH, steps=steps, rounds=rounds_n,
             data=f"{TRAIN_PER_WORKER} examples per worker, {TEST} test, "

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 import kerasdist as kd
+from kerasdist.callbacks import _local_sgd_rounds
 from kerasdist.testing import cgroups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -133,3 +134,17 @@ def test_one_worker_trains_rounds_and_backs_up_only_at_epoch_end(tmp_path):
                 kd.callbacks.LocalSGD(4, dynamic_steps=True),
                 kd.callbacks.BackupAndRestore(str(tmp_path / "steps"),
                                               save_freq=2)])
+
+
+def test_a_round_lasts_at_least_three_syncs():
+    # Rows as all-gathered: [steps, seconds for sync_every steps, last,
+    # recent sync seconds]. The budget is the fastest worker's 8 steps,
+    # unless the sync (the smallest worker's time: the last to arrive
+    # waits for nobody) is over a third of that.
+    clock = _local_sgd_rounds.RoundClock(8)
+    fast_sync = np.array([[8, 0.3, 0, 0.05], [4, 0.6, 0, 0.09]], "float32")
+    assert not clock.agree(fast_sync, 0.05)
+    assert clock.budget == pytest.approx(0.3)
+    slow_sync = np.array([[8, 0.3, 0, 0.2], [4, 0.6, 1, 0.25]], "float32")
+    assert clock.agree(slow_sync, 0.2)  # a worker's fit is on its last step
+    assert clock.budget == pytest.approx(0.6)

@@ -10,11 +10,25 @@ pseudo-gradient by the samples (steps) it trained on in the round.
 The budget is agreed at every sync through one small all-gather beside
 the pseudo-gradients: each worker sends [its steps this round, the time
 it needs for `sync_every` steps at its own pace, whether its `fit` is on
-its last step], and every worker takes the same decision from the same
-rows: the next budget is the fastest worker's time for `sync_every`
-steps, the weights are steps / mean steps, and training ends at the sync
-where any worker has run all its steps. The first round, before anyone
-has been timed, is `sync_every` steps on every worker.
+its last step, its recent syncs' wall time], and every worker takes the
+same decision from the same rows: the next budget is the fastest worker's
+time for `sync_every` steps, but at least `_SYNC_SHARE` times the sync's
+own time; the weights are steps / mean steps, and training ends at the
+sync where any worker has run all its steps. The first round, before
+anyone has been timed, is `sync_every` steps on every worker.
+
+Why the floor. A sync is a collective: it ends when the slowest worker
+has done its part of the all-reduce, and that part is CPU work (gRPC
+serialization, the outer update) done at the slowest worker's pace.
+Measured with benchmarks/straggler.py (MLP 256-512-10, 4 workers at 0.1
+core, one at 0.05): a sync costs ~14 ms of CPU, about 4 steps' worth, so
+at H = 8 it took ~0.14 s of a 0.3 s budget without the straggler and
+0.4-0.6 s with it: the slowed sync, not the steps, made the rounds 2x
+longer. The sync's time is the smallest of the workers' (the last to
+arrive waits for nobody), and the floor grows the round with it. It is
+not enough on its own: in the same benchmark the syncs with the
+straggler still took about as long as the steps (the waits at each sync
+and the sync function's first run included).
 
 Between syncs nothing else may join workers: Keras's training function
 averages the logs across workers at every step under
@@ -37,6 +51,10 @@ import tensorflow as tf
 # Stop when the next step would end past the budget by more than half a
 # step: the fastest worker (budget = its own pace) stops at sync_every.
 _SLACK = 0.5
+# A round's budget is at least this many times the recent syncs' time.
+_SYNC_SHARE = 3.0
+# A report row: steps, seconds for sync_every steps, last, sync seconds.
+ROW = 4
 
 
 class RoundClock:
@@ -57,6 +75,8 @@ class RoundClock:
         self.budget: float | None = None
         self.steps = 0
         self.rounds: list[int] = []
+        # Per round: (seconds in steps, seconds in the sync).
+        self.timings: list[tuple[float, float]] = []
         self._busy = 0.0  # seconds in this round's steps
         # The pace is the mean of the recent steps: single steps vary
         # several-fold on a loaded machine, and a CPU quota makes them
@@ -66,6 +86,9 @@ class RoundClock:
         self._recent: collections.deque = collections.deque(
             maxlen=max(16, 4 * sync_every))
         self._step_start: float | None = None
+        # This worker's recent sync wall times (the first, which runs the
+        # sync function for the first time, is not one of them).
+        self._syncs: collections.deque = collections.deque(maxlen=4)
 
     def restart(self) -> None:
         self.steps = 0
@@ -101,15 +124,26 @@ class RoundClock:
 
     def report(self, last: bool) -> np.ndarray:
         """This worker's row of the all-gather."""
+        sync = float(np.mean(self._syncs)) if self._syncs else 0.0
         return np.array([self.steps, self._pace() * self.sync_every,
-                         float(last)], "float32")
+                         float(last), sync], "float32")
 
-    def agree(self, rows: np.ndarray) -> bool:
-        """Takes the decision of the sync; True when training ends."""
+    def agree(self, rows: np.ndarray, sync_seconds: float) -> bool:
+        """Takes the decision of the sync; True when training ends.
+
+        Args:
+            rows: every worker's `report`, in the same order everywhere.
+            sync_seconds: float. This sync's wall time on this worker.
+        """
+        if self.rounds:
+            self._syncs.append(sync_seconds)
         self.rounds.append(self.steps)
+        self.timings.append((self._busy, sync_seconds))
         paces = rows[:, 1][rows[:, 1] > 0]
+        syncs = rows[:, 3][rows[:, 3] > 0]
         if paces.size:
-            self.budget = float(np.min(paces))
+            floor = _SYNC_SHARE * float(np.min(syncs)) if syncs.size else 0
+            self.budget = max(float(np.min(paces)), floor)
         return bool(np.max(rows[:, 2]) > 0)
 
 

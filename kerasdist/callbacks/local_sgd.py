@@ -36,6 +36,7 @@ pseudo-gradient weighs less, instead of holding the others at each sync.
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any
 
@@ -280,7 +281,8 @@ class _State:
 
         Args:
             compression: str or None.
-            report: float32 tensor [steps, seconds, last] or None. With
+            report: float32 tensor (`_local_sgd_rounds.RoundClock.report`)
+                or None. With
                 dynamic steps, this worker's row: it is all-gathered and
                 each pseudo-gradient is weighted by its steps.
 
@@ -289,7 +291,7 @@ class _State:
         """
         def replica_fn():
             ctx = tf.distribute.get_replica_context()
-            rows = tf.zeros((0, 3))
+            rows = tf.zeros((0, rounds_lib.ROW))
             deltas = [
                 tf.convert_to_tensor(_internals.tf_variable(a))
                 - tf.convert_to_tensor(_internals.tf_variable(w))
@@ -518,9 +520,11 @@ class LocalSGD(keras.callbacks.Callback):
         dynamic_steps: bool. Straggler-tolerant rounds (dynamic local
             updates, Liu et al. 2024): after a first round of `sync_every`
             steps, a round lasts the time the fastest worker needs for
-            `sync_every` steps; each worker runs as many steps as fit in
-            it, and the sync weights each worker's pseudo-gradient by its
-            steps (samples), so a slow worker no longer holds the others.
+            `sync_every` steps, or 3 times the last syncs' time if longer
+            (a sync runs at the slowest worker's pace); each worker runs
+            as many steps as fit in it, and the sync weights each
+            worker's pseudo-gradient by its steps (samples), so a slow
+            worker no longer holds the others.
             Training ends at the sync where the fastest worker has run
             `steps_per_epoch` steps. Needs `fit(dataset.repeat(), epochs=1,
             steps_per_epoch=N)` and `steps_per_execution=1`; a rerun does
@@ -669,6 +673,11 @@ class LocalSGD(keras.callbacks.Callback):
         if self.dynamic_steps:
             model.train_function = rounds_lib.local_train_function(model)
             self._clock = rounds_lib.RoundClock(self.sync_every)
+            # Traced now rather than at the first sync, where every worker
+            # would wait for the slowest one to trace it.
+            state.sync.get_concrete_function(
+                self.compression,
+                tf.TensorSpec((rounds_lib.ROW,), tf.float32))
         if int(state.round_step.numpy()) == 0:
             # A fresh round: the anchor is the current (identical) weights.
             for a, v in zip(state.anchor, state.trainable, strict=True):
@@ -729,9 +738,10 @@ class LocalSGD(keras.callbacks.Callback):
 
     def _dynamic_sync(self, last: bool) -> None:
         clock = self._clock
-        rows = self._state.sync(
-            self.compression, tf.constant(clock.report(last)))
-        if clock.agree(np.asarray(rows)):
+        start = time.monotonic()
+        rows = np.asarray(self._state.sync(
+            self.compression, tf.constant(clock.report(last))))
+        if clock.agree(rows, time.monotonic() - start):
             self.model.stop_training = True
         self._state.invalidate()
         self._round = 0
@@ -748,6 +758,12 @@ class LocalSGD(keras.callbacks.Callback):
         if self._clock is not None:
             return list(self._clock.rounds)
         return [self.sync_every] * self.syncs
+
+    @property
+    def round_timings(self) -> list[tuple[float, float]]:
+        """With `dynamic_steps`: per round, this worker's (seconds in
+        steps, seconds in the sync) in the last `fit`; else empty."""
+        return [] if self._clock is None else list(self._clock.timings)
 
     @property
     def round_seconds(self) -> float | None:
