@@ -8,12 +8,15 @@ group size, under `kd.callbacks.BackupAndRestore`. The chief appends one
 JSON line per trained step to `OUT/steps-0.jsonl` (attempt, epoch, step,
 id fingerprint) and to `OUT/times-0.jsonl` (attempt, epoch, step, wall
 times at the epoch's begin, the step's begin and its end: where a slow
-step's time went), and saves `OUT/final.npz`; every worker
-appends to `OUT/phases-<rank>.jsonl` one line per attempt with the wall
+step's time went), and saves `OUT/final.npz`; every worker appends
+to `OUT/phases-<rank>.jsonl` one line per attempt with the wall
 times of its start-up phases (script started, TensorFlow imported,
-strategy ready, first step ended). Every worker writes
-`PID_DIR/<host>-w<index>-a<attempt>.pid` ("pid pgid") so a test can take
-its emulated host down.
+strategy ready, first step ended) and to `OUT/ends-<rank>.jsonl` one
+line per attempt that finished training (its last step's end, the
+`on_train_end` hooks before the backup's final save, `fit` returned,
+final weights written: where the time after the last step goes). Every
+worker writes `PID_DIR/<host>-w<index>-a<attempt>.pid` ("pid pgid") so a
+test can take its emulated host down.
 
 `--kill RANK:EPOCH:STEP` makes worker RANK of the first attempt SIGKILL
 itself after that step, recording the time first in `OUT/kill.json`.
@@ -126,6 +129,12 @@ def main(argv=None) -> int:
         def on_train_batch_begin(self, batch, logs=None):
             clock["step"] = time.time()
 
+        def on_train_batch_end(self, batch, logs=None):
+            clock["last_step"] = time.time()
+
+        def on_train_end(self, logs=None):  # Before the backup's (last).
+            clock["train_ended"] = time.time()
+
     def on_step(epoch, step):
         now = time.time()
         if "first_step" not in phases:
@@ -159,6 +168,7 @@ def main(argv=None) -> int:
     model.fit(dataset, epochs=args.epochs, verbose=0, callbacks=[
         Clock(), log, kd.callbacks.BackupAndRestore(args.backup_dir,
                                            save_freq=args.save_freq)])
+    fit_returned = time.time()
     if args.collective_rounds:
         seconds = _collective_seconds(strategy, model,
                                       args.collective_rounds)
@@ -170,6 +180,12 @@ def main(argv=None) -> int:
     keras.backend.clear_session()
     if task.is_chief:  # What the test compares.
         np.savez(os.path.join(args.out, "final.npz"), *weights)
+    with open(os.path.join(args.out, f"ends-{task.worker_rank}.jsonl"),
+              "a") as f:
+        f.write(json.dumps({
+            "attempt": restart_count(), "last_step": clock.get("last_step"),
+            "train_ended": clock.get("train_ended"),
+            "fit_returned": fit_returned, "done": time.time()}) + "\n")
     return 0
 
 

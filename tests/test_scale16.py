@@ -128,7 +128,26 @@ def _start_up_report(r) -> str:
                 "the last step: epoch begun "
                 f"+{(row['epoch_begun'] or 0) - before['time']:.1f}s, step "
                 f"begun +{row['step_begun'] - before['time']:.1f}s")
+    lines.append(_end_report(r))
     return "\n".join(lines)
+
+
+def _end_report(r) -> str:
+    """The slowest worker's time from the chief's last step to its
+    `on_train_end` hooks, `fit` returning and its end, and the run's."""
+    import json
+
+    ends = [json.loads(x) for p in (r.workdir / "out").glob("ends-*.jsonl")
+            for x in p.read_text().splitlines()]
+    ended = r.event("run_ended")
+    if not ends or ended is None:
+        return "no attempt finished training"
+    t0 = min(e["last_step"] for e in ends if e["last_step"])
+    slowest = {k: max(e[k] for e in ends) - t0
+               for k in ("last_step", "train_ended", "fit_returned", "done")}
+    return (f"after the last step ({len(ends)} workers), seconds, slowest "
+            "worker: " + ", ".join(f"{k} {v:.1f}" for k, v in slowest.items())
+            + f"; run ended {ended['time'] - t0:.1f}")
 
 
 def _go_through_both_failures(r, hold) -> None:
@@ -151,7 +170,6 @@ def run(tmp_path_factory):
     why = testbed.nftables_unavailable()
     if why:
         pytest.skip(f"emulated host loss needs nftables: {why}")
-    reference = _reference()
     tmp = tmp_path_factory.mktemp("scale16")
     # The workers of attempts after the first wait after each step while
     # `hold` exists: the test chooses when the host is lost and back.
@@ -159,6 +177,7 @@ def run(tmp_path_factory):
     hold.touch()
     with start_run(tmp, hold) as r:
         try:
+            reference = _reference()  # While the workers start.
             _go_through_both_failures(r, hold)
             log = r.finish()
         finally:  # Where the time went, also when the run failed.
