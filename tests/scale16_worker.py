@@ -13,8 +13,10 @@ to `OUT/phases-<rank>.jsonl` one line per attempt with the wall
 times of its start-up phases (script started, TensorFlow imported,
 strategy ready, first step ended) and to `OUT/ends-<rank>.jsonl` one
 line per attempt that finished training (its last step's end, the
-`on_train_end` hooks before the backup's final save, `fit` returned,
-final weights written: where the time after the last step goes). Every
+`on_train_end` hooks before the backup's, the backup's `on_train_end`
+(its final save) begun and done, `fit` returned, final weights written:
+where the time after the last step goes; a worker still in `fit` 10 s
+after its hooks began prints its threads' stacks). Every
 worker writes `PID_DIR/<host>-w<index>-a<attempt>.pid` ("pid pgid") so a
 test can take its emulated host down.
 
@@ -134,6 +136,14 @@ def main(argv=None) -> int:
 
         def on_train_end(self, logs=None):  # Before the backup's (last).
             clock["train_ended"] = time.time()
+            # A worker still in `fit` 10 s later prints where it waits.
+            faulthandler.dump_traceback_later(10)
+
+    class Backup(kd.callbacks.BackupAndRestore):
+        def on_train_end(self, logs=None):
+            clock["backup_end_begun"] = time.time()
+            super().on_train_end(logs)
+            clock["backup_end_done"] = time.time()
 
     def on_step(epoch, step):
         now = time.time()
@@ -166,9 +176,9 @@ def main(argv=None) -> int:
         os.path.join(args.out, f"steps-{task.worker_rank}.jsonl"),
         strategy.num_replicas_in_sync, on_step)
     model.fit(dataset, epochs=args.epochs, verbose=0, callbacks=[
-        Clock(), log, kd.callbacks.BackupAndRestore(args.backup_dir,
-                                           save_freq=args.save_freq)])
+        Clock(), log, Backup(args.backup_dir, save_freq=args.save_freq)])
     fit_returned = time.time()
+    faulthandler.cancel_dump_traceback_later()
     if args.collective_rounds:
         seconds = _collective_seconds(strategy, model,
                                       args.collective_rounds)
@@ -185,6 +195,8 @@ def main(argv=None) -> int:
         f.write(json.dumps({
             "attempt": restart_count(), "last_step": clock.get("last_step"),
             "train_ended": clock.get("train_ended"),
+            "backup_end_begun": clock.get("backup_end_begun"),
+            "backup_end_done": clock.get("backup_end_done"),
             "fit_returned": fit_returned, "done": time.time()}) + "\n")
     return 0
 

@@ -144,7 +144,8 @@ def _end_report(r) -> str:
         return "no attempt finished training"
     t0 = min(e["last_step"] for e in ends if e["last_step"])
     slowest = {k: max(e[k] for e in ends) - t0
-               for k in ("last_step", "train_ended", "fit_returned", "done")}
+               for k in ("last_step", "train_ended", "backup_end_begun",
+                         "backup_end_done", "fit_returned", "done")}
     return (f"after the last step ({len(ends)} workers), seconds, slowest "
             "worker: " + ", ".join(f"{k} {v:.1f}" for k, v in slowest.items())
             + f"; run ended {ended['time'] - t0:.1f}")
