@@ -2,8 +2,7 @@
 
 One device's results are computed once in this process; the 2 virtual
 CPUs run here too, and the 2 workers in one `kerasdist-run` launch that
-runs every program in turn (`programs_worker.py`), started first so that
-it runs while this process computes the rest. Each program's
+runs every program in turn (`programs_worker.py`). Each program's
 tolerance is stated in `programs.PROGRAMS`.
 """
 
@@ -25,38 +24,22 @@ NAMES = sorted(programs.PROGRAMS)
 
 
 @pytest.fixture(scope="module")
-def launch(request, tmp_path_factory):
-    """The 2-worker launch, started before this process's own work when a
-    selected test needs it: (output directory, `processes.Background`)."""
-    if not any("workers" in item.fixturenames
-               for item in request.session.items):
-        yield None
-        return
-    out = tmp_path_factory.mktemp("programs")
-    background = processes.Background(
-        ["--num_workers", "2", "--max_restarts", "0", "--log_dir",
-         str(out / "logs")], [WORKER, str(out)], TIMEOUT)
-    try:
-        yield out, background
-    finally:
-        background.stop()
-
-
-@pytest.fixture(scope="module")
-def one_device(launch):
+def one_device():
     return {name: programs.run(name, None) for name in NAMES}
 
 
 @pytest.fixture(scope="module")
-def virtual(launch):
+def virtual():
     strategy = kd.MirroredStrategy(devices=["/cpu:0", "/cpu:1"])
     return {name: programs.run(name, strategy) for name in NAMES}
 
 
 @pytest.fixture(scope="module")
-def workers(launch):
-    out, background = launch
-    code, log = background.result()
+def workers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("programs")
+    code, log = processes.launch(
+        ["--num_workers", "2", "--max_restarts", "0", "--log_dir",
+         str(out / "logs")], [WORKER, str(out)], TIMEOUT)
     errors = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert code == 0, (errors, log[-8000:])
     return {name: [dict(np.load(out / f"{name}-worker{rank}.npz"))
