@@ -195,10 +195,7 @@ def test_host_lost_then_back_grows_to_three(run, reference):
 
 
 def test_partitioned_host_does_not_hang_the_group(run, reference):
-    # The launcher's --timeout is waited out once here: 10 s (not 20) is
-    # still far above a step of this run (0.25 s of delay and a few
-    # milliseconds of training) or an epoch end with its save.
-    r = run(timeout=10)
+    r = run()
     r.wait_steps(6)
     with testbed.partition(HOSTS[1]):  # Cut off, its worker still runs.
         _trains_on_two_hosts(r)
@@ -206,7 +203,7 @@ def test_partitioned_host_does_not_hang_the_group(run, reference):
     # Its peers block in a collective with it: the launcher's --timeout
     # sees no progress and restarts the group without the cut-off host.
     assert re.search(r"worker-\d on 127\.0\.0\.\d made no progress for "
-                     r"10s \(hung\)", log), log[-4000:]
+                     r"20s \(hung\)", log), log[-4000:]
     assert "going on without 127.0.0.3" in log
     # The blame goes to the cut-off host's worker, not a bystander.
     hung = r.event("worker_hung")
