@@ -49,11 +49,9 @@ def _needs_nftables():
         pytest.skip(f"emulated host loss needs nftables: {why}")
 
 
-def start_run(tmp, min_workers=2, step_delay=0.25, timeout=20):
+def start_run(tmp, min_workers=2, step_delay=0.25) -> elastic.HostBedRun:
     """One `kerasdist-run` over the three emulated hosts, in the
-    background; its output goes to `launcher.log`. `timeout`: the
-    launcher's `--timeout` (seconds without progress before it takes a
-    worker for hung)."""
+    background; its output goes to `launcher.log`."""
     out = tmp / "out"
     return elastic.HostBedRun(
         [sys.executable, WORKER, "--out", str(out),
@@ -61,8 +59,8 @@ def start_run(tmp, min_workers=2, step_delay=0.25, timeout=20):
          "--pid_dir", str(tmp / "pids"),
          "--step_delay", str(step_delay)],
         HOSTS, tmp, pid_dir=tmp / "pids", step_log=out / "steps-0.jsonl",
-        min_workers=min_workers, host_wait=3, timeout=timeout,
-        max_restarts=4, run_timeout=TIMEOUT, python_path=[HERE], cwd=HERE,
+        min_workers=min_workers, host_wait=3, timeout=20, max_restarts=4,
+        run_timeout=TIMEOUT, python_path=[HERE], cwd=HERE,
     )
 
 
