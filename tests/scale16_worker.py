@@ -7,17 +7,25 @@ thread) on its id-carrying data with a fixed global batch, whatever the
 group size, under `kd.callbacks.BackupAndRestore`. The chief appends one
 JSON line per trained step to `OUT/steps-0.jsonl` (attempt, epoch, step,
 id fingerprint) and to `OUT/times-0.jsonl` (attempt, epoch, step, wall
-time at the end of the step), and saves `OUT/final.npz`; every worker
-appends to `OUT/phases-<rank>.jsonl` one line per attempt with the wall
+times at the epoch's begin, the step's begin and its end: where a slow
+step's time went), and saves `OUT/final.npz`; every worker appends
+to `OUT/phases-<rank>.jsonl` one line per attempt with the wall
 times of its start-up phases (script started, TensorFlow imported,
-strategy ready, first step ended). Every worker writes
-`PID_DIR/<host>-w<index>-a<attempt>.pid` ("pid pgid") so a test can take
-its emulated host down.
+strategy ready, first step ended) and to `OUT/ends-<rank>.jsonl` one
+line per attempt that finished training (its last step's end, the
+`on_train_end` hooks before the backup's, the backup's `on_train_end`
+(its final save) begun and done, `fit` returned, final weights written:
+where the time after the last step goes; a worker still in `fit` 10 s
+after its hooks began prints its threads' stacks). Every
+worker writes `PID_DIR/<host>-w<index>-a<attempt>.pid` ("pid pgid") so a
+test can take its emulated host down.
 
 `--kill RANK:EPOCH:STEP` makes worker RANK of the first attempt SIGKILL
 itself after that step, recording the time first in `OUT/kill.json`.
 `--hold FILE`: after each step, every worker waits while FILE exists (a
-test holds the group at a step it chose, then lets it go on).
+test holds the group at a step it chose, then lets it go on); with
+`--hold_from A`, only on attempts A and later (a first attempt runs on
+to its `--kill` step).
 `--collective_rounds K` (benchmark): after `fit`, every worker times K
 all-reduces of the model's trainable variables (one step's gradients) and
 the chief writes their median to `OUT/collective.json`.
@@ -54,6 +62,8 @@ def _parse(argv):
     parser.add_argument("--save_freq", type=int, default=2)
     parser.add_argument("--hold", default=None,
                         help="after each step, wait while this file exists")
+    parser.add_argument("--hold_from", type=int, default=0,
+                        help="hold only on this attempt and later ones")
     parser.add_argument("--kill", default=None,
                         help="RANK:EPOCH:STEP, on the first attempt")
     parser.add_argument("--collective_rounds", type=int, default=0)
@@ -111,6 +121,29 @@ def main(argv=None) -> int:
         if rank == task.worker_rank:
             kill = (epoch, step)
     os.makedirs(args.out, exist_ok=True)
+    hold = args.hold if restart_count() >= args.hold_from else None
+    clock = {}  # Wall times: "epoch" and "step" begins.
+
+    class Clock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            clock["epoch"] = time.time()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            clock["step"] = time.time()
+
+        def on_train_batch_end(self, batch, logs=None):
+            clock["last_step"] = time.time()
+
+        def on_train_end(self, logs=None):  # Before the backup's (last).
+            clock["train_ended"] = time.time()
+            # A worker still in `fit` 10 s later prints where it waits.
+            faulthandler.dump_traceback_later(10)
+
+    class Backup(kd.callbacks.BackupAndRestore):
+        def on_train_end(self, logs=None):
+            clock["backup_end_begun"] = time.time()
+            super().on_train_end(logs)
+            clock["backup_end_done"] = time.time()
 
     def on_step(epoch, step):
         now = time.time()
@@ -124,13 +157,15 @@ def main(argv=None) -> int:
             with open(os.path.join(args.out, "times-0.jsonl"), "a") as f:
                 f.write(json.dumps({"attempt": restart_count(),
                                     "epoch": epoch, "step": step,
+                                    "epoch_begun": clock.get("epoch"),
+                                    "step_begun": clock.get("step"),
                                     "time": now}) + "\n")
         if (epoch, step) == kill:
             with open(os.path.join(args.out, "kill.json"), "w") as f:
                 json.dump({"time": time.time(), "epoch": epoch,
                            "step": step}, f)
             os.kill(os.getpid(), signal.SIGKILL)
-        while args.hold and os.path.exists(args.hold):
+        while hold and os.path.exists(hold):
             time.sleep(0.05)
 
     with strategy.scope():
@@ -141,8 +176,9 @@ def main(argv=None) -> int:
         os.path.join(args.out, f"steps-{task.worker_rank}.jsonl"),
         strategy.num_replicas_in_sync, on_step)
     model.fit(dataset, epochs=args.epochs, verbose=0, callbacks=[
-        log, kd.callbacks.BackupAndRestore(args.backup_dir,
-                                           save_freq=args.save_freq)])
+        Clock(), log, Backup(args.backup_dir, save_freq=args.save_freq)])
+    fit_returned = time.time()
+    faulthandler.cancel_dump_traceback_later()
     if args.collective_rounds:
         seconds = _collective_seconds(strategy, model,
                                       args.collective_rounds)
@@ -154,6 +190,14 @@ def main(argv=None) -> int:
     keras.backend.clear_session()
     if task.is_chief:  # What the test compares.
         np.savez(os.path.join(args.out, "final.npz"), *weights)
+    with open(os.path.join(args.out, f"ends-{task.worker_rank}.jsonl"),
+              "a") as f:
+        f.write(json.dumps({
+            "attempt": restart_count(), "last_step": clock.get("last_step"),
+            "train_ended": clock.get("train_ended"),
+            "backup_end_begun": clock.get("backup_end_begun"),
+            "backup_end_done": clock.get("backup_end_done"),
+            "fit_returned": fit_returned, "done": time.time()}) + "\n")
     return 0
 
 

@@ -9,6 +9,9 @@ that the `partition` block deletes, even on failure). Each scenario must
 end with the same weights as an unfailed 3-worker run with the same global
 batch, and the chief's step log must show every batch of every epoch
 applied exactly once (the same (epoch, step, id fingerprint) sequence).
+A host lost for good, the chief's host lost and two losses down to
+`--min_workers` are one run (3 -> 2 -> 1: 127.0.0.4, then the chief's
+127.0.0.2) that three tests check.
 
 Tolerance: weights are compared with rtol=1e-5, atol=1e-6. Two and three
 replicas sum the same per-example gradients in a different order, so
@@ -39,7 +42,7 @@ pytestmark = [pytest.mark.real_component, pytest.mark.slow,
               pytest.mark.timeout(TIMEOUT + 120)]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _needs_nftables():
     why = testbed.nftables_unavailable()
     if why:
@@ -90,9 +93,10 @@ def reference(tmp_path_factory):
         fault_worker.fingerprints(steps))
 
 
-def _check_same_training(r, reference, sizes):
-    """Same weights and every batch exactly once; the sizes as logged."""
-    log = r.finish()
+def _check_same_training(r, reference, sizes, log=None):
+    """Same weights and every batch exactly once; the sizes as logged.
+    `log`: the finished run's log (None: waits for the run to finish)."""
+    log = r.finish() if log is None else log
     assert f"workers per attempt: {sizes}" in log, log[-4000:]
     weights, prints = reference
     final = np.load(r.workdir / "out" / "final.npz")
@@ -118,17 +122,53 @@ def _trains_on_two_hosts(r):
     r.wait_steps(3, attempt=1)
 
 
-def test_host_lost_for_good_finishes_on_the_others(run, reference):
-    r = run()
-    r.wait_steps(6)
-    with testbed.partition(HOSTS[2]):  # Down until the end.
-        r.kill_host(HOSTS[2])
-        log = _check_same_training(r, reference, "3 -> 2")
-    assert "going on without 127.0.0.4" in log
+@pytest.fixture(scope="module")
+def two_losses(tmp_path_factory):
+    """One run through two hosts lost for good: 127.0.0.4 (3 -> 2 workers),
+    then the chief's, 127.0.0.2 (2 -> 1): the finished run and its log.
+    Three tests check it (one run instead of three: a run costs three
+    group start-ups)."""
+    r = start_run(tmp_path_factory.mktemp("two_losses"), min_workers=1)
+    try:
+        r.wait_steps(6)
+        with testbed.partition(HOSTS[2]):  # Down until the end.
+            r.kill_host(HOSTS[2])
+            _trains_on_two_hosts(r)
+            # worker-0, the chief, runs on HOSTS[0].
+            with testbed.partition(HOSTS[0]):  # Down until the end.
+                r.kill_host(HOSTS[0])
+                log = r.finish()
+    finally:
+        r.stop()
+    return r, log
+
+
+def test_host_lost_for_good_finishes_on_the_others(two_losses):
+    r, log = two_losses
+    assert "going on without 127.0.0.4" in log, log[-4000:]
     shrunk = r.event("shrunk")
     assert shrunk is not None, r.events()
     assert (shrunk["lost"], shrunk["old_size"], shrunk["new_size"]) == (
-        ["127.0.0.4"], 3, 2)
+        ["127.0.0.4"], 3, 2), shrunk
+
+
+def test_chief_host_lost(two_losses):
+    r, log = two_losses
+    # 127.0.0.4 is still down: the launcher names both hosts it goes on
+    # without.
+    assert re.search(r"going on without [0-9., ]*127\.0\.0\.2", log), (
+        log[-4000:])
+    assert "[worker-0@127.0.0.3] worker 0 done" in log, (  # The new chief.
+        log[-4000:])
+    shrunk = r.event("shrunk", after=r.event("shrunk")["time"])
+    assert shrunk is not None, r.events()
+    assert (sorted(shrunk["lost"]), shrunk["old_size"],
+            shrunk["new_size"]) == (["127.0.0.2", "127.0.0.4"], 2, 1), shrunk
+
+
+def test_two_losses_down_to_min_workers(two_losses, reference):
+    r, log = two_losses
+    _check_same_training(r, reference, "3 -> 2 -> 1", log)
 
 
 def test_host_lost_then_back_grows_to_three(run, reference):
@@ -166,24 +206,3 @@ def test_partitioned_host_does_not_hang_the_group(run, reference):
     # The blame goes to the cut-off host's worker, not a bystander.
     hung = r.event("worker_hung")
     assert hung is not None and hung["host"] == "127.0.0.3", r.events()
-
-
-def test_two_losses_down_to_min_workers(run, reference):
-    r = run(min_workers=1)
-    r.wait_steps(6)
-    with testbed.partition(HOSTS[2]):
-        r.kill_host(HOSTS[2])
-        _trains_on_two_hosts(r)
-        with testbed.partition(HOSTS[1]):
-            r.kill_host(HOSTS[1])
-            _check_same_training(r, reference, "3 -> 2 -> 1")
-
-
-def test_chief_host_lost(run, reference):
-    r = run()
-    r.wait_steps(6)
-    with testbed.partition(HOSTS[0]):  # worker-0, the chief, runs there.
-        r.kill_host(HOSTS[0])
-        log = _check_same_training(r, reference, "3 -> 2")
-    assert "going on without 127.0.0.2" in log
-    assert "[worker-0@127.0.0.3] worker 0 done" in log  # The new chief.

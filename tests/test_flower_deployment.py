@@ -154,10 +154,13 @@ def test_docs_deployment_runs_and_improves(tmp_path):
     try:
         link, link_log = start("superlink", argvs[0])
         _wait_listening(ports["9091"], link, link_log, timeout=120)
-        for i, argv in enumerate(argvs[1:3]):
-            node, node_log = start(f"supernode{i}", argv)
-            _wait_listening(int(argv[argv.index("--port") + 1]), node,
-                            node_log, timeout=120)
+        # Both supernodes start at once (each connects to the superlink
+        # on its own), then each is awaited.
+        nodes = [(start(f"supernode{i}", argv),
+                  int(argv[argv.index("--port") + 1]))
+                 for i, argv in enumerate(argvs[1:3])]
+        for (node, node_log), port in nodes:
+            _wait_listening(port, node, node_log, timeout=120)
         run_argv = [str(app) if a == "path/to/app" else a
                     for a in argvs[3]]
         run = subprocess.run(

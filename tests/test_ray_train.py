@@ -25,6 +25,8 @@ ray = pytest.importorskip("ray", reason="Ray not installed: pip install "
 from ray import train  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from kerasdist.testing import kill_group  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 EPOCHS = 3
@@ -103,28 +105,53 @@ def test_ray_docs_example_with_kerasdist_lines_trains_on_two_workers(
                    for n in os.listdir(d)), os.listdir(d)
 
 
-def reference_weights(out):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["PYTHONPATH"] = ROOT
-    subprocess.run(
-        [sys.executable, os.path.join(TESTS, "fault_worker.py"),
-         "--out", str(out), "--backup_dir", str(out / "backup"),
-         "--strategy", "one_device", "--epochs", str(EPOCHS)],
-        env=env, check=True, timeout=600, capture_output=True,
-    )
-    with np.load(out / "final.npz") as f:
-        return [f[k] for k in f.files]
+@pytest.fixture
+def start_reference():
+    """Starts the unfailed one-device run of `fault_worker.py` in the
+    background (it shares no resource with the Ray cluster) and returns a
+    function that waits for it and returns its final weights; stopped
+    after the test if it still runs."""
+    started = []
+
+    def start(out):
+        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+        env["PYTHONPATH"] = ROOT
+        out.mkdir(parents=True)
+        with open(out / "reference.log", "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, os.path.join(TESTS, "fault_worker.py"),
+                 "--out", str(out), "--backup_dir", str(out / "backup"),
+                 "--strategy", "one_device", "--epochs", str(EPOCHS)],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        started.append(proc)
+
+        def weights():
+            try:
+                code = proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the one-device reference run took over 600s")
+            assert code == 0, (out / "reference.log").read_text()[-4000:]
+            with np.load(out / "final.npz") as f:
+                return [f[k] for k in f.files]
+
+        return weights
+
+    yield start
+    for proc in started:
+        kill_group(proc)
 
 
 def test_node_removed_mid_run_restarts_group_and_resumes_exactly(
-    ray_cluster, tmp_path
+    ray_cluster, tmp_path, start_reference
 ):
     from ray_worker import fault_job
 
     from kerasdist.integrations.ray import KerasTrainer
 
     cluster, nodes = ray_cluster
-    want = reference_weights(tmp_path / "reference")
+    # The reference trains while Ray does.
+    want = start_reference(tmp_path / "reference")
     out = tmp_path / "out"
     trainer = KerasTrainer(
         fault_job,
@@ -174,7 +201,7 @@ def test_node_removed_mid_run_restarts_group_and_resumes_exactly(
         (e, s) for e in range(EPOCHS) for s in range(STEPS_PER_EPOCH)]
     with np.load(out / "final.npz") as f:
         got = [f[k] for k in f.files]
-    for a, b in zip(got, want, strict=True):
+    for a, b in zip(got, want(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     first_restart = runs[1][0]["attempt"]
     restarted = (

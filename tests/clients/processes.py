@@ -3,6 +3,8 @@
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 from kerasdist.testing import kill_group
 
@@ -37,3 +39,50 @@ def launch(args, command, timeout):
     """`kerasdist-run ARGS -- python COMMAND...`."""
     return run_logged([sys.executable, "-m", "kerasdist.launch", *args,
                        "--", sys.executable, *command], timeout)
+
+
+class Background:
+    """`kerasdist-run ARGS -- python COMMAND...` started now and waited for
+    later (`result`), so a test module's in-process work (one device's
+    results) runs while the workers start and train. Its output goes to
+    a temporary file (no pipe to fill while nobody reads it).
+
+    Args:
+        args: list of str. The launcher's options.
+        command: list of str. The worker script and its arguments.
+        timeout: float. Seconds from now for the whole launch.
+    """
+
+    def __init__(self, args, command, timeout):
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kerasdist.launch", *args, "--",
+             sys.executable, *command],
+            stdout=self._log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, env=env())
+
+    def result(self):
+        """Waits for the launch: (exit code, its whole output).
+
+        Raises:
+            AssertionError: with the output's tail if it did not end
+                within its timeout (its process group is killed then).
+        """
+        try:
+            self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(
+                f"kerasdist-run did not end within {self.timeout:g}s:\n"
+                f"{self._output()[-8000:]}") from None
+        return self.proc.returncode, self._output()
+
+    def _output(self):
+        self._log.seek(0)
+        return self._log.read()
+
+    def stop(self):
+        """Kills the launch's process group if it still runs."""
+        kill_group(self.proc)

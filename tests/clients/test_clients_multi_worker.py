@@ -1,7 +1,8 @@
 """User code patterns on 2 real workers under `kerasdist-run`.
 
-One worker start-up runs every pattern (`clients_worker.py`); each test
-then checks one thing a user would see: both workers end with the same
+One worker start-up runs every pattern (`clients_worker.py`) while this
+process computes one device's results; each test then checks one thing a
+user would see: both workers end with the same
 weights, equal to one device where the math allows, or a clear error
 before the first step, and no worker crashes.
 """
@@ -23,12 +24,35 @@ WORKER = os.path.join(HERE, "clients_worker.py")
 TIMEOUT = 1200
 
 
+def _one_device(directory):
+    """What the tests compare the workers with, computed in this process
+    (every pattern seeds its own weights and draws)."""
+    results = {name: fn(None) for name, fn in patterns.EXACT.items()}
+    results.update({f"even_{case}": patterns.uneven(None, case)
+                    for case in patterns.EVEN})
+    results["jit"] = patterns.jit(None)
+    results["hand_loss_unscaled"] = patterns.hand_loss(
+        None, scale=False, learning_rate=0.2)
+    results["file_callbacks"] = patterns.file_callbacks(None, directory)
+    results["random_streams"] = patterns.random_streams(None)
+    results["random_streams_virtual"] = patterns.random_streams(
+        kd.MirroredStrategy(devices=["/cpu:0", "/cpu:1"]))
+    return results
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The launch of every pattern on 2 workers, and one device's results,
+    computed here while the workers start and train."""
     out = tmp_path_factory.mktemp("clients")
-    code, log = processes.launch(
+    background = processes.Background(
         ["--num_workers", "2", "--max_restarts", "0", "--log_dir",
          str(out / "logs")], [WORKER, str(out), "all"], TIMEOUT)
+    try:
+        one_device = _one_device(str(tmp_path_factory.mktemp("one_device")))
+        code, log = background.result()
+    finally:
+        background.stop()
     assert code == 0, log[-8000:]
 
     def load(name, rank):
@@ -36,7 +60,8 @@ def run(tmp_path_factory):
 
     checks = [json.loads((out / f"checks-worker{r}.json").read_text())
               for r in (0, 1)]
-    return {"dir": out, "load": load, "checks": checks, "log": log}
+    return {"dir": out, "load": load, "checks": checks, "log": log,
+            "one_device": one_device}
 
 
 def _both(run, name):
@@ -49,7 +74,7 @@ def _both(run, name):
 @pytest.mark.timeout(TIMEOUT + 60)
 @pytest.mark.parametrize("name", sorted(patterns.EXACT))
 def test_pattern_matches_one_device(run, name):
-    patterns.assert_same(_both(run, name), patterns.EXACT[name](None))
+    patterns.assert_same(_both(run, name), run["one_device"][name])
 
 
 @pytest.mark.slow
@@ -101,7 +126,7 @@ def test_unscaled_custom_step_warned_and_2x(run):
         assert "kd.scale_loss(loss)" in checks["unscaled_warnings"][0]
     patterns.assert_same(
         _both(run, "hand_loss_unscaled"),
-        patterns.hand_loss(None, scale=False, learning_rate=0.2))
+        run["one_device"]["hand_loss_unscaled"])
 
 
 @pytest.mark.slow
@@ -137,7 +162,7 @@ def test_uneven_batches_refused_without_crash(run, case):
 @pytest.mark.parametrize("case", sorted(patterns.EVEN))
 def test_even_batches_match_one_device(run, case):
     patterns.assert_same(_both(run, f"even_{case}"),
-                         patterns.uneven(None, case))
+                         run["one_device"][f"even_{case}"])
 
 
 @pytest.mark.slow
@@ -147,19 +172,19 @@ def test_jit_compile_falls_back_with_warning(run):
         assert len(checks["jit_warnings"]) == 1
         assert "kerasdist trains this model without XLA" in (
             checks["jit_warnings"][0])
-    patterns.assert_same(_both(run, "jit"), patterns.jit(None))
+    patterns.assert_same(_both(run, "jit"), run["one_device"]["jit"])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT + 60)
-def test_keras_file_callbacks_work_unchanged(run, tmp_path):
+def test_keras_file_callbacks_work_unchanged(run):
     files = run["dir"] / "files"
     assert sorted(os.listdir(files)) == [
         "ckpt-1.keras", "ckpt-2.keras", "log.csv"]
     lines = (files / "log.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,") and len(lines) == 3
     patterns.assert_same(_both(run, "file_callbacks"),
-                         patterns.file_callbacks(None, str(tmp_path)))
+                         run["one_device"]["file_callbacks"])
 
 
 @pytest.mark.slow
@@ -224,11 +249,10 @@ def test_each_worker_draws_its_own_random_numbers(run):
     w0, w1 = run["load"]("random_streams", 0), run["load"]("random_streams", 1)
     assert not np.array_equal(w0["z0"], w1["z0"])
     assert not np.array_equal(w0["mask0"], w1["mask0"])
-    one = patterns.random_streams(None)
+    one = run["one_device"]["random_streams"]
     np.testing.assert_array_equal(w0["z0"], one["z0"])
     np.testing.assert_array_equal(w0["mask0"], one["mask0"])
-    virtual = patterns.random_streams(
-        kd.MirroredStrategy(devices=["/cpu:0", "/cpu:1"]))
+    virtual = run["one_device"]["random_streams_virtual"]
     np.testing.assert_array_equal(w1["z0"], virtual["z1"])
     np.testing.assert_array_equal(w1["mask0"], virtual["mask1"])
     # The all-reduced weights agree across workers and with 2 replicas.
