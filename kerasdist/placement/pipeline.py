@@ -11,9 +11,7 @@ out of the dataflow. Gradients are summed over micro-batches and applied
 once per batch, so training equals the unpipelined model's (up to float
 rounding): the loss is computed on the whole batch's predictions, exactly as
 Keras does, and its gradient with respect to each micro-batch's predictions
-starts that micro-batch's backward pass. The weight gradients of plain
-Dense layers are computed once over all micro-batches, after each stage's
-last backward pass (`weight_grads`: the backward split into B and W).
+starts that micro-batch's backward pass.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from kerasdist import _internals, cluster
 from kerasdist._validate import check_int
 from kerasdist.placement import graph as graph_lib
 from kerasdist.placement import planning as plan_lib
-from kerasdist.placement import stage_devices, weight_grads
+from kerasdist.placement import stage_devices
 
 __all__ = ["PipelineModel"]
 
@@ -44,11 +42,6 @@ class PipelineModel(keras.Model):
     to its device (check with `variable.value.device`). `compile`, `fit`,
     `evaluate`, `predict`, `save_weights` and `load_weights` work as for any
     Keras model (`model.save` does not: save the wrapped model instead).
-
-    In training, each micro-batch's backward pass computes the gradients
-    the previous stage needs; plain `Dense` layers' weight gradients are
-    then computed once over all micro-batches (one product per layer),
-    other layers' per micro-batch.
 
     In training, a batch whose size `num_microbatches` does not divide is an
     error; `evaluate` and `predict` accept any batch (the last micro-batch
@@ -119,9 +112,6 @@ class PipelineModel(keras.Model):
         self.plan = plan
         # A plain object, so Keras and TF tracking leave the graph alone.
         self._pipe = _Stages(graph, stages, devices)
-        # Dense weight gradients once per batch (weight_grads); False
-        # computes them per micro-batch like other layers' (for tests).
-        self._batch_weight_grads = True
         _move_variables(self._pipe)
         self.built = True
 
@@ -215,7 +205,7 @@ class PipelineModel(keras.Model):
                     with tf.GradientTape() as tape:
                         for t in pipe.float_inputs[stage.index]:
                             tape.watch(vals[t])
-                        self._run_stage(stage, vals, tape)
+                        graph_lib.run_nodes(stage.nodes, vals, True)
                     tapes[stage.index, i] = tape
         return tapes
 
@@ -279,15 +269,13 @@ class PipelineModel(keras.Model):
         """One stage's backward pass, micro-batches in reverse.
 
         Adds the stage's variable gradients to `var_grads` and its input
-        gradients to `grad_values` (for the stage before it). The weight
-        gradients of batched Dense layers (`weight_grads`) are computed
-        once, after the last micro-batch's input gradients.
+        gradients to `grad_values` (for the stage before it).
         """
+        pipe = self._pipe
         s = stage.index
-        ins = self._pipe.float_inputs[s]
-        deferred = {}  # id(node) -> ([x_i], [dz_i])
-        last = []  # the stage's last input gradients
-        with tf.device(self._pipe.devices[s]):
+        stage_vars = [v for v in pipe.variables[s] if v.trainable]
+        ins = pipe.float_inputs[s]
+        with tf.device(pipe.devices[s]):
             done = []  # ops the next micro-batch's backward waits on
             for i in reversed(range(self.num_microbatches)):
                 vals = values[i]
@@ -303,63 +291,21 @@ class PipelineModel(keras.Model):
                     tape, local = self._recompute(stage, vals, out_grads)
                 else:
                     tape, local = tapes[s, i], vals
-                stage_vars, nodes = self._backward_sources(stage, local)
                 with tf.control_dependencies(done):
                     g = tape.gradient(
                         [local[t] for t in outs],
-                        stage_vars
-                        + [local[t] for t in ins]
-                        + [local["z", id(n)] for n in nodes],
+                        stage_vars + [local[t] for t in ins],
                         output_gradients=out_grads,
                         unconnected_gradients=tf.UnconnectedGradients.NONE,
                     )
-                # Also the B part's gradients: without a weight gradient to
-                # sum, nothing else keeps the micro-batches in order.
                 done = [
                     _accumulate(var_grads, id(v), gv)
-                    for v, gv in zip(stage_vars, g, strict=False)
+                    for v, gv in zip(stage_vars, g[: len(stage_vars)],
+                                     strict=False)
                     if gv is not None
-                ] + [
-                    _dense_part(gi)
-                    for gi in g[len(stage_vars) :]
-                    if gi is not None
                 ]
-                g = g[len(stage_vars) :]
-                last = [gi for gi in g[: len(ins)] if gi is not None]
-                for t, gi in zip(ins, g, strict=False):
+                for t, gi in zip(ins, g[len(stage_vars) :], strict=False):
                     _add_grad(grad_values[i], t, gi)
-                _defer(deferred, nodes, local, g[len(ins) :])
-            with tf.control_dependencies(last):
-                self._weight_gradients(stage, deferred, var_grads)
-
-    def _backward_sources(self, stage, local):
-        """(variables, batched Dense nodes) a micro-batch's B part needs.
-
-        The variables are the stage's trainable ones, except the weights of
-        the Dense nodes run by `weight_grads` (their gradients come from
-        the W part; the nodes' z is a source instead).
-        """
-        nodes = [n for n in stage.nodes if ("z", id(n)) in local]
-        skip = {id(v) for n in nodes for v in n.operation.variables}
-        stage_vars = [
-            v
-            for v in self._pipe.variables[stage.index]
-            if v.trainable and id(v) not in skip
-        ]
-        return stage_vars, nodes
-
-    def _weight_gradients(self, stage, deferred, var_grads):
-        """The W part: batched Dense layers' weight gradients, once."""
-        for node in stage.nodes:
-            if id(node) not in deferred:
-                continue
-            xs, dzs = deferred[id(node)]
-            # Micro-batches were visited in reverse: restore their order.
-            pairs = weight_grads.weight_gradients(
-                node.operation, xs[::-1], dzs[::-1]
-            )
-            for v, gv in pairs:
-                _accumulate(var_grads, id(v), gv)
 
     def _apply_gradients(self, var_grads):
         """Sums over micro-batches on each variable's device; applies once."""
@@ -381,15 +327,8 @@ class PipelineModel(keras.Model):
         with tf.GradientTape() as tape:
             for t in pipe.float_inputs[stage.index]:
                 tape.watch(local[t])
-            self._run_stage(stage, local, tape)
+            graph_lib.run_nodes(stage.nodes, local, True)
         return tape, local
-
-    def _run_stage(self, stage, vals, tape):
-        """A stage's forward pass in training, recorded on `tape`."""
-        batched = self._pipe.batched[stage.index]
-        if not self._batch_weight_grads:
-            batched = {}
-        weight_grads.run_nodes(stage.nodes, vals, True, batched, tape)
 
     def fit(self, *args, **kwargs):
         """Trains the model; see `keras.Model.fit`.
@@ -543,9 +482,6 @@ class _Stages:
                         self.device_of_variable[id(v)] = devices[s.index]
                         variables.append(v)
             self.variables.append(variables)
-        self.batched = [
-            weight_grads.batched_nodes(graph, s.nodes) for s in stages
-        ]
 
 
 def _move_variables(pipe: _Stages) -> None:
@@ -709,21 +645,6 @@ def _add_grad(grads: dict, key, g) -> None:
     if g is None:
         return
     grads[key] = g if key not in grads else grads[key] + g
-
-
-def _dense_part(g):
-    """A tensor of gradient `g` to wait on."""
-    return g.values if isinstance(g, tf.IndexedSlices) else g
-
-
-def _defer(deferred: dict, nodes, local: dict, dzs) -> None:
-    """Keeps a micro-batch's Dense inputs and z gradients for the W part."""
-    for node, dz in zip(nodes, dzs, strict=True):
-        if dz is None:
-            continue  # z does not reach the stage's outputs
-        xs, parts = deferred.setdefault(id(node), ([], []))
-        xs.append(local["x", id(node)])
-        parts.append(dz)
 
 
 def _accumulate(var_grads: dict, key, g):
