@@ -35,10 +35,15 @@ def run_logged(argv, timeout, environ=None):
     return proc.returncode, log
 
 
+def _launch_argv(args, command):
+    """The argv of `kerasdist-run ARGS -- python COMMAND...`."""
+    return [sys.executable, "-m", "kerasdist.launch", *args, "--",
+            sys.executable, *command]
+
+
 def launch(args, command, timeout):
     """`kerasdist-run ARGS -- python COMMAND...`."""
-    return run_logged([sys.executable, "-m", "kerasdist.launch", *args,
-                       "--", sys.executable, *command], timeout)
+    return run_logged(_launch_argv(args, command), timeout)
 
 
 class Background:
@@ -58,8 +63,7 @@ class Background:
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kerasdist.launch", *args, "--",
-             sys.executable, *command],
+            _launch_argv(args, command),
             stdout=self._log, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, env=env())
 
