@@ -307,11 +307,78 @@ def elastic_nodes(ray_cluster):
         add_node()
         add_node()
         cluster.wait_for_nodes()
+        wait_until_ray_train_sees_elastic_workers(2)
         yield cluster, added, add_node
     finally:
         for node in added:
             if node in cluster.worker_nodes:
                 cluster.remove_node(node, allow_graceful=False)
+
+
+def wait_until_ray_train_sees_elastic_workers(count, timeout=60):
+    """Waits until Ray Train's elastic policy would start `count` workers.
+
+    The policy sizes a group from the AutoscalingCoordinator actor's view of
+    the cluster, and that detached actor (created by the module's first Ray
+    Train run) re-reads the nodes only every 20 s (`TICK_INTERVAL_S` in
+    ray/data/_internal/cluster_autoscaler/default_autoscaling_coordinator.py).
+    A run started within 20 s of adding the nodes started on 1 worker (seen
+    in CI: group sizes [1, 2, 1, 2]). The actor is restarted (it is created
+    with `max_restarts=-1`, and its `__init__` reads the nodes), then a probe
+    request asks it for `count` elastic workers until it grants them.
+    """
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: E501
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.kill(coordinator, no_restart=False)
+    probe = f"kerasdist-test-{os.getpid()}"
+    want = [{"CPU": 1, ELASTIC: 1}] * count
+    deadline = time.monotonic() + timeout
+    granted = []
+    try:
+        while time.monotonic() < deadline:
+            ray.get(coordinator.request_resources.remote(
+                probe, [dict(w) for w in want], expire_after_s=timeout))
+            granted = ray.get(
+                coordinator.get_allocated_resources.remote(probe))
+            if len(granted) >= count:
+                return
+            time.sleep(0.5)
+    finally:
+        ray.get(coordinator.cancel_request.remote(probe))
+    nodes = [(n["NodeID"][:8], n["Alive"], n["Resources"])
+             for n in ray.nodes()]
+    pytest.fail(
+        f"Ray's AutoscalingCoordinator granted {len(granted)} of {count} "
+        f"elastic workers {timeout}s after the nodes joined: {granted}; "
+        f"nodes: {nodes}"
+    )
+
+
+def wait_for_registered_step(run_dir, step, runner, timeout=120):
+    """Waits until Ray Train has registered a checkpoint of `step` or later
+    (its checkpoint manager writes the snapshot after registering one, and
+    registers it only once every worker reported it)."""
+    path = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    latest = None
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            latest = (state.get("latest_checkpoint_result") or {}).get(
+                "metrics", {}).get("global_step")
+        except (OSError, ValueError):
+            pass  # not written yet, or being rewritten
+        if latest is not None and latest >= step:
+            return latest
+        if not runner.is_alive():
+            pytest.fail(f"training ended before Ray registered step {step}")
+        time.sleep(0.5)
+    pytest.fail(f"Ray registered no checkpoint of step {step} within "
+                f"{timeout}s (latest: {latest}; {path})")
 
 
 def wait_for_file(pattern, runner, timeout=420):
@@ -385,8 +452,8 @@ def test_elastic_group_shrinks_and_grows_keeping_the_global_batch(
         holds=[[2, LOSS_STEP], [1, GROW_STEP]], hold_s=300,
     ))
     wait_for_file(str(out / f"hold-*-2-{LOSS_STEP}.json"), runner)
-    # Let Ray register the backup every worker reported at step 20.
-    time.sleep(3)
+    # The backup every worker reported at step 20 is the one to resume from.
+    wait_for_registered_step(tmp_path / "results" / "elastic", 20, runner)
     with open(out / "node-1-0.json") as f:
         victim_id = json.load(f)["node_id"]
     (victim,) = [n for n in nodes if n.node_id == victim_id]
