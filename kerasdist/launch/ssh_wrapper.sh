@@ -100,6 +100,12 @@ trap 'stop; exit 143' TERM
 trap '' PIPE
 wait "$pid" 2>/dev/null
 status=$?
+kill "$monitor" 2>/dev/null
+# The monitor looks once a second: a worker that writes its last facts
+# (BackupAndRestore's {"finished": true, ...}) and exits at once would
+# lose them, so the file's JSON object goes through once more.
+record=$(head -c 65536 -- "$tmp/beat" 2>/dev/null | tr -d '\n')
+case $record in '{'*) printf 'kerasdist-ssh-beat %s\n' "$record" >&2 ;; esac
 stop
 echo "kerasdist-ssh-status $status" >&2
 exit "$status"
