@@ -79,15 +79,15 @@ def _multiples(value: int, replicas: int) -> str:
             else f"{replicas}")
 
 
-def _group_sizes(strategy: tf.distribute.Strategy) -> tuple[int, int, int]:
-    """(fewest workers, most workers, replicas per worker) to check.
+def _group_sizes(strategy: tf.distribute.Strategy) -> tuple[list[int], int]:
+    """(numbers of workers, replicas per worker) to check.
 
-    The current group, or every size an elastic launcher may restart at.
+    The current group, or every size an elastic launcher may restart at
+    (`kd.elastic.allowed_sizes`).
     """
     workers = max(_internals.num_workers(strategy), 1)
     local = max(strategy.num_replicas_in_sync // workers, 1)
-    low, high = elastic.allowed_workers() or (workers, workers)
-    return low, high, local
+    return elastic.allowed_sizes() or [workers], local
 
 
 def _check_partial(
@@ -107,8 +107,10 @@ def _check_partial(
     an elastic launcher every allowed group size is checked, so a valid job
     cannot fail after a resize.
     """
-    low, high, local = _group_sizes(strategy)
-    failing, lcm = elastic.unsplittable_sizes(partial, low, high, local)
+    sizes, local = _group_sizes(strategy)
+    low, high = sizes[0], sizes[-1]
+    failing, lcm = elastic.unsplittable_sizes(partial, low, high, local,
+                                              sizes=sizes)
     if not partial or not failing:
         return
     if low == high:
@@ -241,7 +243,8 @@ def assert_even_batches(
                             examples or None)
         return dataset
     if elastic.is_elastic():
-        low, high, _ = _group_sizes(strategy)
+        sizes, _ = _group_sizes(strategy)
+        low, high = sizes[0], sizes[-1]
         raise UnevenBatchError(
             "Invalid training dataset for an elastic run: its number of "
             "examples is unknown (e.g. after `filter`) and it is batched "

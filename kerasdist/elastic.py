@@ -23,22 +23,26 @@ exactly as if nothing happened:
   trained. A resume with another global batch is refused
   (`BackupMismatchError`).
 - **Every allowed size must be able to split the batch.** Before the first
-  step, the global batch must divide by the replicas of every allowed
-  group size (`KERASDIST_MIN_WORKERS`..`KERASDIST_MAX_WORKERS` workers,
-  times this worker's devices), else `ElasticConfigError`.
+  step, the global batch must divide by the replicas of every group size
+  the launcher can restart at (`KERASDIST_WORKER_SIZES`, else every size
+  from `KERASDIST_MIN_WORKERS` to `KERASDIST_MAX_WORKERS`; times this
+  worker's devices), else `ElasticConfigError`.
 
 Environment (set by the elastic launcher, see
 `kerasdist.launch.protocol`): `KERASDIST_MIN_WORKERS`,
-`KERASDIST_MAX_WORKERS` (default `KERASDIST_NUM_WORKERS`). The run is
-elastic when the minimum is set and below the maximum; otherwise nothing
-here changes kerasdist's behaviour.
+`KERASDIST_MAX_WORKERS` (default `KERASDIST_NUM_WORKERS`), and from
+`kerasdist-run` `KERASDIST_WORKER_SIZES`: a group runs every slot of the
+hosts it has, so with 8 hosts of 2 slots and `--min_workers 14` only 14
+and 16 workers can happen ("14,16"). The run is elastic when the minimum
+is set and below the maximum; otherwise nothing here changes kerasdist's
+behaviour.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from kerasdist._validate import check_int, env_int
@@ -48,6 +52,7 @@ from kerasdist.launch import protocol
 __all__ = [
     "BatchPlan",
     "ElasticConfigError",
+    "allowed_sizes",
     "allowed_workers",
     "batch_plan",
     "check_global_batch",
@@ -119,6 +124,55 @@ def allowed_workers(
     return (low, high) if low < high else None
 
 
+def allowed_sizes(
+    environ: Mapping[str, str] | None = None,
+) -> list[int] | None:
+    """The group sizes an elastic launcher may restart at.
+
+    Args:
+        environ: mapping or None. Defaults to `os.environ`.
+
+    Returns:
+        list of int, increasing: `KERASDIST_WORKER_SIZES` when the
+        launcher set it (`kerasdist-run` over hosts: the sums of the hosts'
+        slots), else every size from `KERASDIST_MIN_WORKERS` to
+        `KERASDIST_MAX_WORKERS`; None when the run is not elastic.
+
+    Raises:
+        ElasticConfigError: if a variable is malformed, or a size is
+            outside the minimum and maximum.
+
+    Example:
+
+    >>> allowed_sizes({"KERASDIST_MIN_WORKERS": "14",
+    ...                "KERASDIST_MAX_WORKERS": "16",
+    ...                "KERASDIST_WORKER_SIZES": "14,16"})
+    [14, 16]
+    """
+    environ = os.environ if environ is None else environ
+    bounds = allowed_workers(environ)
+    if bounds is None:
+        return None
+    low, high = bounds
+    text = environ.get(protocol.ENV_WORKER_SIZES, "").strip()
+    if not text:
+        return list(range(low, high + 1))
+    try:
+        sizes = sorted({int(s) for s in text.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < low or sizes[-1] > high:
+        raise ElasticConfigError(
+            f"Invalid value for {protocol.ENV_WORKER_SIZES}. Received: "
+            f"{protocol.ENV_WORKER_SIZES}={text!r}. Expected "
+            f"comma-separated group sizes from {protocol.ENV_MIN_WORKERS}="
+            f"{low} to {protocol.ENV_MAX_WORKERS}={high}, e.g. "
+            f"'{low},{high}' (kerasdist-run sets it; unset it to check "
+            "every size in between)."
+        )
+    return sizes
+
+
 def is_elastic(environ: Mapping[str, str] | None = None) -> bool:
     """True when the launcher may restart this group at another size.
 
@@ -153,13 +207,14 @@ def check_global_batch(
 ) -> None:
     """Refuses a global batch that some allowed group size cannot split.
 
-    Under an elastic launcher the group may run with any number of workers
-    in `[KERASDIST_MIN_WORKERS, KERASDIST_MAX_WORKERS]`, each with this
-    worker's number of local replicas; the global batch must divide by the
-    replicas of every one of those sizes, or training after a resize would
-    differ. Does nothing outside an elastic run. kerasdist calls it before
-    the first step (`kd.data.distribute`, `fit` with arrays and
-    `kd.callbacks.BackupAndRestore`).
+    Under an elastic launcher the group may run with any size
+    `allowed_sizes` gives (the sizes the hosts' slots add up to, or every
+    number of workers in `[KERASDIST_MIN_WORKERS, KERASDIST_MAX_WORKERS]`),
+    each worker with this worker's number of local replicas; the global
+    batch must divide by the replicas of every one of those sizes, or
+    training after a resize would differ. Does nothing outside an elastic
+    run. kerasdist calls it before the first step (`kd.data.distribute`,
+    `fit` with arrays and `kd.callbacks.BackupAndRestore`).
 
     Args:
         global_batch_size: int. Examples per optimizer step over all
@@ -178,7 +233,7 @@ def check_global_batch(
     >>> check_global_batch(12, environ={"KERASDIST_MIN_WORKERS": "2",
     ...                                 "KERASDIST_MAX_WORKERS": "3"})
     """
-    sizes = allowed_workers(environ)
+    sizes = allowed_sizes(environ)
     if sizes is None:
         return
     if strategy is None:
@@ -186,15 +241,16 @@ def check_global_batch(
 
         strategy = tf.distribute.get_strategy()
     local = _local_replicas(strategy)
-    low, high = sizes
-    failing, lcm = unsplittable_sizes(global_batch_size, low, high, local)
+    low, high = sizes[0], sizes[-1]
+    failing, lcm = unsplittable_sizes(global_batch_size, low, high, local,
+                                      sizes=sizes)
     if not failing:
         return
-    working = [w for w in range(low, high + 1) if w not in failing]
+    working = [w for w in sizes if w not in failing]
     # The narrowest fix that keeps the maximum: the smallest minimum whose
     # sizes all split the batch.
-    narrower = next((m for m in range(low + 1, high + 1)
-                     if all(w not in failing for w in range(m, high + 1))),
+    narrower = next((m for m in sizes[1:]
+                     if all(w not in failing for w in sizes if w >= m)),
                     None)
     sizes_text = ", ".join(
         f"{w} worker(s) = {w * local} replicas" for w in failing)
@@ -212,7 +268,9 @@ def check_global_batch(
 
 
 def unsplittable_sizes(global_batch_size: int, low: int, high: int,
-                       replicas_per_worker: int = 1) -> tuple[list[int], int]:
+                       replicas_per_worker: int = 1,
+                       sizes: Sequence[int] | None = None,
+                       ) -> tuple[list[int], int]:
     """The group sizes in `[low, high]` whose replicas cannot split the
     global batch, and the least common multiple of all sizes' replicas.
 
@@ -224,6 +282,8 @@ def unsplittable_sizes(global_batch_size: int, low: int, high: int,
         low: int. Smallest number of workers.
         high: int. Largest number of workers.
         replicas_per_worker: int. Replicas each worker holds.
+        sizes: list of int or None. The sizes to check (see
+            `allowed_sizes`); None: every size from `low` to `high`.
 
     Returns:
         (list of int, int): the failing worker counts (empty when every
@@ -234,7 +294,8 @@ def unsplittable_sizes(global_batch_size: int, low: int, high: int,
     >>> unsplittable_sizes(16, 1, 3)
     ([3], 6)
     """
-    sizes = range(max(low, 1), high + 1)
+    if sizes is None:
+        sizes = range(max(low, 1), high + 1)
     failing = [w for w in sizes
                if global_batch_size % (w * replicas_per_worker)]
     return failing, math.lcm(*(w * replicas_per_worker for w in sizes))

@@ -400,6 +400,32 @@ def test_allowed_workers_reads_the_launcher_environment():
                                  protocol.ENV_MAX_WORKERS: "two"})
 
 
+def test_only_the_sizes_the_hosts_reach_must_split_the_batch():
+    """8 hosts of 2 slots, --min_workers 14: kerasdist-run can only run 14
+    or 16 workers, so 112 (not a multiple of 15) is a valid global batch;
+    without the launcher's list every size from 14 to 16 counts."""
+    hosts = {protocol.ENV_MIN_WORKERS: "14", protocol.ENV_MAX_WORKERS: "16"}
+    sizes = kd.launch.policy.group_sizes([2] * 8, 14)
+    assert sizes == [14, 16]
+    env = {**hosts, protocol.ENV_WORKER_SIZES: ",".join(map(str, sizes))}
+    assert elastic.allowed_sizes(env) == [14, 16]
+    assert elastic.allowed_sizes(hosts) == [14, 15, 16]
+    elastic.check_global_batch(112, environ=env)
+    with pytest.raises(elastic.ElasticConfigError,
+                       match=r"15 worker\(s\) = 15 replicas"):
+        elastic.check_global_batch(112, environ=hosts)
+    with pytest.raises(elastic.ElasticConfigError) as e:
+        elastic.check_global_batch(96, environ=env)  # 14 cannot split 96
+    assert "14 worker(s) = 14 replicas" in str(e.value)
+    assert "multiple of 112" in str(e.value)
+    assert "--min_workers 16" in str(e.value)
+    for bad in ("14,17", "x", "12,16", " , "):
+        with pytest.raises(elastic.ElasticConfigError,
+                           match="Invalid value for KERASDIST_WORKER_SIZES"):
+            elastic.allowed_sizes({**hosts,
+                                   protocol.ENV_WORKER_SIZES: bad})
+
+
 def test_check_global_batch_names_failing_sizes_and_fix():
     env = {protocol.ENV_MIN_WORKERS: "1", protocol.ENV_MAX_WORKERS: "3"}
     elastic.check_global_batch(12, environ=env)  # 1, 2 and 3 split 12

@@ -37,7 +37,8 @@ def test_workers_spread_over_hosts_with_their_slots(tmp_path):
         "print('W', c['task']['index'], os.environ['KERASDIST_HOST'], "
         "os.environ['KERASDIST_NUM_WORKERS'], "
         "os.environ.get('KERASDIST_MIN_WORKERS'), "
-        "os.environ.get('KERASDIST_MAX_WORKERS'), *c['cluster']['worker'])"
+        "os.environ.get('KERASDIST_MAX_WORKERS'), "
+        "os.environ.get('KERASDIST_WORKER_SIZES'), *c['cluster']['worker'])"
     )
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two hosts\n127.0.0.2 slots=2\n127.0.0.3  # one\n")
@@ -46,12 +47,13 @@ def test_workers_spread_over_hosts_with_their_slots(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = sorted(line.split("] ", 1)[1].split()
                   for line in proc.stdout.splitlines() if "] W " in line)
-    assert [r[1:7] for r in rows] == [
-        ["0", "127.0.0.2", "3", "1", "3", rows[0][6]],
-        ["1", "127.0.0.2", "3", "1", "3", rows[0][6]],
-        ["2", "127.0.0.3", "3", "1", "3", rows[0][6]],
+    # Sizes the hosts' slots (2 + 1) add up to, from --min_workers 1.
+    assert [r[1:8] for r in rows] == [
+        ["0", "127.0.0.2", "3", "1", "3", "1,2,3", rows[0][7]],
+        ["1", "127.0.0.2", "3", "1", "3", "1,2,3", rows[0][7]],
+        ["2", "127.0.0.3", "3", "1", "3", "1,2,3", rows[0][7]],
     ]
-    cluster = rows[0][6:]
+    cluster = rows[0][7:]
     assert [a.rsplit(":", 1)[0] for a in cluster] == [
         "127.0.0.2", "127.0.0.2", "127.0.0.3"]
     assert len({a.rsplit(":", 1)[1] for a in cluster}) == 3

@@ -41,6 +41,7 @@ __all__ = [
     "after_attempt",
     "blame",
     "failing_at_start",
+    "group_sizes",
     "may_grow",
     "placement",
 ]
@@ -256,6 +257,31 @@ def placement(hosts: Sequence[hostlib.Host],
         + "; giving up",
         exit_status(failure) if failure is not None else NO_HOSTS_EXIT_CODE,
     )
+
+
+def group_sizes(slots: Sequence[int], min_workers: int) -> list[int]:
+    """The group sizes an elastic run can have: a group runs all the slots
+    of the hosts it has, so its size is a sum of some hosts' slots.
+
+    Args:
+        slots: list of int. Every host's slots.
+        min_workers: int. Fewest workers a group may have.
+
+    Returns:
+        list of int. The sizes from `min_workers` to `sum(slots)` that some
+        set of hosts adds up to, in increasing order.
+
+    Example:
+
+    >>> group_sizes([2] * 8, 14)
+    [14, 16]
+    >>> group_sizes([4, 2, 1], 3)
+    [3, 4, 5, 6, 7]
+    """
+    sums = {0}
+    for n in slots:
+        sums |= {s + n for s in sums}
+    return sorted(s for s in sums if s >= max(min_workers, 1))
 
 
 def may_grow(missing: Sequence[hostlib.Host], finished: bool) -> bool:

@@ -43,6 +43,7 @@ __all__ = [
     "ENV_HOST",
     "ENV_K8S_RESTART_EXIT_CODE",
     "ENV_MAX_WORKERS",
+    "ENV_WORKER_SIZES",
     "ENV_MIN_WORKERS",
     "ENV_SLURM_REQUEUE",
     "ENV_NUM_WORKERS",
@@ -75,6 +76,9 @@ ENV_HEARTBEAT_FILE = "KERASDIST_HEARTBEAT_FILE"
 # Elastic runs (owner: kerasdist.elastic; set by the multi-host launcher).
 ENV_MIN_WORKERS = "KERASDIST_MIN_WORKERS"  # smallest group size allowed
 ENV_MAX_WORKERS = "KERASDIST_MAX_WORKERS"  # largest group size allowed
+# The group sizes the launcher can reach between them, comma-separated
+# ("14,16": hosts of 2 slots each); unset: every size from min to max.
+ENV_WORKER_SIZES = "KERASDIST_WORKER_SIZES"
 ENV_HOST = "KERASDIST_HOST"  # this worker's host address
 # The heartbeat's JSON field saying training is done (`{"finished": true}`).
 TRAINING_FINISHED = "finished"
