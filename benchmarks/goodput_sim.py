@@ -40,6 +40,10 @@ benchmarks/results/goodput_sim.json and goodput_sim.png.
     python -m benchmarks.goodput_sim              # predictions + short
                                                   # validation (N=4)
     python -m benchmarks.goodput_sim --predict_only
+    # validation at 8 and 16 workers only (rows of other N kept from the
+    # last results), a job MTBF per N (start-ups grow with N), one policy:
+    python -m benchmarks.goodput_sim --workers 8,16 \\
+        --job_mtbf 8=90,16=150 --policies 400
 """
 
 from __future__ import annotations
@@ -568,10 +572,61 @@ def plot(rows: list[dict], checks: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _per_workers(text: str) -> dict[int, float] | float:
+    """`--job_mtbf`: one number of seconds, or `N=S,...` per N."""
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = (item.split("=") for item in text.split(","))
+        return {int(n): float(s) for n, s in pairs}
+    except ValueError:
+        raise SystemExit(
+            f"Invalid value for --job_mtbf. Received: {text!r}. Expected "
+            "seconds (60) or seconds per number of workers (4=60,8=90)."
+        ) from None
+
+
+def _policies(text: str) -> list:
+    try:
+        return [p if p == "auto" else int(p) for p in text.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"Invalid value for --policies. Received: {text!r}. Expected "
+            "save_freq values, comma-separated (50,400,auto)."
+        ) from None
+
+
+def _validation_runs(args, full: bool) -> list[dict]:
+    """Runs the real jobs; keeps the last results' rows of other N when
+    `--workers` is given."""
+    import tempfile
+
+    from benchmarks import common
+
+    workers = ([int(n) for n in args.workers.split(",")] if args.workers
+               else [4, 8, 16] if full else [4])
+    policies = (_policies(args.policies) if args.policies
+                else [50, 400, "auto"] if full else [400, "auto"])
+    mtbf = _per_workers(args.job_mtbf)
+    kept = []
+    if args.workers and (common.RESULTS / "goodput_sim.json").exists():
+        with open(common.RESULTS / "goodput_sim.json") as f:
+            kept = [row for row in json.load(f)["validation"]
+                    if row["workers"] not in workers]
+    checks = []
+    with tempfile.TemporaryDirectory(prefix="goodput-") as workdir:
+        for n in workers:
+            seconds = mtbf if isinstance(mtbf, float) else mtbf.get(n)
+            if seconds is None:
+                raise SystemExit(f"--job_mtbf has no value for N={n}: "
+                                 f"{args.job_mtbf!r}")
+            checks += validate(workdir, n, args.steps, seconds, policies)
+    return kept + checks
+
+
 def main(full: bool = False, argv: list[str] | None = None) -> dict:
     """Predictions at scale, and the validation runs (short by default)."""
     import argparse
-    import tempfile
 
     from benchmarks import common
 
@@ -579,7 +634,14 @@ def main(full: bool = False, argv: list[str] | None = None) -> dict:
     parser.add_argument("--predict_only", action="store_true")
     parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--steps", type=int, default=1100)
-    parser.add_argument("--job_mtbf", type=float, default=60.0)
+    parser.add_argument("--job_mtbf", default="60",
+                        help="seconds between kills of the job, or per N: "
+                        "4=60,8=90,16=150")
+    parser.add_argument("--workers", default=None,
+                        help="N to validate at, e.g. 8,16 (the last "
+                        "results' rows of other N are kept)")
+    parser.add_argument("--policies", default=None,
+                        help="save_freq values, e.g. 400,auto")
     parser.add_argument("--recompare", action="store_true",
                         help="compare the model again with the real runs "
                         "kept in the last results (no new runs)")
@@ -593,11 +655,7 @@ def main(full: bool = False, argv: list[str] | None = None) -> dict:
                 run["facts"] = {int(a): r for a, r in run["facts"].items()}
                 checks.append(compare(run))
     elif not args.predict_only:
-        policies = [400, "auto"] if not full else [50, 400, "auto"]
-        with tempfile.TemporaryDirectory(prefix="goodput-") as workdir:
-            for n in ((4,) if not full else (4, 8, 16)):
-                checks += validate(workdir, n, args.steps, args.job_mtbf,
-                                   policies)
+        checks = _validation_runs(args, full)
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, checks, str(common.RESULTS / "goodput_sim.png"))
     worst = max((abs(c["points"]) for c in checks), default=None)
