@@ -195,3 +195,26 @@ def test_timeline_splits_a_hang_and_a_restart():
         # step and fit's end; after the last group stopped.
         "other": 1.0 + 1.0 + 0.5, "goodput": 15.0 / 41.0,
     }
+
+
+def test_a_hang_after_training_is_detection_only():
+    """Seen in a 16-worker run: the backup said training had finished, so
+    `fit` returned at once without a step, then a worker hung (stopped)
+    and the launcher waited out its 180 s `--timeout`. Those 180 s are
+    detection, not also time after training, and nothing is counted twice
+    (`other` was -360 s)."""
+    finished = {"updated": 30.0, "finished": True, "step_seconds": 0.0,
+                "retrained_seconds": 0.0, "save_seconds": 0.0}
+    timeline = goodput.Timeline(began=0.0)
+    timeline.attempts = [goodput._Attempt(  # noqa: SLF001
+        10.0, ended=220.0, stopped=221.0, detection=180.0, facts=finished)]
+    report = timeline.account(wall_time=222.0)
+    parts = report.as_dict()
+    assert parts["detection"] == 180.0
+    assert parts["startup"] == 10.0 + 20.0  # until fit returned
+    # From fit's end to the hang (10 s), and stopping the group (1 s).
+    assert parts["after_training"] == 10.0 + 1.0
+    assert parts["other"] == 1.0  # after the group stopped
+    total = sum(v for k, v in parts.items()
+                if k not in ("wall_time", "goodput") and v is not None)
+    assert total == 222.0

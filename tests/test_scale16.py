@@ -142,12 +142,19 @@ def _end_report(r) -> str:
     ended = r.event("run_ended")
     if not ends or ended is None:
         return "no attempt finished training"
-    t0 = min(e["last_step"] for e in ends if e["last_step"])
-    slowest = {k: max(e[k] for e in ends) - t0
-               for k in ("last_step", "train_ended", "backup_end_begun",
-                         "backup_end_done", "fit_returned", "done")}
+    # A worker that trained no step (its backup said training had
+    # finished) has no times for the steps or the hooks.
+    starts = [e["last_step"] for e in ends if e["last_step"]]
+    if not starts:
+        return f"no worker trained a step in its last attempt: {ends}"
+    t0 = min(starts)
+    slowest = {}
+    for k in ("last_step", "train_ended", "backup_end_begun",
+              "backup_end_done", "fit_returned", "done"):
+        seen = [e[k] for e in ends if e.get(k) is not None]
+        slowest[k] = f"{max(seen) - t0:.1f}" if seen else "never"
     return (f"after the last step ({len(ends)} workers), seconds, slowest "
-            "worker: " + ", ".join(f"{k} {v:.1f}" for k, v in slowest.items())
+            "worker: " + ", ".join(f"{k} {v}" for k, v in slowest.items())
             + f"; run ended {ended['time'] - t0:.1f}")
 
 

@@ -20,7 +20,8 @@ and the rest (badput) by cause, so that the parts sum to the wall time:
 - `input_stalls`: not measured (None): `fit` fetches each batch inside
   its compiled step, so waiting for input is part of the step time;
 - `after_training`: from the end of `fit` (the chief's last facts, with
-  `"finished": true`) until the attempt ended (code after `fit`,
+  `"finished": true`) until the attempt ended or a hung worker's silence
+  began (that is `detection`) (code after `fit`,
   TensorFlow and the interpreter shutting down), and stopping the last
   group (e.g. after Ctrl-C: the workers save and exit);
 - `other`: the rest: between steps (epoch ends, validation, other
@@ -216,22 +217,33 @@ class Timeline:
             sums["detection"] += a.detection
             sums["waiting_for_hosts"] += a.waited
             before = max(a.started - previous - a.waited, 0.0)
+            # A hung worker's silence ends the attempt: it is detection,
+            # not start-up nor the time after training.
+            silent = ended - a.detection
+            done = _finished_at(a.facts)
             first = _first_step_began(a.facts)
             if first is not None:
                 measured = True
                 up = max(first - a.started, 0.0)
                 _add_steps(sums, a.facts)
-            else:
-                up = max(ended - a.started - a.detection, 0.0)
-            if a.facts and a.facts.get("finished"):
-                sums["after_training"] += max(
-                    ended - float(a.facts.get("updated") or ended), 0.0)
+            else:  # No step (e.g. a finished backup: fit returns at once).
+                up = max(min(silent, done or silent) - a.started, 0.0)
+            if done is not None:
+                measured = True
+                sums["after_training"] += max(silent - done, 0.0)
             sums["startup" if i == 0 else "restart"] += before + up
             # Stopping the group: before a restart, or at the end.
             sums["restart" if i < len(self.attempts) - 1 else "ending"] += (
                 max(stopped - ended, 0.0))
             previous = stopped
         return _finish(wall, sums, measured)
+
+
+def _finished_at(facts: dict | None) -> float | None:
+    """When `fit` ended, if the chief's facts say training finished."""
+    if not facts or not facts.get("finished") or not facts.get("updated"):
+        return None
+    return float(facts["updated"])
 
 
 def _first_step_began(facts: dict | None) -> float | None:
