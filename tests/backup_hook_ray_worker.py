@@ -1,4 +1,4 @@
-"""A Ray Train function for tests/test_backup_hook_ray.py (importable by
+"""A Ray Train function for tests/test_ray_train.py (importable by
 the Ray workers: the test puts tests/ on their PYTHONPATH)."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Keras 3 training under Ray Train on a real local multi-node Ray cluster
 (`ray.cluster_utils.Cluster`: a head and three 1-CPU nodes on 127.0.0.1;
-the elastic test adds its own nodes)."""
+the elastic test adds its own nodes). Every Ray Train test of the project
+is here, so that they share the one cluster (its start-up is slow)."""
 
 import glob
 import json
@@ -103,6 +104,48 @@ def test_ray_docs_example_with_kerasdist_lines_trains_on_two_workers(
     with result.checkpoint.as_directory() as d:
         assert any(n.endswith(".npz") or n.startswith("ckpt")
                    for n in os.listdir(d)), os.listdir(d)
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.timeout(600)
+def test_ray_reports_exactly_the_saves_on_update_boundaries(
+    ray_cluster, tmp_path
+):
+    """The Ray Train `BackupAndRestore` reports exactly the saves that
+    happened (its `on_backup_saved` hook). save_freq=3 with 2 accumulation
+    steps: saves fall due at steps 3, 6, 9, ... and happen at the next
+    optimizer update (4, 6, 10, ...). Ray gets one checkpoint per save, at
+    its step, holding that save's file (reporting from
+    optimizer.iterations would report steps 3 and 9 before any backup of
+    them existed)."""
+    from backup_hook_ray_worker import accumulating_job
+
+    from kerasdist.integrations.ray import KerasTrainer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = KerasTrainer(
+        accumulating_job,
+        train_loop_config={"out": str(out), "save_freq": 3},
+        scaling_config=scaling(2),
+        run_config=train.RunConfig(storage_path=str(tmp_path / "results"),
+                                   name="hook"),
+    ).fit()
+    assert result.error is None
+    saves = _read_jsonl(out / "saves-0.jsonl")
+    steps = [s["global_step"] for s in saves]
+    assert steps == [4, 6, 10, 12, 16, 18, 22, 24, 24]
+    assert [s["global_step"]
+            for s in _read_jsonl(out / "saves-1.jsonl")] == steps
+    reported = result.best_checkpoints
+    assert [m["global_step"] for _, m in reported] == steps
+    for (checkpoint, _), save in zip(reported, saves, strict=True):
+        with checkpoint.as_directory() as d:
+            assert save["file"] in os.listdir(d), (save, os.listdir(d))
 
 
 @pytest.fixture
@@ -357,6 +400,34 @@ def wait_until_ray_train_sees_elastic_workers(count, timeout=60):
     )
 
 
+def refresh_ray_train_view(node_id, alive, timeout=60):
+    """Makes Ray Train's elastic policy see a node change now.
+
+    Waits until Ray reports the node `node_id` alive (or dead), then runs
+    one tick of the AutoscalingCoordinator actor (its periodic re-read of
+    the nodes and reallocation, otherwise due up to 20 s later; see
+    `wait_until_ray_train_sees_elastic_workers`). Unlike a restart, a tick
+    keeps the running trainer's resource request, so its next resize check
+    (every 2 s) or restart sizes the group from the new view.
+    """
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: E501
+        get_or_create_autoscaling_coordinator,
+    )
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [n["Alive"] for n in ray.nodes() if n["NodeID"] == node_id]
+        if states and states[-1] == alive:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"Ray did not report node {node_id[:8]} "
+                    f"{'alive' if alive else 'dead'} within {timeout}s")
+    # The actor's periodic work, run now (no public way to ask for it).
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.get(coordinator._tick.remote())  # noqa: SLF001
+
+
 def wait_for_registered_step(run_dir, step, runner, timeout=120):
     """Waits until Ray Train has registered a checkpoint of `step` or later
     (its checkpoint manager writes the snapshot after registering one, and
@@ -459,9 +530,10 @@ def test_elastic_group_shrinks_and_grows_keeping_the_global_batch(
     (victim,) = [n for n in nodes if n.node_id == victim_id]
     removed_at = time.time()
     cluster.remove_node(victim, allow_graceful=False)
+    refresh_ray_train_view(victim_id, alive=False)
     shrunk = wait_for_file(str(out / f"hold-*-1-{GROW_STEP}.json"), runner)
     added_at = time.time()
-    add_node()
+    refresh_ray_train_view(add_node().node_id, alive=True)
     runner.join(timeout=600)
     assert not runner.is_alive(), "Ray did not finish after the resize"
     assert "result" in outcome, "Ray gave up (see the log above)"
