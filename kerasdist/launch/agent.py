@@ -372,9 +372,10 @@ class Agent:
         if spec.elastic:
             env[protocol.ENV_MIN_WORKERS] = str(self.min_workers)
             env[protocol.ENV_MAX_WORKERS] = str(spec.max_workers)
-            env[protocol.ENV_WORKER_SIZES] = ",".join(
-                str(n) for n in policy.group_sizes(
-                    [h.slots for h in self.hosts], self.min_workers))
+            if spec.multi_host:  # One host: every size is checked.
+                env[protocol.ENV_WORKER_SIZES] = ",".join(
+                    str(n) for n in policy.group_sizes(
+                        [h.slots for h in self.hosts], self.min_workers))
         if "PYTHONUNBUFFERED" not in os.environ:
             env.setdefault("PYTHONUNBUFFERED", "1")
         return env

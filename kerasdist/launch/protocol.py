@@ -77,7 +77,8 @@ ENV_HEARTBEAT_FILE = "KERASDIST_HEARTBEAT_FILE"
 ENV_MIN_WORKERS = "KERASDIST_MIN_WORKERS"  # smallest group size allowed
 ENV_MAX_WORKERS = "KERASDIST_MAX_WORKERS"  # largest group size allowed
 # The group sizes the launcher can reach between them, comma-separated
-# ("14,16": hosts of 2 slots each); unset: every size from min to max.
+# ("14,16": hosts of 2 slots each; set over hosts only); unset: every
+# size from min to max.
 ENV_WORKER_SIZES = "KERASDIST_WORKER_SIZES"
 ENV_HOST = "KERASDIST_HOST"  # this worker's host address
 # The heartbeat's JSON field saying training is done (`{"finished": true}`).
