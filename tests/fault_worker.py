@@ -12,8 +12,9 @@ on, so the log of (epoch, step, fingerprint) proves which batch was applied
 at each step. `--fault ATTEMPT:WORKER:EPOCH:STEP:WHAT` injects a fault on
 that attempt (`KERASDIST_RESTART_COUNT`) and worker after that step (EPOCH
 -1: after the strategy is created, before `fit`): WHAT is
-a signal name sent to the worker itself, or `KILL_IN_SAVE` (SIGKILL inside
-the next save, after the temporary file is written and before the rename).
+a signal name sent to the worker itself, `KILL_IN_SAVE` (SIGKILL inside
+the next save, after the temporary file is written and before the rename)
+or `HOLD_FOR_SIGTERM` (wait there until SIGTERM arrives, at most 300 s).
 
 For elastic and multi-host tests: `--global_batch B` (default 16; the same
 at every group size), `--per_worker_batch P` (the global batch is P x the
@@ -31,6 +32,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 NUM_EXAMPLES = 192
 FEATURES = 8
@@ -120,6 +122,29 @@ def build_model(hidden: int = 16, steps_per_execution: int = 1,
         steps_per_execution=steps_per_execution,
     )
     return model
+
+
+def _hold_for_sigterm(limit: float = 300.0) -> None:
+    """Pauses until SIGTERM arrives (at most `limit` seconds), then lets
+    the handler already installed (BackupAndRestore's) see it: the test
+    preempts at a known step, not at whatever step a fast machine reached."""
+    import threading
+
+    got = threading.Event()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        got.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        deadline = time.monotonic() + limit
+        while not got.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the handler runs between sleeps
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def step_log_callback(path: str, replicas: int = 1, on_step=None):
@@ -327,7 +352,9 @@ def main(argv=None) -> int:
         for e, s, what in faults:
             if (e, s) != (epoch, step):
                 continue
-            if what == "KILL_IN_SAVE":
+            if what == "HOLD_FOR_SIGTERM":
+                _hold_for_sigterm()
+            elif what == "KILL_IN_SAVE":
                 real_replace = os.replace
 
                 def replace_then_die(src, dst, real_replace=real_replace):

@@ -128,6 +128,13 @@ def test_two_task_srun_job_matches_single_device(slurm, reference,
     print(f"\nSLURM 2-task job: {time.monotonic() - start:.1f}s")
 
 
+# Both tasks of the first srun wait after epoch 1's step 2 (the 15th step,
+# which the preemption tests wait for) until SIGTERM comes: on a quiet
+# machine the whole job (36 steps) took 1.5 s and had finished before the
+# test's signal arrived (seen in CI).
+HOLD_FOR_SIGTERM = [f"--fault=0:{w}:1:2:HOLD_FOR_SIGTERM" for w in (0, 1)]
+
+
 def wait_for_steps(path, count, job_id, slurm, timeout=400):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -145,7 +152,7 @@ def wait_for_steps(path, count, job_id, slurm, timeout=400):
 def test_preemption_saves_requeues_and_resumes_losing_nothing(
     slurm, reference, tmp_path
 ):
-    job_id, out = submit(slurm, tmp_path)
+    job_id, out = submit(slurm, tmp_path, *HOLD_FOR_SIGTERM)
     steps = out / "steps-0.jsonl"
     wait_for_steps(steps, STEPS_PER_EPOCH + 3, job_id, slurm)
     signalled = time.monotonic()
@@ -189,7 +196,8 @@ def test_preemption_without_requeue_reruns_srun_in_the_job(
 ):
     # Not requeueable: exit_for_restart() exits 75 and the job's loop reruns
     # srun on the same allocation.
-    job_id, out = submit(slurm, tmp_path, sbatch_args=["--no-requeue"])
+    job_id, out = submit(slurm, tmp_path, *HOLD_FOR_SIGTERM,
+                         sbatch_args=["--no-requeue"])
     steps = out / "steps-0.jsonl"
     wait_for_steps(steps, STEPS_PER_EPOCH + 3, job_id, slurm)
     slurm.run("scancel", "--signal=TERM", job_id)
