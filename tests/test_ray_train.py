@@ -358,24 +358,32 @@ def elastic_nodes(ray_cluster):
                 cluster.remove_node(node, allow_graceful=False)
 
 
-def wait_until_ray_train_sees_elastic_workers(count, timeout=60):
-    """Waits until Ray Train's elastic policy would start `count` workers.
+def _coordinator():
+    """Ray Train's AutoscalingCoordinator actor, with its view read now.
 
-    The policy sizes a group from the AutoscalingCoordinator actor's view of
-    the cluster, and that detached actor (created by the module's first Ray
-    Train run) re-reads the nodes only every 20 s (`TICK_INTERVAL_S` in
-    ray/data/_internal/cluster_autoscaler/default_autoscaling_coordinator.py).
-    A run started within 20 s of adding the nodes started on 1 worker (seen
-    in CI: group sizes [1, 2, 1, 2]). The actor is restarted (it is created
-    with `max_restarts=-1`, and its `__init__` reads the nodes), then a probe
-    request asks it for `count` elastic workers until it grants them.
+    Ray Train's elastic policy sizes a group from this detached actor's
+    view of the cluster (the module's first Ray Train run creates it), and
+    the actor re-reads the nodes only every 20 s (`TICK_INTERVAL_S` in
+    ray/data/_internal/cluster_autoscaler/default_autoscaling_coordinator.py):
+    a run started within 20 s of adding nodes started on 1 worker (seen in
+    CI: group sizes [1, 2, 1, 2]). One tick (its periodic re-read of the
+    nodes and reallocation; no public way to ask for it) is run here. Unlike
+    a restart, it keeps a running trainer's resource request.
     """
     from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: E501
         get_or_create_autoscaling_coordinator,
     )
 
     coordinator = get_or_create_autoscaling_coordinator()
-    ray.kill(coordinator, no_restart=False)
+    ray.get(coordinator._tick.remote())  # noqa: SLF001
+    return coordinator
+
+
+def wait_until_ray_train_sees_elastic_workers(count, timeout=60):
+    """Waits until Ray Train's elastic policy would start `count` workers:
+    a probe request asks the coordinator for `count` elastic workers until
+    it grants them."""
+    coordinator = _coordinator()
     probe = f"kerasdist-test-{os.getpid()}"
     want = [{"CPU": 1, ELASTIC: 1}] * count
     deadline = time.monotonic() + timeout
@@ -389,6 +397,7 @@ def wait_until_ray_train_sees_elastic_workers(count, timeout=60):
             if len(granted) >= count:
                 return
             time.sleep(0.5)
+            _coordinator()  # read the nodes again
     finally:
         ray.get(coordinator.cancel_request.remote(probe))
     nodes = [(n["NodeID"][:8], n["Alive"], n["Resources"])
@@ -401,19 +410,11 @@ def wait_until_ray_train_sees_elastic_workers(count, timeout=60):
 
 
 def refresh_ray_train_view(node_id, alive, timeout=60):
-    """Makes Ray Train's elastic policy see a node change now.
-
-    Waits until Ray reports the node `node_id` alive (or dead), then runs
-    one tick of the AutoscalingCoordinator actor (its periodic re-read of
-    the nodes and reallocation, otherwise due up to 20 s later; see
-    `wait_until_ray_train_sees_elastic_workers`). Unlike a restart, a tick
-    keeps the running trainer's resource request, so its next resize check
-    (every 2 s) or restart sizes the group from the new view.
+    """Makes Ray Train's elastic policy see a node change now: waits until
+    Ray reports the node `node_id` alive (or dead), then has the
+    coordinator re-read the nodes (`_coordinator`), so the trainer's next
+    resize check (every 2 s) or restart sizes the group from the new view.
     """
-    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: E501
-        get_or_create_autoscaling_coordinator,
-    )
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = [n["Alive"] for n in ray.nodes() if n["NodeID"] == node_id]
@@ -423,9 +424,7 @@ def refresh_ray_train_view(node_id, alive, timeout=60):
     else:
         pytest.fail(f"Ray did not report node {node_id[:8]} "
                     f"{'alive' if alive else 'dead'} within {timeout}s")
-    # The actor's periodic work, run now (no public way to ask for it).
-    coordinator = get_or_create_autoscaling_coordinator()
-    ray.get(coordinator._tick.remote())  # noqa: SLF001
+    _coordinator()
 
 
 def wait_for_registered_step(run_dir, step, runner, timeout=120):

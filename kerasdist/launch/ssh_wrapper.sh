@@ -39,6 +39,13 @@ if ! tmp=$(mktemp -d "${TMPDIR:-/tmp}/kerasdist-ssh.XXXXXX"); then
   exit 1
 fi
 date +%s >"$tmp/alive"
+# The heartbeat file's JSON object (the backup callback's goodput facts,
+# or {"finished": true}) goes through as one line; a touch as nothing.
+relay_beat() {
+  record=$(head -c 65536 -- "$tmp/beat" 2>/dev/null | tr -d '\n')
+  case $record in '{'*) ;; *) record= ;; esac
+  printf 'kerasdist-ssh-beat %s\n' "$record" >&2
+}
 if [ -n "${KERASDIST_HEARTBEAT_FILE-}" ]; then
   : >"$tmp/beat"
   export KERASDIST_HEARTBEAT_FILE="$tmp/beat"
@@ -70,13 +77,7 @@ main=$$
       exit 0
     fi
     now=$(stat -c %y "$tmp/beat" 2>/dev/null)
-    if [ "$now" != "$last" ]; then
-      # The file's JSON object (the backup callback's goodput facts, or
-      # {"finished": true}) goes through as one line; a touch as nothing.
-      record=$(head -c 65536 -- "$tmp/beat" 2>/dev/null | tr -d '\n')
-      case $record in '{'*) ;; *) record= ;; esac
-      printf 'kerasdist-ssh-beat %s\n' "$record" >&2; last=$now
-    fi
+    if [ "$now" != "$last" ]; then relay_beat; last=$now; fi
     line=; { read -r line </proc/"$pid"/stat; } 2>/dev/null
     line=${line##*) }; ws=${line%% *}
     if [ "$ws" != "$wlast" ]; then echo "kerasdist-ssh-state $ws" >&2; wlast=$ws; fi
@@ -104,8 +105,7 @@ kill "$monitor" 2>/dev/null
 # The monitor looks once a second: a worker that writes its last facts
 # (BackupAndRestore's {"finished": true, ...}) and exits at once would
 # lose them, so the file's JSON object goes through once more.
-record=$(head -c 65536 -- "$tmp/beat" 2>/dev/null | tr -d '\n')
-case $record in '{'*) printf 'kerasdist-ssh-beat %s\n' "$record" >&2 ;; esac
+[ -s "$tmp/beat" ] && relay_beat
 stop
 echo "kerasdist-ssh-status $status" >&2
 exit "$status"
