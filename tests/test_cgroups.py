@@ -68,6 +68,24 @@ def test_a_cpu_quota_throttles_a_busy_process(root):
         assert int(stat["throttled_time"]) > 0, stat
 
 
+def test_a_short_period_paces_the_quota_in_smaller_grants(root):
+    with cgroups.cgroup(cpu_fraction=0.1, cpu_period_us=10_000) as g:
+        busy = subprocess.Popen(g.wrap([
+            sys.executable, "-c",
+            "import time\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\n"]))
+        assert busy.wait(timeout=120) == 0
+        with open(g.path("cpu", "cpu.cfs_period_us")) as f:
+            assert int(f.read()) == 10_000
+        with open(g.path("cpu", "cpu.cfs_quota_us")) as f:
+            assert int(f.read()) == 1_000
+        with open(g.path("cpu", "cpu.stat")) as f:
+            stat = dict(line.split() for line in f)
+        # 0.3 s of CPU in 1 ms grants: more than a hundred throttled
+        # periods, each a stall of at most 9 ms (100 ms periods: ~3).
+        assert int(stat["nr_throttled"]) > 100, stat
+
+
 def test_processes_left_inside_are_killed_and_the_group_removed(root):
     with pytest.raises(KeyError):
         with cgroups.cgroup(memory_bytes=1 << 30, cpu_fraction=1.0) as g:
@@ -81,7 +99,11 @@ def test_processes_left_inside_are_killed_and_the_group_removed(root):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {}, {"memory_bytes": 0}, {"cpu_fraction": -1.0}, {"memory_bytes": True}])
+    {}, {"memory_bytes": 0}, {"cpu_fraction": -1.0}, {"memory_bytes": True},
+    {"cpu_fraction": 0.5, "cpu_period_us": 500},
+    {"cpu_fraction": 0.5, "cpu_period_us": 10_000.0},
+    {"memory_bytes": 1 << 30, "cpu_period_us": 10_000},
+    {"cpu_fraction": 0.05, "cpu_period_us": 10_000}])
 def test_bad_limits_are_named(kwargs):
     with pytest.raises(ValueError, match="Received: |at least one limit"):
         with cgroups.cgroup(**kwargs):

@@ -5,7 +5,13 @@ A test bed emulates a smaller machine, or a slower one, for one worker:
 hard memory limit (`memory.limit_in_bytes`: the kernel kills a process of
 the group that goes past it, as an out-of-memory machine would) and/or a
 CPU quota (`cpu.cfs_quota_us` of `cpu.cfs_period_us`: `cpu_fraction=0.5`
-is a core at half speed). Processes join it from their first instruction
+is a core at half speed). The quota is granted per period (the kernel's
+default: 100 ms): a group that used it waits for the next period, so a
+small quota runs in bursts with stalls of up to a period between them.
+That is fine for throughput, but a collective that needs the process
+several times waits up to a period each time, where a slower processor
+would only take longer per step: `cpu_period_us=10_000` (10 ms) makes
+the pace finer-grained. Processes join it from their first instruction
 through `group.wrap(argv)` (a shell prefix that writes its own pid to the
 group, then `exec`s the command, so everything it starts is inside too),
 or later through `group.add(pid)` (only what they allocate from then on
@@ -141,7 +147,8 @@ def cgroups_unavailable(controllers: Sequence[str] = ("memory", "cpu")
 
 @contextlib.contextmanager
 def cgroup(memory_bytes: int | None = None,
-           cpu_fraction: float | None = None) -> Iterator[Cgroup]:
+           cpu_fraction: float | None = None,
+           cpu_period_us: int | None = None) -> Iterator[Cgroup]:
     """A control group with a memory limit and/or a CPU quota.
 
     Args:
@@ -149,13 +156,18 @@ def cgroup(memory_bytes: int | None = None,
             page cache); a process past it is killed by the kernel.
         cpu_fraction: float | None. CPU time per wall second, in cores
             (0.5: half of one core; 2.0: two cores).
+        cpu_period_us: int | None. The period the quota is granted in,
+            in microseconds (1,000 to 1,000,000; None: the kernel's, 100
+            ms). Shorter periods pace more evenly; the quota, period ×
+            fraction, must be at least 1,000 µs.
 
     Yields:
         The `Cgroup`. On exit, its remaining processes are killed by pid
         and it is removed.
 
     Raises:
-        ValueError: no limit given, or a limit that is not positive.
+        ValueError: no limit given, a limit that is not positive, or a
+            period out of range or too short for the fraction.
         RuntimeError: cgroups are unavailable here (with the reason).
 
     Example:
@@ -165,6 +177,7 @@ def cgroup(memory_bytes: int | None = None,
     ...     print(g.peak_memory_bytes(), g.oom_kills())
     """
     controllers = _controllers(memory_bytes, cpu_fraction)
+    _check_period(cpu_fraction, cpu_period_us)
     why = cgroups_unavailable(controllers)
     if why:
         raise RuntimeError(f"Cannot make a cgroup: {why}.")
@@ -187,14 +200,46 @@ def cgroup(memory_bytes: int | None = None,
             _write(group.path("memory", "memory.limit_in_bytes"),
                    str(int(memory_bytes)))
         if cpu_fraction is not None:
+            if cpu_period_us is not None:
+                _write(group.path("cpu", "cpu.cfs_period_us"),
+                       str(int(cpu_period_us)))
             period = int(_read(group.path("cpu", "cpu.cfs_period_us")))
             _write(group.path("cpu", "cpu.cfs_quota_us"),
-                   str(max(1000, round(period * cpu_fraction))))
+                   str(max(_MIN_QUOTA_US, round(period * cpu_fraction))))
         yield group
     finally:
         _remove(name, controllers)
         with _lock:
             _live.discard(name)
+
+
+# The kernel refuses a cpu.cfs_quota_us below 1 ms, and a period outside
+# 1 ms .. 1 s.
+_MIN_QUOTA_US, _PERIOD_RANGE_US = 1000, (1000, 1_000_000)
+
+
+def _check_period(cpu_fraction, cpu_period_us) -> None:
+    if cpu_period_us is None:
+        return
+    low, high = _PERIOD_RANGE_US
+    if (isinstance(cpu_period_us, bool) or not isinstance(cpu_period_us, int)
+            or not low <= cpu_period_us <= high):
+        raise ValueError(
+            f"Received: cpu_period_us={cpu_period_us!r}. Expected an int "
+            f"from {low} to {high} (microseconds), or None for the "
+            "kernel's period.")
+    if cpu_fraction is None:
+        raise ValueError(
+            f"Received: cpu_period_us={cpu_period_us!r} without "
+            "cpu_fraction. The period only paces a CPU quota: give "
+            "cpu_fraction too.")
+    if cpu_period_us * cpu_fraction < _MIN_QUOTA_US:
+        raise ValueError(
+            f"Received: cpu_fraction={cpu_fraction!r} with "
+            f"cpu_period_us={cpu_period_us}: the quota would be "
+            f"{cpu_period_us * cpu_fraction:g} µs, below the kernel's "
+            f"{_MIN_QUOTA_US} µs. Use cpu_period_us >= "
+            f"{-(-_MIN_QUOTA_US // cpu_fraction):.0f}.")
 
 
 def _controllers(memory_bytes, cpu_fraction) -> tuple[str, ...]:
