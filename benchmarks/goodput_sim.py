@@ -40,8 +40,9 @@ benchmarks/results/goodput_sim.json and goodput_sim.png.
     python -m benchmarks.goodput_sim              # predictions + short
                                                   # validation (N=4)
     python -m benchmarks.goodput_sim --predict_only
-    # validation at 8 and 16 workers only (rows of other N kept from the
-    # last results), a job MTBF per N (start-ups grow with N), one policy:
+    # validation at 8 and 16 workers only (the rows not run again kept
+    # from the last results), a job MTBF per N (start-ups grow with N),
+    # one policy:
     python -m benchmarks.goodput_sim --workers 8,16 \\
         --job_mtbf 8=90,16=150 --policies 400
 """
@@ -597,8 +598,8 @@ def _policies(text: str) -> list:
 
 
 def _validation_runs(args, full: bool) -> list[dict]:
-    """Runs the real jobs; keeps the last results' rows of other N when
-    `--workers` is given."""
+    """Runs the real jobs; when `--workers` is given, keeps the last
+    results' rows that are not run again (other N, or other policies)."""
     import tempfile
 
     from benchmarks import common
@@ -612,7 +613,8 @@ def _validation_runs(args, full: bool) -> list[dict]:
     if args.workers and (common.RESULTS / "goodput_sim.json").exists():
         with open(common.RESULTS / "goodput_sim.json") as f:
             kept = [row for row in json.load(f)["validation"]
-                    if row["workers"] not in workers]
+                    if row["workers"] not in workers
+                    or row["save_freq"] not in policies]
     checks = []
     with tempfile.TemporaryDirectory(prefix="goodput-") as workdir:
         for n in workers:
@@ -639,7 +641,7 @@ def main(full: bool = False, argv: list[str] | None = None) -> dict:
                         "4=60,8=90,16=150")
     parser.add_argument("--workers", default=None,
                         help="N to validate at, e.g. 8,16 (the last "
-                        "results' rows of other N are kept)")
+                        "results' rows not run again are kept)")
     parser.add_argument("--policies", default=None,
                         help="save_freq values, e.g. 400,auto")
     parser.add_argument("--recompare", action="store_true",

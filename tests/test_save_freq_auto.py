@@ -289,3 +289,19 @@ def test_facts_in_the_heartbeat_file_count_retrained_steps(
     assert facts["train_begin"] <= facts["first_step"] <= facts["updated"]
     assert np.isfinite(list(v for v in facts.values()
                             if isinstance(v, float))).all()
+
+
+def test_the_estimates_all_reduce_is_traced_once():
+    # save_freq="auto" all-reduces its estimates at every save: one traced
+    # function per strategy and dtype, not a new trace (and collective set
+    # up) per save.
+    from kerasdist.callbacks import _backup_restore as restore_lib
+
+    strategy = kd.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    for values in ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.5, 0.25, 0.0]):
+        sums = restore_lib._all_reduce_sum(model, values, "float64")
+        np.testing.assert_allclose(sums, [2 * v for v in values])
+    total = restore_lib._SUMS[strategy]["float64"]
+    assert total.experimental_get_tracing_count() == 1

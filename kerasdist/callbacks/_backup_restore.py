@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -104,22 +105,37 @@ def read_newest(
     return meta, values
 
 
+# One traced all-reduce per strategy and dtype, the values its argument.
+# A `tf.function` made anew at each call (the values captured as
+# constants) is traced, and its collective set up, at every call; and
+# save_freq="auto" all-reduces its estimates at every save.
+_SUMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _all_reduce_sum(model: Any, values: list, dtype: str) -> np.ndarray:
     """`values` summed over all replicas (every worker must call it)."""
     import tensorflow as tf
 
     strategy = model.distribute_strategy
+    by_dtype = _SUMS.setdefault(strategy, {})
+    total = by_dtype.get(dtype)
+    if total is None:
+
+        @tf.function
+        def total(mine):
+            def replica_fn(value):
+                ctx = tf.distribute.get_replica_context()
+                # On the replica's device: the argument has none, and
+                # `all_reduce` takes the value's device as destination
+                # ("destinations can not be empty" otherwise).
+                value = tf.identity(value)
+                return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+            return strategy.run(replica_fn, args=(mine,))
+
+        by_dtype[dtype] = total
     mine = tf.constant(values, dtype)
-
-    @tf.function
-    def total():
-        def replica_fn():
-            ctx = tf.distribute.get_replica_context()
-            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, mine)
-
-        return strategy.run(replica_fn)
-
-    return strategy.experimental_local_results(total())[0].numpy()
+    return strategy.experimental_local_results(total(mine))[0].numpy()
 
 
 def _multi_worker(model: Any, num_workers: int) -> bool:
