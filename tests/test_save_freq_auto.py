@@ -301,7 +301,8 @@ def test_the_estimates_all_reduce_is_traced_once():
     with strategy.scope():
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     for values in ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.5, 0.25, 0.0]):
-        sums = restore_lib._all_reduce_sum(model, values, "float64")
+        sums = restore_lib._all_reduce_sum(  # noqa: SLF001
+            model, values, "float64")
         np.testing.assert_allclose(sums, [2 * v for v in values])
-    total = restore_lib._SUMS[strategy]["float64"]
+    total = restore_lib._SUMS[strategy]["float64"]  # noqa: SLF001
     assert total.experimental_get_tracing_count() == 1
