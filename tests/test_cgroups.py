@@ -54,15 +54,24 @@ def test_under_the_limit_the_process_finishes(root):
         assert g.peak_memory_bytes() >= 64 << 20
 
 
+def _burn_cpu(group: cgroups.Cgroup, seconds: float) -> None:
+    """Runs a process inside `group` until it has used `seconds` of CPU."""
+    busy = subprocess.Popen(group.wrap([
+        sys.executable, "-c",
+        "import time\nt = time.process_time()\n"
+        f"while time.process_time() - t < {seconds}: pass\n"]))
+    assert busy.wait(timeout=120) == 0
+
+
+def _cpu_stat(group: cgroups.Cgroup) -> dict[str, str]:
+    with open(group.path("cpu", "cpu.stat")) as f:
+        return dict(line.split() for line in f)
+
+
 def test_a_cpu_quota_throttles_a_busy_process(root):
     with cgroups.cgroup(cpu_fraction=0.1) as g:
-        busy = subprocess.Popen(g.wrap([
-            sys.executable, "-c",
-            "import time\nt = time.process_time()\n"
-            "while time.process_time() - t < 0.3: pass\n"]))
-        assert busy.wait(timeout=120) == 0
-        with open(g.path("cpu", "cpu.stat")) as f:
-            stat = dict(line.split() for line in f)
+        _burn_cpu(g, 0.3)
+        stat = _cpu_stat(g)
         # 0.3 s of CPU at 0.1 core cannot run without being throttled.
         assert int(stat["nr_throttled"]) > 0, stat
         assert int(stat["throttled_time"]) > 0, stat
@@ -70,17 +79,12 @@ def test_a_cpu_quota_throttles_a_busy_process(root):
 
 def test_a_short_period_paces_the_quota_in_smaller_grants(root):
     with cgroups.cgroup(cpu_fraction=0.1, cpu_period_us=10_000) as g:
-        busy = subprocess.Popen(g.wrap([
-            sys.executable, "-c",
-            "import time\nt = time.process_time()\n"
-            "while time.process_time() - t < 0.3: pass\n"]))
-        assert busy.wait(timeout=120) == 0
+        _burn_cpu(g, 0.3)
         with open(g.path("cpu", "cpu.cfs_period_us")) as f:
             assert int(f.read()) == 10_000
         with open(g.path("cpu", "cpu.cfs_quota_us")) as f:
             assert int(f.read()) == 1_000
-        with open(g.path("cpu", "cpu.stat")) as f:
-            stat = dict(line.split() for line in f)
+        stat = _cpu_stat(g)
         # 0.3 s of CPU in 1 ms grants: more than a hundred throttled
         # periods, each a stall of at most 9 ms (100 ms periods: ~3).
         assert int(stat["nr_throttled"]) > 100, stat
