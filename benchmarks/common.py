@@ -91,9 +91,22 @@ def environment(**extra) -> dict:
         "python": platform.python_version(),
         "cores": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         **extra,
     }
+
+
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo), or the platform's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def ratio_stats(ratios: list[float]) -> dict:

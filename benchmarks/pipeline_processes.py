@@ -28,7 +28,17 @@ batch of 2048, SGD and mean squared error; steps are timed through Keras's
 train function (the one `fit` runs) after a warm-up that traces it.
 
 Run: `python -m benchmarks.run pipeline_processes [--full]`; needs a quiet
-machine with at least 2 free cores for a meaningful figure.
+machine with at least 2 free cores for a meaningful figure. Another model
+shape, as a side run: `KERASDIST_PIPELINE_WIDTH=2048
+KERASDIST_PIPELINE_BATCH=1024 python -m benchmarks.pipeline_processes
+[--full]` (results in pipeline_processes_w2048_b1024.{json,png}).
+
+The figure depends on the machine: it is the overlap of the stages'
+computation against what each micro-batch adds (its transfers, a smaller
+matrix product, one more gradient to sum), so a machine whose cores
+multiply faster shows a lower efficiency. The reference's seconds per step
+(`reference_seconds_per_step`) and the processor (`environment.cpu`) say
+which machine a figure comes from.
 """
 
 from __future__ import annotations
@@ -54,7 +64,16 @@ from benchmarks.pipeline_efficiency import (
     two_axes,
 )
 
-WIDTH, DEPTH, BATCH = 1024, 8, 2048
+# The model's shape. KERASDIST_PIPELINE_WIDTH and KERASDIST_PIPELINE_BATCH
+# change it for a side run (the chief, the stage workers and the reference
+# inherit the environment); its results then go to
+# pipeline_processes_w<WIDTH>_b<BATCH>.{json,png}, never over the
+# committed ones.
+WIDTH = int(os.environ.get("KERASDIST_PIPELINE_WIDTH", 1024))
+BATCH = int(os.environ.get("KERASDIST_PIPELINE_BATCH", 2048))
+DEPTH = 8
+NAME = ("pipeline_processes" if (WIDTH, BATCH) == (1024, 2048)
+        else f"pipeline_processes_w{WIDTH}_b{BATCH}")
 TARGET = 0.85
 _PREFIX = common.REPLY_PREFIX
 
@@ -333,7 +352,7 @@ def main(full: bool = False) -> dict:
             "transfer_share": raw["transfer_seconds"][m] / pipe_median,
         }
     plot_path = save_plot(
-        plot, per_m, "pipeline_processes",
+        plot, per_m, NAME,
         f"{DEPTH} x Dense({WIDTH}), batch {BATCH}, {rounds} rounds of "
         f"{steps} steps", (load_before, load_after),
     )
@@ -377,4 +396,7 @@ if __name__ == "__main__":
         {"reference": _reference, "chief": _chief,
          "stage": _stage_server}[sys.argv[2]]()
     else:
-        print(json.dumps(main("--full" in sys.argv), indent=2))
+        result = main("--full" in sys.argv)
+        if NAME != "pipeline_processes":  # a side run (see NAME)
+            common.write_result(NAME, result)
+        print(json.dumps(result, indent=2))
