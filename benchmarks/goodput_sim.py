@@ -436,7 +436,7 @@ def real_run(workdir: str, *, workers: int, steps: int, save_freq,
     return {"start": start, "wall": wall, "facts": watch.facts,
             "kills": watch.kills, "workers": workers, "steps": steps,
             "save_freq": save_freq, "job_mtbf": job_mtbf,
-            "mtbf_prior": mtbf_prior}
+            "mtbf_prior": mtbf_prior, "seed": seed}
 
 
 def measured(run: dict) -> dict:
@@ -505,10 +505,11 @@ def model_of(run: dict, calibration: dict, replay: bool = False,
 def validate(workdir: str, workers: int, steps: int, job_mtbf: float,
              policies: list, seed: int = 1) -> list[dict]:
     """Real runs with Poisson SIGKILLs vs the model's prediction. Every
-    policy gets the same kill times (one seed): a paired comparison."""
+    policy gets the same kill times (one seed): a paired comparison;
+    another seed is another draw of kill times."""
     rows = []
     for i, save_freq in enumerate(policies):
-        where = os.path.join(workdir, f"run-{workers}-{i}")
+        where = os.path.join(workdir, f"run-{workers}-{i}-{seed}")
         run = real_run(where, workers=workers, steps=steps,
                        save_freq=save_freq, job_mtbf=job_mtbf,
                        mtbf_prior=f"{job_mtbf:g}s", seed=seed)
@@ -523,14 +524,17 @@ def compare(run: dict) -> dict:
     replayed = simulate(model_of(run, got["calibration"], replay=True))
     seen = run["wall"] / max(len(run["kills"]), 1)
     poisson = predict(model_of(run, got["calibration"], job_mtbf=seen), 400)
+    # Runs stored before draws were numbered all used seed 1.
+    seed = run.setdefault("seed", 1)
     row = {"workers": run["workers"], "save_freq": run["save_freq"],
-           "job_mtbf": run["job_mtbf"], "measured": got,
+           "job_mtbf": run["job_mtbf"], "seed": seed, "measured": got,
            "replayed": replayed, "predicted": poisson,
            "points": 100 * (replayed["goodput"] - got["goodput"]),
            "run": {k: run[k] for k in ("start", "wall", "facts", "kills",
                                        "workers", "steps", "save_freq",
-                                       "job_mtbf", "mtbf_prior")}}
-    print(f"N={run['workers']} save_freq={run['save_freq']}: measured "
+                                       "job_mtbf", "mtbf_prior", "seed")}}
+    print(f"N={run['workers']} save_freq={run['save_freq']} seed {seed}: "
+          "measured "
           f"goodput {got['goodput']:.3f} ({got['kills']} kills, "
           f"{got['attempts']} attempts, wall {got['wall']:.0f}s); model "
           f"with these failures {replayed['goodput']:.3f}; with Poisson "
@@ -545,7 +549,7 @@ def plot(rows: list[dict], checks: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 4.5))
     for (save, elastic), style in zip(
         sorted({(r["save"], r["elastic"]) for r in rows}),
         ["o-", "o--", "s-", "s--", "^-", "^--"], strict=False,
@@ -558,7 +562,11 @@ def plot(rows: list[dict], checks: list[dict], path: str) -> None:
     ax.set_ylabel("predicted goodput")
     ax.legend(fontsize=8)
     ax.set_title("Predicted goodput at scale")
-    labels = [str(c["save_freq"]) for c in checks]
+    # Rows in order of N, then draw, then policy; a draw after the first
+    # is marked #seed.
+    checks = sorted(checks, key=lambda c: (c["workers"], c.get("seed", 1)))
+    labels = [str(c["save_freq"]) + (
+        f" #{c['seed']}" if c.get("seed", 1) != 1 else "") for c in checks]
     x = range(len(checks))
     bx.bar([i - 0.27 for i in x], [c["measured"]["goodput"] for c in checks],
            0.27, label="measured")
@@ -572,7 +580,7 @@ def plot(rows: list[dict], checks: list[dict], path: str) -> None:
                   for c in checks]])
     bx.set_xticks(list(x), [f"N={c['workers']}\n{lab}"
                             for c, lab in zip(checks, labels, strict=True)])
-    bx.set_xlabel("workers, save_freq")
+    bx.set_xlabel("workers, save_freq (#: a later draw of kill times)")
     bx.set_ylabel("goodput")
     bx.set_title("Validation: real kerasdist-run jobs, Poisson SIGKILLs")
     bx.legend()
@@ -604,9 +612,19 @@ def _policies(text: str) -> list:
         ) from None
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"Invalid value for --seeds. Received: {text!r}. Expected "
+            "integers, comma-separated (1,2): one draw of kill times each."
+        ) from None
+
+
 def _validation_runs(args, full: bool) -> list[dict]:
     """Runs the real jobs; when `--workers` is given, keeps the last
-    results' rows that are not run again (other N, or other policies)."""
+    results' rows that are not run again (other N, policies or seeds)."""
     import tempfile
 
     from benchmarks import common
@@ -615,13 +633,15 @@ def _validation_runs(args, full: bool) -> list[dict]:
                else [4, 8, 16] if full else [4])
     policies = (_policies(args.policies) if args.policies
                 else [50, 400, "auto"] if full else [400, "auto"])
+    seeds = _seeds(args.seeds)
     mtbf = _per_workers(args.job_mtbf)
     kept = []
     if args.workers and (common.RESULTS / "goodput_sim.json").exists():
         with open(common.RESULTS / "goodput_sim.json") as f:
             kept = [row for row in json.load(f)["validation"]
                     if row["workers"] not in workers
-                    or row["save_freq"] not in policies]
+                    or row["save_freq"] not in policies
+                    or row.get("seed", 1) not in seeds]
     checks = []
     with tempfile.TemporaryDirectory(prefix="goodput-") as workdir:
         for n in workers:
@@ -629,7 +649,9 @@ def _validation_runs(args, full: bool) -> list[dict]:
             if seconds is None:
                 raise SystemExit(f"--job_mtbf has no value for N={n}: "
                                  f"{args.job_mtbf!r}")
-            checks += validate(workdir, n, args.steps, seconds, policies)
+            for seed in seeds:
+                checks += validate(workdir, n, args.steps, seconds,
+                                   policies, seed)
     return kept + checks
 
 
@@ -651,6 +673,9 @@ def main(full: bool = False, argv: list[str] | None = None) -> dict:
                         "results' rows not run again are kept)")
     parser.add_argument("--policies", default=None,
                         help="save_freq values, e.g. 400,auto")
+    parser.add_argument("--seeds", default="1",
+                        help="draws of kill times, e.g. 1,2: every policy "
+                        "runs once per seed (seed 1 is the first draw)")
     parser.add_argument("--recompare", action="store_true",
                         help="compare the model again with the real runs "
                         "kept in the last results (no new runs)")
