@@ -30,8 +30,9 @@ train function (the one `fit` runs) after a warm-up that traces it.
 Run: `python -m benchmarks.run pipeline_processes [--full]`; needs a quiet
 machine with at least 2 free cores for a meaningful figure. Another model
 shape, as a side run: `KERASDIST_PIPELINE_WIDTH=2048
-KERASDIST_PIPELINE_BATCH=1024 python -m benchmarks.pipeline_processes
-[--full]` (results in pipeline_processes_w2048_b1024.{json,png}).
+KERASDIST_PIPELINE_BATCH=1024 python -m benchmarks.run pipeline_processes
+[--full]` (results in pipeline_processes_w2048_b1024.{json,png}, through
+RESULT_NAME).
 
 The figure depends on the machine: it is the overlap of the stages'
 computation against what each micro-batch adds (its transfers, a smaller
@@ -72,8 +73,9 @@ from benchmarks.pipeline_efficiency import (
 WIDTH = int(os.environ.get("KERASDIST_PIPELINE_WIDTH", 1024))
 BATCH = int(os.environ.get("KERASDIST_PIPELINE_BATCH", 2048))
 DEPTH = 8
-NAME = ("pipeline_processes" if (WIDTH, BATCH) == (1024, 2048)
-        else f"pipeline_processes_w{WIDTH}_b{BATCH}")
+NAME = RESULT_NAME = (
+    "pipeline_processes" if (WIDTH, BATCH) == (1024, 2048)
+    else f"pipeline_processes_w{WIDTH}_b{BATCH}")
 TARGET = 0.85
 _PREFIX = common.REPLY_PREFIX
 
@@ -301,6 +303,15 @@ def _timed_pipeline(group, request):
     ]
 
 
+def _stage_cpu_ratio(cpus: list[dict]) -> float | None:
+    """Median over rounds of the stage workers' CPU time over the unsplit
+    model's; None when the reference used less than a clock tick (a tiny
+    model in a quick check)."""
+    ratios = [(c["stage_1"] + c["stage_2"]) / c["reference"]
+              for c in cpus if c["reference"] > 0]
+    return statistics.median(ratios) if ratios else None
+
+
 def plot(per_m: dict, path, note: str = "") -> None:
     plt, fig, (ax1, ax2) = two_axes()
     ms = list(MICROBATCHES)
@@ -343,10 +354,7 @@ def main(full: bool = False) -> dict:
             "pipeline_seconds_per_step": raw["pipeline_seconds"][m],
             "reference_seconds_per_step": raw["reference_seconds"][m],
             "cpu_seconds_per_step": raw["stage_cpu"][m],
-            "stage_cpu_ratio": statistics.median(
-                (c["stage_1"] + c["stage_2"]) / c["reference"]
-                for c in raw["stage_cpu"][m]
-            ),
+            "stage_cpu_ratio": _stage_cpu_ratio(raw["stage_cpu"][m]),
             "bytes_per_step": cut_bytes(m),
             "transfer_seconds_per_step": raw["transfer_seconds"][m],
             "transfer_share": raw["transfer_seconds"][m] / pipe_median,

@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"benchmarks.{name}")
         result = module.main(full=args.full)
         result.setdefault("wall_seconds", round(time.time() - start, 1))
-        path = common.write_result(name, result)
+        # A module's side run (e.g. another model shape chosen through the
+        # environment) names its own results: RESULT_NAME.
+        path = common.write_result(getattr(module, "RESULT_NAME", name),
+                                   result)
         summary = {k: v for k, v in result.items() if k in ("ratio", "target",
                                                            "meets_target")}
         print(f"[{name}] {json.dumps(summary)} -> {path}", flush=True)
