@@ -602,24 +602,27 @@ def _per_workers(text: str) -> dict[int, float] | float:
         ) from None
 
 
-def _policies(text: str) -> list:
+def _comma_list(flag: str, text: str, item, expected: str) -> list:
+    """`--flag a,b,c` parsed with `item`; a clear exit on a bad value."""
     try:
-        return [p if p == "auto" else int(p) for p in text.split(",")]
+        return [item(x) for x in text.split(",")]
     except ValueError:
         raise SystemExit(
-            f"Invalid value for --policies. Received: {text!r}. Expected "
-            "save_freq values, comma-separated (50,400,auto)."
+            f"Invalid value for --{flag}. Received: {text!r}. Expected "
+            f"{expected}."
         ) from None
+
+
+def _policies(text: str) -> list:
+    return _comma_list(
+        "policies", text, lambda p: p if p == "auto" else int(p),
+        "save_freq values, comma-separated (50,400,auto)")
 
 
 def _seeds(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SystemExit(
-            f"Invalid value for --seeds. Received: {text!r}. Expected "
-            "integers, comma-separated (1,2): one draw of kill times each."
-        ) from None
+    return _comma_list(
+        "seeds", text, int,
+        "integers, comma-separated (1,2): one draw of kill times each")
 
 
 def _validation_runs(args, full: bool) -> list[dict]:

@@ -73,7 +73,7 @@ from benchmarks.pipeline_efficiency import (
 WIDTH = int(os.environ.get("KERASDIST_PIPELINE_WIDTH", 1024))
 BATCH = int(os.environ.get("KERASDIST_PIPELINE_BATCH", 2048))
 DEPTH = 8
-NAME = RESULT_NAME = (
+RESULT_NAME = (
     "pipeline_processes" if (WIDTH, BATCH) == (1024, 2048)
     else f"pipeline_processes_w{WIDTH}_b{BATCH}")
 TARGET = 0.85
@@ -360,7 +360,7 @@ def main(full: bool = False) -> dict:
             "transfer_share": raw["transfer_seconds"][m] / pipe_median,
         }
     plot_path = save_plot(
-        plot, per_m, NAME,
+        plot, per_m, RESULT_NAME,
         f"{DEPTH} x Dense({WIDTH}), batch {BATCH}, {rounds} rounds of "
         f"{steps} steps", (load_before, load_after),
     )
@@ -405,6 +405,6 @@ if __name__ == "__main__":
          "stage": _stage_server}[sys.argv[2]]()
     else:
         result = main("--full" in sys.argv)
-        if NAME != "pipeline_processes":  # a side run (see NAME)
-            common.write_result(NAME, result)
+        if RESULT_NAME != "pipeline_processes":  # a side run
+            common.write_result(RESULT_NAME, result)
         print(json.dumps(result, indent=2))
