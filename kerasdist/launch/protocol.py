@@ -194,12 +194,22 @@ def _exit_on_permanent_error(previous):
     """An excepthook: report as before, then exit 78 for a PermanentError."""
 
     def hook(exc_type, exc, tb):
-        previous(exc_type, exc, tb)
         from kerasdist.errors import PermanentError
 
-        if isinstance(exc_type, type) and issubclass(
-            exc_type, PermanentError
-        ):
+        permanent = isinstance(exc_type, type) and issubclass(
+            exc_type, PermanentError)
+        if permanent:
+            # The launcher stops the other workers when one exits 78; one
+            # that is reporting the same error would be cut off mid-message
+            # by the default SIGTERM action (fit has restored it). The
+            # process exits right after the report; SIGKILL still bounds it.
+            for signum in PREEMPTION_SIGNALS:
+                try:
+                    signal.signal(signum, signal.SIG_IGN)
+                except ValueError:  # not the main thread: report anyway
+                    break
+        previous(exc_type, exc, tb)
+        if permanent:
             sys.stdout.flush()
             sys.stderr.flush()
             # The interpreter would exit 1 after the hook: a failure the
