@@ -4,6 +4,12 @@ Trains a small MLP on generated data for a fixed number of steps with
 `kd.callbacks.BackupAndRestore(save_freq=...)`; each worker writes its pid
 to `OUT/pid-<attempt>-<rank>` when it starts (the fault injector reads
 them). The goodput facts are in the launcher's heartbeat files.
+
+The input repeats (`.repeat()` and `fit(steps_per_epoch=100)`), as
+docs/guide/scale.md advises across workers: a dataset of finite size makes
+a new iterator every epoch, and tearing the old one down can hold the
+whole group for seconds at an epoch boundary. `--input finite` trains on
+the finite dataset instead (the validation rows marked "finite").
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mtbf", default=None)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--input", choices=["repeated", "finite"],
+                        default="repeated")
     args = parser.parse_args(argv)
     import keras
     import tensorflow as tf
@@ -43,8 +51,11 @@ def main(argv=None) -> int:
         return x, i % 10
 
     ds = tf.data.Dataset.range(batch * steps_per_epoch).map(example).cache()
-    ds = kd.data.distribute(ds.shuffle(batch * steps_per_epoch, seed=1),
-                            strategy, global_batch_size=batch)
+    ds = ds.shuffle(batch * steps_per_epoch, seed=1)
+    repeated = args.input == "repeated"
+    if repeated:
+        ds = ds.repeat()
+    ds = kd.data.distribute(ds, strategy, global_batch_size=batch)
     with strategy.scope():
         model = keras.Sequential([
             keras.Input((64,)),
@@ -59,6 +70,7 @@ def main(argv=None) -> int:
         int(args.save_freq))
     mtbf = args.mtbf if save_freq == "auto" else None
     model.fit(ds, epochs=args.steps // steps_per_epoch, verbose=0,
+              steps_per_epoch=steps_per_epoch if repeated else None,
               callbacks=[kd.callbacks.BackupAndRestore(
                   args.backup_dir, save_freq, mtbf=mtbf)])
     return 0

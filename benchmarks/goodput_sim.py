@@ -336,6 +336,10 @@ def predictions(scale: dict, replicates: int) -> list[dict]:
 
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                    "_goodput_job.py")
+# The job's input: "repeated" (one iterator per run, its default) or
+# "finite" (a new iterator every epoch: the rows measured before it
+# repeated, which keep that mark).
+JOB_INPUT = "repeated"
 MARKER = "KERASDIST_GOODPUT_SIM_RUN"
 
 
@@ -417,7 +421,8 @@ def real_run(workdir: str, *, workers: int, steps: int, save_freq,
     logs = os.path.join(workdir, "logs")
     command = [sys.executable, JOB, "--out", os.path.join(workdir, "out"),
                "--backup_dir", os.path.join(workdir, "backup"),
-               "--save_freq", str(save_freq), "--steps", str(steps)]
+               "--save_freq", str(save_freq), "--steps", str(steps),
+               "--input", JOB_INPUT]
     if mtbf_prior and save_freq == "auto":
         command += ["--mtbf", mtbf_prior]
     os.makedirs(logs, exist_ok=True)
@@ -436,7 +441,7 @@ def real_run(workdir: str, *, workers: int, steps: int, save_freq,
     return {"start": start, "wall": wall, "facts": watch.facts,
             "kills": watch.kills, "workers": workers, "steps": steps,
             "save_freq": save_freq, "job_mtbf": job_mtbf,
-            "mtbf_prior": mtbf_prior, "seed": seed}
+            "mtbf_prior": mtbf_prior, "seed": seed, "input": JOB_INPUT}
 
 
 def measured(run: dict) -> dict:
@@ -524,16 +529,21 @@ def compare(run: dict) -> dict:
     replayed = simulate(model_of(run, got["calibration"], replay=True))
     seen = run["wall"] / max(len(run["kills"]), 1)
     poisson = predict(model_of(run, got["calibration"], job_mtbf=seen), 400)
-    # Runs stored before draws were numbered all used seed 1.
+    # Runs stored before draws were numbered all used seed 1, and before
+    # the job's input repeated, a finite one.
     seed = run.setdefault("seed", 1)
+    run.setdefault("input", "finite")
     row = {"workers": run["workers"], "save_freq": run["save_freq"],
-           "job_mtbf": run["job_mtbf"], "seed": seed, "measured": got,
+           "job_mtbf": run["job_mtbf"], "seed": seed,
+           "input": run["input"], "measured": got,
            "replayed": replayed, "predicted": poisson,
            "points": 100 * (replayed["goodput"] - got["goodput"]),
            "run": {k: run[k] for k in ("start", "wall", "facts", "kills",
                                        "workers", "steps", "save_freq",
-                                       "job_mtbf", "mtbf_prior", "seed")}}
-    print(f"N={run['workers']} save_freq={run['save_freq']} seed {seed}: "
+                                       "job_mtbf", "mtbf_prior", "seed",
+                                       "input")}}
+    print(f"N={run['workers']} save_freq={run['save_freq']} seed {seed} "
+          f"({run['input']} input): "
           "measured "
           f"goodput {got['goodput']:.3f} ({got['kills']} kills, "
           f"{got['attempts']} attempts, wall {got['wall']:.0f}s); model "
@@ -562,11 +572,15 @@ def plot(rows: list[dict], checks: list[dict], path: str) -> None:
     ax.set_ylabel("predicted goodput")
     ax.legend(fontsize=8)
     ax.set_title("Predicted goodput at scale")
-    # Rows in order of N, then draw, then policy; a draw after the first
-    # is marked #seed.
-    checks = sorted(checks, key=lambda c: (c["workers"], c.get("seed", 1)))
+    # Rows in order of input, N, then draw, then policy; a draw after the
+    # first is marked #seed, a finite input (a new iterator each epoch) f.
+    checks = sorted(checks, key=lambda c: (
+        c.get("input", "finite") != "finite", c["workers"],
+        c.get("seed", 1)))
     labels = [str(c["save_freq"]) + (
-        f" #{c['seed']}" if c.get("seed", 1) != 1 else "") for c in checks]
+        f" #{c['seed']}" if c.get("seed", 1) != 1 else "") + (
+        " f" if c.get("input", "finite") == "finite" else "")
+        for c in checks]
     x = range(len(checks))
     bx.bar([i - 0.27 for i in x], [c["measured"]["goodput"] for c in checks],
            0.27, label="measured")
@@ -580,7 +594,8 @@ def plot(rows: list[dict], checks: list[dict], path: str) -> None:
                   for c in checks]])
     bx.set_xticks(list(x), [f"N={c['workers']}\n{lab}"
                             for c, lab in zip(checks, labels, strict=True)])
-    bx.set_xlabel("workers, save_freq (#: a later draw of kill times)")
+    bx.set_xlabel("workers, save_freq (#: a later draw of kill times; "
+                  "f: finite input)")
     bx.set_ylabel("goodput")
     bx.set_title("Validation: real kerasdist-run jobs, Poisson SIGKILLs")
     bx.legend()
@@ -627,7 +642,8 @@ def _seeds(text: str) -> list[int]:
 
 def _validation_runs(args, full: bool) -> list[dict]:
     """Runs the real jobs; when `--workers` is given, keeps the last
-    results' rows that are not run again (other N, policies or seeds)."""
+    results' rows that are not run again (other N, policies, seeds or
+    job input)."""
     import tempfile
 
     from benchmarks import common
@@ -644,7 +660,8 @@ def _validation_runs(args, full: bool) -> list[dict]:
             kept = [row for row in json.load(f)["validation"]
                     if row["workers"] not in workers
                     or row["save_freq"] not in policies
-                    or row.get("seed", 1) not in seeds]
+                    or row.get("seed", 1) not in seeds
+                    or row.get("input", "finite") != JOB_INPUT]
     checks = []
     with tempfile.TemporaryDirectory(prefix="goodput-") as workdir:
         for n in workers:
@@ -695,13 +712,20 @@ def main(full: bool = False, argv: list[str] | None = None) -> dict:
         checks = _validation_runs(args, full)
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, checks, str(common.RESULTS / "goodput_sim.png"))
-    worst = max((abs(c["points"]) for c in checks), default=None)
+    # The target is judged on the job as it runs now; the rows of the
+    # finite input (pauses at epoch boundaries the model does not have)
+    # are reported apart.
+    current = [c for c in checks if c.get("input", "finite") == JOB_INPUT]
+    worst = max((abs(c["points"]) for c in current), default=None)
+    finite = [abs(c["points"]) for c in checks
+              if c.get("input", "finite") == "finite"]
     return {
         "environment": common.environment(),
         "assumptions_at_scale": SCALE,
         "predictions": rows,
         "validation": checks,
         "ratio": worst,
+        "finite_input_worst_points": max(finite, default=None),
         "target": "predicted within 5 points of measured",
         "meets_target": None if worst is None else worst <= 5.0,
         "short": not full,

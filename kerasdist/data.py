@@ -30,6 +30,7 @@ __all__ = [
     "distribute",
     "batch_sizes_of",
     "per_replica_batch_size",
+    "reads_no_files",
     "shuffles_differently",
     "unseeded_shuffles",
     "warn_if_unseeded_shuffle",
@@ -460,6 +461,19 @@ def _input_files(dataset: tf.data.Dataset) -> list[str] | None:
             if os.path.isfile(path):
                 files.append(path)
     return files
+
+
+def reads_no_files(dataset: tf.data.Dataset) -> bool:
+    """True when `dataset` has no file reader (TFRecord, text lines, ...).
+
+    `AutoShardPolicy.AUTO` then shards by `DATA`.
+
+    Example:
+
+    >>> reads_no_files(tf.data.Dataset.range(4))
+    True
+    """
+    return _input_files(dataset) is None
 
 
 def _choose_policy(

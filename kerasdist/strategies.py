@@ -219,6 +219,12 @@ class _KerasCompatibleReduce:
         `train_step` that may not scale its loss (`kd.scale_loss`); and
         refuses optimizers a custom model holds but has not built.
 
+        Across workers, for a dataset of known size that every worker
+        reads as many batches of (`DATA` sharding, or `AUTO` with no input
+        files), Keras's iterator gets no per-step all-reduce of "each
+        worker still has data" (TensorFlow's partial-batch handling, which
+        Keras never needs there: it stops at the dataset's size).
+
         Args:
             dataset: `tf.data.Dataset` of global batches.
             options: `tf.distribute.InputOptions` or None.
@@ -240,13 +246,63 @@ class _KerasCompatibleReduce:
         dist = strategy.experimental_distribute_dataset(ds.batch(64))
         ```
         """
+        site = None
         if isinstance(dataset, tf.data.Dataset) and (
             self.num_replicas_in_sync > 1 or elastic_lib.is_elastic()
         ):
             site = _internals.keras_call_site()
             if site is not None:
                 dataset = _check_keras_call(self, dataset, site)
-        return super().experimental_distribute_dataset(dataset, options)
+        if site is None or not _same_batch_count_everywhere(self, dataset):
+            return super().experimental_distribute_dataset(dataset, options)
+        # Every worker reads the same number of batches: TensorFlow's
+        # partial-batch handling would only all-reduce, at every step, that
+        # each still has data. Keras's `fit`/`evaluate`/`predict` never
+        # read past a dataset of known size (`EpochIterator` stops at its
+        # `num_batches`), so the all-reduce says nothing; it is off for
+        # this dataset, as TensorFlow turns it off for an infinite one.
+        extended, name = self.extended, _partial_batch_flag(self)
+        previous = getattr(extended, name)
+        setattr(extended, name, False)
+        try:
+            return super().experimental_distribute_dataset(dataset, options)
+        finally:
+            setattr(extended, name, previous)
+
+
+def _partial_batch_flag(strategy) -> str:
+    """The attribute TensorFlow reads to turn partial-batch handling on
+    (`_enable_get_next_as_optional` in tensorflow/python/distribute/
+    input_lib.py reads the first that exists)."""
+    for name in ("enable_partial_batch_handling",
+                 "experimental_enable_get_next_as_optional"):
+        if hasattr(strategy.extended, name):
+            return name
+    return "experimental_enable_get_next_as_optional"
+
+
+def _same_batch_count_everywhere(strategy, dataset) -> bool:
+    """True when every worker reads as many batches of `dataset`.
+
+    A dataset of known size sharded by `DATA` (each worker keeps its part
+    of every global batch: `kd.data.distribute`'s choice, and Keras's for
+    NumPy inputs), or by `AUTO` when it reads no files (TensorFlow falls
+    back to `DATA`). `FILE` and `OFF` sharding may leave workers with
+    different numbers of batches; a dataset of unknown size is not known
+    to end at a step boundary. On one worker TensorFlow's partial-batch
+    handling runs no collective (and is off for static shapes).
+    """
+    if _internals.num_workers(strategy) <= 1 or not getattr(
+        strategy.extended, _partial_batch_flag(strategy), False
+    ):
+        return False
+    if int(dataset.cardinality()) < 0:
+        return False
+    policy = tf.data.experimental.AutoShardPolicy
+    chosen = dataset.options().experimental_distribute.auto_shard_policy
+    if chosen == policy.DATA:
+        return True
+    return chosen == policy.AUTO and data_lib.reads_no_files(dataset)
 
 
 def _check_keras_call(strategy, dataset, site):

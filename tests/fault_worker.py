@@ -22,7 +22,8 @@ workers: resizing without kerasdist's handling), `--max_replica_batch M`
 (`kd.elastic.batch_plan` accumulates gradients above it), `--backup epoch`
 (a hand-written epoch-end backup instead of kerasdist's), `--pid_dir DIR`
 (each worker writes `<KERASDIST_HOST or 127.0.0.1>-w<index>-a<attempt>.pid`
-holding "pid pgid"), `--batchnorm plain|sync` and `--all_weights`.
+holding "pid pgid"), `--batchnorm plain|sync`, `--all_weights` and
+`--steps_per_epoch S` (the dataset repeats forever; S steps an epoch).
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ def make_arrays(num_examples: int = NUM_EXAMPLES, seed: int = SEED):
 
 def make_dataset(strategy=None, num_examples: int = NUM_EXAMPLES,
                  seed: int = SEED, global_batch: int = GLOBAL_BATCH,
-                 accumulation_steps: int = 1):
+                 accumulation_steps: int = 1, repeat: bool = False):
     """Deterministic pipeline: seeded shuffle, reshuffled every epoch.
 
     With the default 192 examples an epoch has 12 batches of 16.
+    `repeat`: the shuffled examples repeat forever (train with `fit(...,
+    steps_per_epoch=...)`); each pass is shuffled anew.
     """
     import tensorflow as tf
 
@@ -70,6 +73,8 @@ def make_dataset(strategy=None, num_examples: int = NUM_EXAMPLES,
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
         num_examples, seed=seed, reshuffle_each_iteration=True
     )
+    if repeat:
+        ds = ds.repeat()
     return kd.data.distribute(
         ds, strategy or tf.distribute.get_strategy(),
         global_batch_size=global_batch,
@@ -325,6 +330,9 @@ def main(argv=None) -> int:
                         default="none")
     parser.add_argument("--all_weights", action="store_true",
                         help="every worker writes final-w<rank>.npz")
+    parser.add_argument("--steps_per_epoch", type=int, default=None,
+                        help="repeat the dataset forever and train this "
+                        "many steps per epoch")
     args = parser.parse_args(argv)
     if args.pid_dir:
         write_pid(args.pid_dir)
@@ -390,7 +398,8 @@ def main(argv=None) -> int:
     )
     dataset = make_dataset(strategy, args.num_examples,
                            global_batch=global_batch,
-                           accumulation_steps=accumulation_steps)
+                           accumulation_steps=accumulation_steps,
+                           repeat=args.steps_per_epoch is not None)
     validation = {"none": None, "same": dataset}.get(args.validation)
     if args.validation == "separate":
         validation = make_dataset(strategy, 64, seed=SEED + 1,
@@ -410,6 +419,7 @@ def main(argv=None) -> int:
         dataset,
         initial_epoch=initial_epoch,
         epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
         verbose=0,
         validation_data=validation,
         callbacks=callbacks,

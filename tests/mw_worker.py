@@ -108,6 +108,56 @@ def _few_batches(out, rank, strategy):
         json.dump(result, f)
 
 
+def _has_data_allreduces(out, rank, strategy):
+    """How many "does each worker still have data" all-reduces each input
+    puts in the training step (counted as TensorFlow traces them)."""
+    from tensorflow.python.distribute import input_lib
+
+    traced = []
+    name = "_calculate_replicas_with_values"  # TF's has-data all-reduce
+    original = getattr(input_lib, name)
+
+    def counting(*args, **kwargs):
+        traced.append(1)
+        return original(*args, **kwargs)
+
+    x = np.arange(64, dtype="float32").reshape(32, 2)
+
+    def examples():
+        return tf.data.Dataset.from_tensor_slices((x, x[:, :1]))
+
+    inputs = {
+        # kd.data.distribute, known size: no all-reduce (kerasdist).
+        "kd": lambda: kd.data.distribute(examples(), strategy,
+                                         global_batch_size=8),
+        # The same, distributed before fit: TensorFlow's default.
+        "pre_distributed": lambda: strategy.experimental_distribute_dataset(
+            kd.data.distribute(examples(), strategy, global_batch_size=8)),
+        # Unknown size (filter): kept, the last step is not known.
+        "unknown_size": lambda: kd.data.distribute(
+            examples().filter(lambda a, b: a[0] >= 0), strategy,
+            global_batch_size=8),
+    }
+    result = {}
+    setattr(input_lib, name, counting)
+    try:
+        for key, make in inputs.items():
+            traced.clear()
+            with strategy.scope():
+                model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(
+                    1, kernel_initializer="ones")])
+                model.compile(keras.optimizers.SGD(0.001), "mse")
+            history = model.fit(make(), epochs=2, verbose=0)
+            result[key] = {"traced": len(traced),
+                            "loss": history.history["loss"],
+                            "weights": [w.tolist()
+                                        for w in model.get_weights()]}
+    finally:
+        setattr(input_lib, name, original)
+    with open(os.path.join(out, f"has-data-worker{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
 def _hang():
     from kerasdist.launch import protocol
 
@@ -153,6 +203,7 @@ def main(out, mode):
                      **run(case, strategy))
         _few_batches(out, rank, strategy)
         _sharding_check(out, rank, strategy)
+        _has_data_allreduces(out, rank, strategy)
         return
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     if mode == "upstream_fit":

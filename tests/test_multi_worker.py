@@ -114,3 +114,39 @@ def test_one_file_two_workers_shards_by_data(two_worker_results):
     # none lost, in order.
     assert seen[0]["seen"] == [0, 1, 4, 5, 8, 9, 12, 13]
     assert seen[1]["seen"] == [2, 3, 6, 7, 10, 11, 14, 15]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fit_on_a_dataset_of_known_size_runs_no_has_data_all_reduce(
+        two_worker_results):
+    # tf.distribute all-reduces "does each worker still have data" at every
+    # step of a finite dataset across workers (partial-batch handling);
+    # Keras never reads past a dataset of known size that every worker
+    # reads alike, so kerasdist leaves it out of fit's step (issue 21).
+    import keras
+
+    out = two_worker_results["dir"]
+    seen = [json.loads((out / f"has-data-worker{r}.json").read_text())
+            for r in (0, 1)]
+    for rank in (0, 1):
+        traced = {name: seen[rank][name]["traced"] for name in seen[rank]}
+        # Traced once per function that reads the iterator (the training
+        # step, and Keras's first-batch build) when it is kept.
+        assert traced["kd"] == 0, traced
+        assert traced["pre_distributed"] > 0, traced
+        assert traced["unknown_size"] > 0, traced
+    # Every input trains alike on both workers, and like one device.
+    x = np.arange(64, dtype="float32").reshape(32, 2)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(
+        1, kernel_initializer="ones")])
+    model.compile(keras.optimizers.SGD(0.001), "mse")
+    history = model.fit(x, x[:, :1], batch_size=8, epochs=2, verbose=0,
+                        shuffle=False)
+    for name in ("kd", "pre_distributed", "unknown_size"):
+        assert seen[0][name]["weights"] == seen[1][name]["weights"], name
+        np.testing.assert_allclose(seen[0][name]["loss"],
+                                   history.history["loss"], rtol=1e-5)
+        for got, want in zip(seen[0][name]["weights"], model.get_weights(),
+                             strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

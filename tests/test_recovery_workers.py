@@ -20,13 +20,16 @@ WORKER = os.path.join(HERE, "fault_worker.py")
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
 
 
-def _reference(path, spe=1, num_examples=fw.NUM_EXAMPLES, epochs=3):
+def _reference(path, spe=1, num_examples=fw.NUM_EXAMPLES, epochs=3,
+               steps_per_epoch=None):
     strategy = kd.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
     log = str(path / "ref.jsonl")
     with strategy.scope():
         model = fw.build_model(steps_per_execution=spe)
-    model.fit(fw.make_dataset(strategy, num_examples), epochs=epochs,
-              verbose=0, callbacks=[fw.step_log_callback(log, 2)])
+    model.fit(fw.make_dataset(strategy, num_examples,
+                              repeat=steps_per_epoch is not None),
+              epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0,
+              callbacks=[fw.step_log_callback(log, 2)])
     return model.get_weights(), fw.read_steps(log)
 
 
@@ -89,6 +92,29 @@ def test_sigkill_right_after_last_step_backup_of_an_epoch(tmp_path):
     resumed = next(r for r in steps if r["attempt"] == 1)
     assert (resumed["epoch"], resumed["step"]) == (1, 0)
     assert "history epochs: 3" in text  # epoch 1's end was reported again
+    _assert_same_training(steps, weights, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigkill_mid_epoch_with_a_repeated_dataset(tmp_path):
+    # `.repeat()` with `fit(steps_per_epoch=...)` (the input TensorFlow runs
+    # with no per-step has-data all-reduce and no new iterator per epoch,
+    # docs/guide/scale.md): one iterator for the whole run, so the resume
+    # skips every batch trained before the backup, across epochs; each
+    # pass keeps its own shuffle.
+    reference = _reference(tmp_path, steps_per_epoch=12)
+    result, text, steps, weights = _run(
+        tmp_path, ["0:1:1:5:SIGKILL"], "--save_freq", "4",
+        "--steps_per_epoch", "12", max_restarts=2)
+    assert result.restarts == 1, text
+    resumed = next(r for r in steps if r["attempt"] == 1)
+    # The backup at global step 16: epoch 1 resumes at its step 4.
+    assert (resumed["epoch"], resumed["step"]) == (1, 4)
+    # Each pass is a new order of all 192 examples.
+    passes = [sorted(r["id_sum"] for r in reference[1] if r["epoch"] == e)
+              for e in range(3)]
+    assert len({tuple(p) for p in passes}) == 3
     _assert_same_training(steps, weights, reference)
 
 
