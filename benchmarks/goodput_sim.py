@@ -559,7 +559,10 @@ def plot(rows: list[dict], checks: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 4.5))
+    # The validation panel widens with its rows (about 0.55 inch each).
+    fig, (ax, bx) = plt.subplots(
+        1, 2, figsize=(7 + max(7, 0.55 * len(checks)), 5),
+        gridspec_kw={"width_ratios": [7, max(7, 0.55 * len(checks))]})
     for (save, elastic), style in zip(
         sorted({(r["save"], r["elastic"]) for r in rows}),
         ["o-", "o--", "s-", "s--", "^-", "^--"], strict=False,
@@ -593,7 +596,8 @@ def plot(rows: list[dict], checks: list[dict], path: str) -> None:
                  [c["predicted"]["p90"] - c["predicted"]["goodput"]
                   for c in checks]])
     bx.set_xticks(list(x), [f"N={c['workers']}\n{lab}"
-                            for c, lab in zip(checks, labels, strict=True)])
+                            for c, lab in zip(checks, labels, strict=True)],
+                  fontsize=8, rotation=90)
     bx.set_xlabel("workers, save_freq (#: a later draw of kill times; "
                   "f: finite input)")
     bx.set_ylabel("goodput")
