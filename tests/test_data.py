@@ -1,5 +1,8 @@
 """kd.data: global batch, sharding policy, and bad input."""
 
+import gc
+import threading
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -200,3 +203,60 @@ def test_unseeded_shuffles_found_in_the_dataset_graph(mirrored2):
     # One worker: nothing to warn about (the multi-worker warning is
     # tested on 2 workers in tests/clients).
     assert not kd.data.warn_if_unseeded_shuffle(ds.shuffle(8), mirrored2)
+
+
+def test_fit_does_not_wait_for_the_input_pipeline_it_drops(mirrored2):
+    """Keras drops its iterator at the end of `fit` (and at each epoch's
+    end for a dataset that ends); destroying its pipeline can wait up to a
+    minute in TensorFlow (a lost wake-up of tf.data's autotuning thread,
+    see `kerasdist/strategies.py`). Here the teardown of each pipeline
+    waits until the test lets it go: `fit` must return while it waits,
+    and the pipeline must then be destroyed."""
+    import keras
+
+    released = threading.Event()
+    changed = threading.Condition()
+    teardowns = {"started": 0, "finished": 0}
+
+    class Rows:
+        """Endless rows; dropped only when the pipeline is destroyed
+        (tf.data holds `from_generator`'s iterator until then)."""
+
+        def __init__(self):
+            self.i = 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.i += 1
+            return np.full((2,), self.i % 5, "float32"), np.float32(self.i % 2)
+
+        def __del__(self):
+            with changed:
+                teardowns["started"] += 1
+                changed.notify_all()
+            released.wait(30)
+            with changed:
+                teardowns["finished"] += 1
+                changed.notify_all()
+
+    spec = (tf.TensorSpec((2,), tf.float32), tf.TensorSpec((), tf.float32))
+    ds = tf.data.Dataset.from_generator(Rows, output_signature=spec)
+    with mirrored2.scope():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+    history = model.fit(ds.batch(4), epochs=2, steps_per_epoch=3, verbose=0)
+    gc.collect()
+    with changed:
+        finished_before_return = teardowns["finished"]
+    released.set()
+    assert len(history.history["loss"]) == 2
+    assert finished_before_return == 0, (
+        f"fit waited for {finished_before_return} dropped input "
+        "pipeline(s) to be destroyed before returning")
+    with changed:
+        assert changed.wait_for(
+            lambda: teardowns["started"] >= 1
+            and teardowns["finished"] == teardowns["started"], timeout=60
+        ), f"the dropped pipelines were not all destroyed: {teardowns}"
