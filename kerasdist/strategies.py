@@ -32,6 +32,7 @@ again with the same cluster and options.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -308,9 +309,9 @@ def _release_pipelines_off_thread(distributed):
     the host pipeline of `MultiDeviceIterator` and, with autotuning off
     there, in the per-device pipelines it builds with default options.
     The pipelines are kept alive past the iterator and destroyed on a
-    daemon thread (TensorFlow releases the GIL while it waits), so
-    nothing a user runs waits for that thread; a process may exit while
-    it still sleeps. Only the class of `distributed` changes.
+    thread of their own (TensorFlow releases the GIL while it waits), so
+    training does not wait for them; the process waits for them at exit
+    (see `_RELEASES`). Only the class of `distributed` changes.
     """
     if not isinstance(distributed, tf.distribute.DistributedDataset):
         return distributed
@@ -349,7 +350,7 @@ def _release_off_thread_when_dropped(iterator) -> None:
 
 class _PipelinesReleasedOffThread:
     """Holds an iterator's pipelines and, dropped with the iterator, hands
-    them to a daemon thread that drops them (destroying them there)."""
+    them to a thread that drops them (destroying them there)."""
 
     __slots__ = ("pipelines",)
 
@@ -358,11 +359,46 @@ class _PipelinesReleasedOffThread:
 
     def __del__(self):
         pipelines, self.pipelines = self.pipelines, []
-        try:
-            threading.Thread(target=pipelines.clear, daemon=True,
-                             name="kerasdist-input-release").start()
-        except RuntimeError:  # no new threads at interpreter shutdown
+        if _RELEASES["exiting"]:
             pipelines.clear()
+            return
+        thread = threading.Thread(target=_release, args=(pipelines,),
+                                  daemon=True, name="kerasdist-input-release")
+        with _RELEASES["lock"]:
+            _RELEASES["threads"].add(thread)
+        try:
+            thread.start()
+        except RuntimeError:  # no new threads at interpreter shutdown
+            _release(pipelines, thread)
+
+
+def _release(pipelines: list, thread=None) -> None:
+    try:
+        pipelines.clear()
+    finally:
+        with _RELEASES["lock"]:
+            _RELEASES["threads"].discard(thread or threading.current_thread())
+
+
+# The release threads still running. A process does not exit before they
+# end: one that returned to Python while the interpreter is finalizing
+# would be ended by Python (`PyThread_exit_thread`) inside TensorFlow's
+# frames, and the process aborts ("FATAL: exception not rethrown",
+# SIGABRT; seen at the end of 3 runs of 6 with 8 workers). So the wait a
+# lost wake-up causes is moved from `fit` (each epoch) to the process's
+# exit, where it is paid at most once. A reentrant lock: the garbage
+# collector may run `__del__` in a thread that already holds it.
+_RELEASES: dict[str, Any] = {
+    "exiting": False, "lock": threading.RLock(), "threads": set()}
+
+
+@atexit.register
+def _wait_for_releases() -> None:
+    _RELEASES["exiting"] = True
+    with _RELEASES["lock"]:
+        threads = list(_RELEASES["threads"])
+    for thread in threads:
+        thread.join()
 
 
 def _partial_batch_flag(strategy) -> str:

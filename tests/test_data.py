@@ -260,3 +260,51 @@ def test_fit_does_not_wait_for_the_input_pipeline_it_drops(mirrored2):
             lambda: teardowns["started"] >= 1
             and teardowns["finished"] == teardowns["started"], timeout=60
         ), f"the dropped pipelines were not all destroyed: {teardowns}"
+
+
+_SLOW_TEARDOWN_SCRIPT = '''
+import sys, time
+import numpy as np, tensorflow as tf, keras
+import kerasdist as kd
+kd.virtual_cpus(2)
+marks = open(sys.argv[1], "a", buffering=1)
+
+class Rows:
+    def __iter__(self):
+        return self
+    def __next__(self):
+        return np.ones((2,), "float32"), np.float32(1)
+    def __del__(self):  # a pipeline teardown that takes 3 s
+        marks.write("teardown started\\n")
+        time.sleep(3)
+        marks.write("teardown finished\\n")
+
+strategy = kd.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
+spec = (tf.TensorSpec((2,), tf.float32), tf.TensorSpec((), tf.float32))
+ds = tf.data.Dataset.from_generator(Rows, output_signature=spec).batch(4)
+with strategy.scope():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
+marks.write("fit returned\\n")
+'''
+
+
+def test_a_process_exits_cleanly_after_the_pipelines_it_released(tmp_path):
+    """The pipelines `fit` drops are destroyed on threads of their own; a
+    process that ends right after `fit` waits for them and exits with 0
+    (a thread still in TensorFlow's teardown when Python finalizes would
+    abort the process)."""
+    import subprocess
+    import sys
+
+    script, marks = tmp_path / "job.py", tmp_path / "marks.txt"
+    script.write_text(_SLOW_TEARDOWN_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(marks)],
+                          capture_output=True, text=True, timeout=300)
+    lines = marks.read_text().splitlines() if marks.exists() else []
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert "fit returned" in lines, lines
+    assert lines.count("teardown started") >= 1, lines
+    assert lines.count("teardown finished") == lines.count(
+        "teardown started"), f"a teardown did not finish before exit: {lines}"
