@@ -19,6 +19,21 @@ def convnet(num_classes=10, width=32):
     ])
 
 
+def mlp(*widths):
+    """A ReLU MLP: `mlp(64, 256, 256, 10)` takes 64 features to 10 logits."""
+    return keras.Sequential(
+        [keras.Input((widths[0],))]
+        + [keras.layers.Dense(w, activation="relu") for w in widths[1:-1]]
+        + [keras.layers.Dense(widths[-1])])
+
+
+def example(i):
+    """Example `i` of a generated 10-class dataset of 64 features, made in
+    the pipeline (`Dataset.range(n).map(example)`), the same in every run."""
+    x = tf.random.stateless_normal([64], seed=tf.stack([i, 0]))
+    return x, i % 10
+
+
 def compile_for_classification(model):
     model.compile(
         keras.optimizers.SGD(0.01, momentum=0.9),

@@ -35,16 +35,13 @@ def _setup():
     import numpy as np
     import tensorflow as tf
 
+    from benchmarks import _models
+
     rng = np.random.RandomState(0)
     x = rng.normal(size=(BATCH * STEPS, 784)).astype("float32")
     y = rng.randint(0, 10, BATCH * STEPS)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).cache()
-    model = keras.Sequential([
-        keras.Input((784,)),
-        keras.layers.Dense(512, activation="relu"),
-        keras.layers.Dense(512, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    model = _models.mlp(784, 512, 512, 10)
     model.compile(
         optimizer="adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

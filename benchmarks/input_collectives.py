@@ -55,11 +55,7 @@ def _worker(argv: list[str]) -> None:
     batch = 64
     steps = args.warmup + args.steps
 
-    def example(i):
-        x = tf.random.stateless_normal([64], seed=tf.stack([i, 0]))
-        return x, i % 10
-
-    ds = tf.data.Dataset.range(batch * steps).map(example).cache()
+    ds = tf.data.Dataset.range(batch * steps).map(_models.example).cache()
     ds = ds.shuffle(batch * steps, seed=1)
     if args.arm == "repeated":
         ds = ds.repeat()
@@ -68,12 +64,7 @@ def _worker(argv: list[str]) -> None:
         train = strategy.experimental_distribute_dataset(train)
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        model = keras.Sequential([
-            keras.Input((64,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
-        ])
+        model = _models.mlp(64, 256, 256, 10)
         model.compile(
             optimizer="adam",
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
