@@ -32,11 +32,9 @@ again with the same cluster and options.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
 import os
-import threading
 import warnings
 from typing import Any
 
@@ -227,13 +225,6 @@ class _KerasCompatibleReduce:
         worker still has data" (TensorFlow's partial-batch handling, which
         Keras never needs there: it stops at the dataset's size).
 
-        The input pipelines of an iterator Keras drops (at each epoch's
-        end for a dataset that ends, at the end of `fit`) are destroyed on
-        a thread of their own: TensorFlow's teardown of tf.data's
-        autotuning thread can lose its wake-up and wait up to a minute
-        (see `_release_pipelines_off_thread`), which the training thread
-        would otherwise wait out.
-
         Args:
             dataset: `tf.data.Dataset` of global batches.
             options: `tf.distribute.InputOptions` or None.
@@ -262,143 +253,21 @@ class _KerasCompatibleReduce:
             site = _internals.keras_call_site()
             if site is not None:
                 dataset = _check_keras_call(self, dataset, site)
-        if site is None:
+        if site is None or not _same_batch_count_everywhere(self, dataset):
             return super().experimental_distribute_dataset(dataset, options)
-        if not _same_batch_count_everywhere(self, dataset):
-            distributed = super().experimental_distribute_dataset(
-                dataset, options)
-        else:
-            # Every worker reads the same number of batches: TensorFlow's
-            # partial-batch handling would only all-reduce, at every step,
-            # that each still has data. Keras's `fit`/`evaluate`/`predict`
-            # never read past a dataset of known size (`EpochIterator`
-            # stops at its `num_batches`), so the all-reduce says nothing;
-            # it is off for this dataset, as TensorFlow turns it off for an
-            # infinite one.
-            extended, name = self.extended, _partial_batch_flag(self)
-            previous = getattr(extended, name)
-            setattr(extended, name, False)
-            try:
-                distributed = super().experimental_distribute_dataset(
-                    dataset, options)
-            finally:
-                setattr(extended, name, previous)
-        return _release_pipelines_off_thread(distributed)
-
-
-_RELEASING_CLASSES: dict[type, type] = {}
-
-
-def _release_pipelines_off_thread(distributed):
-    """Makes `distributed`'s iterators release their pipelines off thread.
-
-    Destroying a tf.data iterator with autotuning (on by default) stops
-    its autotuning thread (`RootDataset::Iterator`'s destructor cancels it
-    and joins it). That thread sleeps between rounds for a period that
-    doubles up to 60 s, and is woken by a cancellation callback; but
-    `CancellationManager::StartCancel` (tensorflow/core/framework/
-    cancellation.cc) runs the callbacks before it marks itself cancelled,
-    so a thread woken at once sees "not cancelled" and sleeps out the rest
-    of its period (`Model::OptimizeLoop`, tensorflow/core/framework/
-    model.cc). Under load this happened to 1 to 3 of 8 iterators destroyed
-    at once in our runs (2 busy cores): the training thread then waits up
-    to a minute where Keras drops the epoch's iterator (each epoch of a
-    dataset that ends, and the end of `fit`), and every other worker waits
-    for it in the next collective.
-    Seen with 8 workers on 2 cores: 33-42 s at the end of 4 runs of 6, in
-    the host pipeline of `MultiDeviceIterator` and, with autotuning off
-    there, in the per-device pipelines it builds with default options.
-    The pipelines are kept alive past the iterator and destroyed on a
-    thread of their own (TensorFlow releases the GIL while it waits), so
-    training does not wait for them; the process waits for them at exit
-    (see `_RELEASES`). Only the class of `distributed` changes.
-    """
-    if not isinstance(distributed, tf.distribute.DistributedDataset):
-        return distributed
-    base = type(distributed)
-    cls = _RELEASING_CLASSES.get(base)
-    if cls is None:
-        cls = _RELEASING_CLASSES[base] = _releasing_class(base)
-    distributed.__class__ = cls
-    return distributed
-
-
-def _releasing_class(base: type) -> type:
-    """`base` with an `__iter__` whose iterators release off thread (one
-    base, no slots added: instances of `base` may take it as `__class__`)."""
-
-    def __iter__(self):
-        iterator = base.__iter__(self)
-        if tf.executing_eagerly():
-            _release_off_thread_when_dropped(iterator)
-        return iterator
-
-    return type(base.__name__, (base,), {
-        "__iter__": __iter__, "__slots__": (), "__module__": __name__,
-        "__qualname__": base.__qualname__})
-
-
-def _release_off_thread_when_dropped(iterator) -> None:
-    pipelines = list(getattr(iterator, "_iterators", None) or ())
-    if pipelines:
-        # The last attribute: the iterator's attributes are released in
-        # the order they were set, so by the time this one goes, the
-        # iterator no longer holds its pipelines and only the thread does.
-        iterator._kerasdist_pipelines = (  # noqa: SLF001 (our attribute)
-            _PipelinesReleasedOffThread(pipelines))
-
-
-class _PipelinesReleasedOffThread:
-    """Holds an iterator's pipelines and, dropped with the iterator, hands
-    them to a thread that drops them (destroying them there)."""
-
-    __slots__ = ("pipelines",)
-
-    def __init__(self, pipelines: list):
-        self.pipelines = pipelines
-
-    def __del__(self):
-        pipelines, self.pipelines = self.pipelines, []
-        if _RELEASES["exiting"]:
-            pipelines.clear()
-            return
-        thread = threading.Thread(target=_release, args=(pipelines,),
-                                  daemon=True, name="kerasdist-input-release")
-        with _RELEASES["lock"]:
-            _RELEASES["threads"].add(thread)
+        # Every worker reads the same number of batches: TensorFlow's
+        # partial-batch handling would only all-reduce, at every step, that
+        # each still has data. Keras's `fit`/`evaluate`/`predict` never
+        # read past a dataset of known size (`EpochIterator` stops at its
+        # `num_batches`), so the all-reduce says nothing; it is off for
+        # this dataset, as TensorFlow turns it off for an infinite one.
+        extended, name = self.extended, _partial_batch_flag(self)
+        previous = getattr(extended, name)
+        setattr(extended, name, False)
         try:
-            thread.start()
-        except RuntimeError:  # no new threads at interpreter shutdown
-            _release(pipelines, thread)
-
-
-def _release(pipelines: list, thread=None) -> None:
-    try:
-        pipelines.clear()
-    finally:
-        with _RELEASES["lock"]:
-            _RELEASES["threads"].discard(thread or threading.current_thread())
-
-
-# The release threads still running. A process does not exit before they
-# end: one that returned to Python while the interpreter is finalizing
-# would be ended by Python (`PyThread_exit_thread`) inside TensorFlow's
-# frames, and the process aborts ("FATAL: exception not rethrown",
-# SIGABRT; seen at the end of 3 runs of 6 with 8 workers). So the wait a
-# lost wake-up causes is moved from `fit` (each epoch) to the process's
-# exit, where it is paid at most once. A reentrant lock: the garbage
-# collector may run `__del__` in a thread that already holds it.
-_RELEASES: dict[str, Any] = {
-    "exiting": False, "lock": threading.RLock(), "threads": set()}
-
-
-@atexit.register
-def _wait_for_releases() -> None:
-    _RELEASES["exiting"] = True
-    with _RELEASES["lock"]:
-        threads = list(_RELEASES["threads"])
-    for thread in threads:
-        thread.join()
+            return super().experimental_distribute_dataset(dataset, options)
+        finally:
+            setattr(extended, name, previous)
 
 
 def _partial_batch_flag(strategy) -> str:
