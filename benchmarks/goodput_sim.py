@@ -13,6 +13,11 @@ badput). The model (`Job`, `simulate`):
   (stop the group, start processes: `restart_a + restart_b N`), start-up
   (import, build, restore, first step: `startup_a + startup_b N`) and the
   steps trained since the last save (retrained);
+- an attempt that trained the last step ends some time after its last
+  backup (`finish_seconds`: `fit` returning, its input's teardown,
+  process exit); a failure then restarts the group, whose attempt
+  restores the last backup, has nothing to train and ends
+  (`restored_finish_seconds`);
 - saves cost `save_seconds` each, every `save_freq` steps or, with
   `"auto"`, every Daly interval for the save cost and the mean time
   between failures estimated as `kd.callbacks.BackupAndRestore` does
@@ -92,7 +97,17 @@ class Job:
     detection: float = 1.0
     host_loss: float = 0.0  # share of failures that take a host away...
     replacement: float = 0.0  # ... for this long
-    finish_seconds: float = 0.0  # last step -> the job has ended
+    # The end of an attempt that trained the last step: the last backup
+    # written -> the workers have exited (`fit` returning, its input
+    # pipeline's teardown, process exit); a failure then still restarts
+    # the group.
+    finish_seconds: float = 0.0
+    # The same for an attempt that restored the last backup (training
+    # was over: `fit` returns at once).
+    restored_finish_seconds: float = 0.0
+    # Replaying a run whose end of training a kill cut short: that end
+    # lasted at least until the kill (this time, from the start).
+    finish_until: float | None = None
     # Failures at these times (seconds from the start) instead of Poisson
     # ones: replays a real run's failures.
     failure_times: tuple[float, ...] | None = None
@@ -203,6 +218,7 @@ def _attempt(run: _Run, first: bool) -> bool:
         if not first:
             run.spend(job.restart(), "restart")
         run.spend(job.startup(), "startup")
+        restored = run.committed >= job.total_steps
         while run.pos < job.total_steps:
             if run.grow_at and run.t >= run.grow_at[0]:
                 run.grow_at.pop(0)
@@ -224,7 +240,12 @@ def _attempt(run: _Run, first: bool) -> bool:
         if run.pos > run.committed:  # (a finished run returns at once)
             run.spend(job.save_seconds, "saves")
         run.committed = run.pos
-        run.spend(job.finish_seconds, "finish")
+        if restored:
+            run.spend(job.restored_finish_seconds, "finish")
+        else:
+            until = job.finish_until
+            run.spend(job.finish_seconds if until is None
+                      else max(job.finish_seconds, until - run.t), "finish")
     except _Failed:
         run.fail()
         return False
@@ -483,8 +504,48 @@ def measured(run: dict) -> dict:
             / max(saves, 1),
             "startup": startup,
             "recovery": statistics.median(recoveries or startups),
-            "finish": run["start"] + run["wall"] - facts[-1]["updated"],
+            **_finish_times(run, facts),
         },
+    }
+
+
+# A kill that came while an attempt was ending says its end lasted at
+# least until the kill; it is taken to have ended this long after it.
+CENSORED_MARGIN = 1.0
+
+
+def _finish_times(run: dict, facts: list[dict]) -> dict:
+    """How long the end of an attempt took, from its last backup to the
+    workers' exit: `finish` for the attempt that trained the last step,
+    `restored_finish` (median) for attempts that restored the last backup
+    and had nothing to train. An attempt ends at the run's end or at the
+    first kill after its facts' last update; if a kill, the workers were
+    still there: at least that long (`CENSORED_MARGIN` added), and
+    `finish_until` is when (from the start; a replay keeps the end of
+    training going until that kill, however its steps drift)."""
+    end = run["start"] + run["wall"]
+
+    def killed(f: dict) -> float | None:
+        after = [k for k in run["kills"] if k >= f["updated"]]
+        return after[0] if after and after[0] < end else None
+
+    def ending(f: dict) -> float:
+        kill = killed(f)
+        if kill is not None:
+            return kill - f["updated"] + CENSORED_MARGIN
+        return end - f["updated"]
+
+    done = [f for f in facts if f.get("finished")]
+    trained = [f for f in done if f["steps"] > 0]
+    restored = [ending(f) for f in done if f["steps"] == 0]
+    last = trained[0] if trained else facts[-1]
+    kill = killed(last) if trained else None
+    return {
+        "finish": ending(last),
+        "finish_until": None if kill is None
+        else kill - run["start"] + CENSORED_MARGIN,
+        "restored_finish": statistics.median(restored) if restored
+        else 1.0,
     }
 
 
@@ -504,7 +565,9 @@ def model_of(run: dict, calibration: dict, replay: bool = False,
         mtbf_prior=interval_lib.parse_mtbf(prior) if prior else None,
         counted_fraction=c["counted_fraction"], startup_a=c["startup"],
         restart_a=max(c["recovery"] - c["startup"], 0.0), detection=0.0,
-        finish_seconds=c["finish"])
+        finish_seconds=c["finish"],
+        restored_finish_seconds=c.get("restored_finish", c["finish"]),
+        finish_until=c.get("finish_until") if replay else None)
 
 
 def validate(workdir: str, workers: int, steps: int, job_mtbf: float,
