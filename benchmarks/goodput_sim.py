@@ -525,23 +525,21 @@ def _finish_times(run: dict, facts: list[dict]) -> dict:
     training going until that kill, however its steps drift)."""
     end = run["start"] + run["wall"]
 
-    def killed(f: dict) -> float | None:
-        after = [k for k in run["kills"] if k >= f["updated"]]
-        return after[0] if after and after[0] < end else None
-
-    def ending(f: dict) -> float:
-        kill = killed(f)
-        if kill is not None:
-            return kill - f["updated"] + CENSORED_MARGIN
-        return end - f["updated"]
+    def ending(f: dict) -> tuple[float, float | None]:
+        """(seconds, the kill that cut it short or None)."""
+        kill = next((k for k in run["kills"] if f["updated"] <= k < end),
+                    None)
+        if kill is None:
+            return end - f["updated"], None
+        return kill - f["updated"] + CENSORED_MARGIN, kill
 
     done = [f for f in facts if f.get("finished")]
-    trained = [f for f in done if f["steps"] > 0]
-    restored = [ending(f) for f in done if f["steps"] == 0]
-    last = trained[0] if trained else facts[-1]
-    kill = killed(last) if trained else None
+    trained = next((f for f in done if f["steps"] > 0), None)
+    finish, kill = ending(trained) if trained else (ending(facts[-1])[0],
+                                                    None)
+    restored = [ending(f)[0] for f in done if f["steps"] == 0]
     return {
-        "finish": ending(last),
+        "finish": finish,
         "finish_until": None if kill is None
         else kill - run["start"] + CENSORED_MARGIN,
         "restored_finish": statistics.median(restored) if restored
@@ -566,8 +564,8 @@ def model_of(run: dict, calibration: dict, replay: bool = False,
         counted_fraction=c["counted_fraction"], startup_a=c["startup"],
         restart_a=max(c["recovery"] - c["startup"], 0.0), detection=0.0,
         finish_seconds=c["finish"],
-        restored_finish_seconds=c.get("restored_finish", c["finish"]),
-        finish_until=c.get("finish_until") if replay else None)
+        restored_finish_seconds=c["restored_finish"],
+        finish_until=c["finish_until"] if replay else None)
 
 
 def validate(workdir: str, workers: int, steps: int, job_mtbf: float,
